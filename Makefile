@@ -1,0 +1,77 @@
+# groundlab: every target sets the environment up first (make setup), so a fresh clone just works.
+# Package targets take the package name or its alias: omg, claw, vp, ivm, tldr.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.groundlab-setup
+PKGS := clawmachine ivm vp_mllm omg_llava tldr
+ALIASES := omg claw vp
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export PY
+
+.PHONY: help setup test test-fast lint check-imports bench bases clean
+
+help:
+	@echo "make setup            create .venv and install shared + all packages editable (with test extras)"
+	@echo "make test             the whole test suite (everything but GPU tests)"
+	@echo "make test-fast        the test suite without the slow tests"
+	@echo "make test-<pkg>       one package's tests (pkg: shared, omg, claw, vp, ivm, tldr)"
+	@echo "make train-<pkg>      the package's default run on the synthetic world"
+	@echo "make eval-<pkg>       evaluate the package's default run"
+	@echo "make bases            train the tiny pretrained bases"
+	@echo "make bench            benchmarks (JSON + table under runs/bench/)"
+	@echo "make lint             ruff"
+
+setup: $(STAMP)
+
+$(STAMP): shared/pyproject.toml $(wildcard packages/*/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(foreach p,$(PKGS),-e "packages/$(p)[test]")
+	# shared last, so that it is editable too (the packages pulled it in as a plain install)
+	$(PY) -m pip install -q -e "shared[test,lint]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest shared/tests $(wildcard packages/*/tests) -m "not gpu"
+	@for p in $(PKGS); do [ -d packages/$$p/tests ] || echo "note: groundlab-$$p has no tests yet (scaffold only)"; done
+
+test-fast: setup
+	$(PY) -m pytest shared/tests $(wildcard packages/*/tests) -m "not gpu and not slow"
+
+test-shared: setup
+	@tools/pkg.sh test shared
+
+define PKG_TARGETS
+.PHONY: test-$(1) train-$(1) eval-$(1) demo-$(1)
+test-$(1): setup
+	@tools/pkg.sh test $(1)
+train-$(1): setup
+	@tools/pkg.sh train $(1)
+eval-$(1): setup
+	@tools/pkg.sh eval $(1)
+demo-$(1): setup
+	@tools/pkg.sh demo $(1)
+endef
+$(foreach p,$(PKGS) $(ALIASES),$(eval $(call PKG_TARGETS,$(p))))
+
+lint: setup
+	$(PY) -m ruff check .
+
+check-imports: setup
+	$(PY) tools/import_check.py
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+bases: setup
+	@if $(PY) -c "import groundlab.shared.bases" 2>/dev/null; then $(PY) -m groundlab.shared.bases build; \
+	else echo "make bases: the tiny pretrained bases are not built yet (their issue is open)." >&2; exit 1; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .torch_extensions
+
+.PHONY: world
+world: setup
+	$(PY) -m groundlab.shared.world_io --out runs/world/default

@@ -1,0 +1,198 @@
+"""What every multimodal LLM here does to its text side: splice visual features into the token
+embeddings at special-token positions, build supervised conversations whose labels cover only the
+assistant's words, and batch them (padded or packed into one row, padding-free).
+
+The splice follows transformers' Llava (``masked_scatter`` on a special-token mask) and checks counts
+first, so a prompt whose placeholders do not match its features fails with a clear message instead of
+deep inside a tensor op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def token_counts(input_ids: torch.Tensor, token_id: int) -> list[int]:
+    """How many ``token_id`` tokens each row of ``input_ids`` (B, T) holds."""
+    return (input_ids == token_id).sum(dim=-1).tolist()
+
+
+def splice_features(
+    inputs_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
+    token_id: int,
+    token_name: str = "<image>",
+) -> torch.Tensor:
+    """Replace the embedding at every ``token_id`` position with the next feature row, in reading order.
+
+    ``inputs_embeds`` (B, T, D); ``input_ids`` (B, T); ``features`` either (N, D), (B, n, D) or a list
+    of per-sample (n_b, D) tensors. With a list, each sample's count is checked on its own; otherwise
+    only the total can be. Returns a new tensor; gradients flow into both inputs.
+    """
+    mask = input_ids == token_id  # (B, T)
+    if isinstance(features, (list, tuple)):
+        counts = mask.sum(dim=-1).tolist()
+        for b, (have, feats) in enumerate(zip(counts, features)):
+            if have != feats.shape[0]:
+                raise ValueError(f"sample {b}: {have} {token_name} tokens in input_ids but {feats.shape[0]} "
+                                 f"feature rows")
+        if len(features) != len(counts):
+            raise ValueError(f"{len(features)} feature tensors for a batch of {len(counts)}")
+        features = torch.cat(list(features), dim=0) if features else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
+    flat = features.reshape(-1, features.shape[-1])
+    n_tokens = int(mask.sum())
+    if n_tokens != flat.shape[0]:
+        raise ValueError(f"{n_tokens} {token_name} tokens in input_ids but {flat.shape[0]} feature rows "
+                         f"(features of shape {tuple(features.shape)})")
+    if flat.shape[-1] != inputs_embeds.shape[-1]:
+        raise ValueError(f"feature width {flat.shape[-1]} != embedding width {inputs_embeds.shape[-1]}")
+    mask3 = mask.unsqueeze(-1).expand_as(inputs_embeds)
+    return inputs_embeds.masked_scatter(mask3, flat.to(inputs_embeds.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# conversations and labels
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A plain-text chat layout:
+    ``[bos] system user_prefix Q assistant_prefix answer_lead A turn_end sep user_prefix ...``.
+
+    Only ``answer_lead + A + turn_end`` is supervised. The default is the Vicuna-v1 style layout of the
+    world tokenizer's chat template; each package defines its paper's template with this class.
+    Keeping the space before the answer in the answer (``answer_lead``) makes segment-wise and
+    whole-text tokenization agree for byte-level BPE tokenizers.
+    """
+
+    system: str = ""
+    user_prefix: str = "USER: "
+    assistant_prefix: str = " ASSISTANT:"
+    answer_lead: str = " "
+    turn_end: str = "</s>"
+    sep: str = " "
+    add_bos: bool = True
+
+
+def _turns(conversation: Sequence[dict]) -> list[tuple[str, str]]:
+    out = []
+    for i, turn in enumerate(conversation):
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if role in ("human", "user"):
+            role = "user"
+        elif role in ("gpt", "assistant"):
+            role = "assistant"
+        else:
+            raise ValueError(f"turn {i}: unknown role {role!r} (expected human/user or gpt/assistant)")
+        if not isinstance(text, str):
+            raise ValueError(f"turn {i}: text must be a string, got {type(text).__name__}")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"turn {i}: expected a {expected} turn (turns must alternate, user first), got {role}")
+        out.append((role, text))
+    return out
+
+
+def conversation_segments(conversation: Sequence[dict], template: ChatTemplate,
+                          add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """The conversation as ``(text, supervised)`` segments in order."""
+    turns = _turns(conversation)
+    segments: list[tuple[str, bool]] = []
+    if template.system:
+        segments.append((template.system, False))
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            prefix = (template.sep if i > 0 else "") + template.user_prefix
+            segments.append((prefix + text + template.assistant_prefix, False))
+        else:
+            segments.append((template.answer_lead + text + template.turn_end, True))
+    if add_generation_prompt and (not turns or turns[-1][0] == "assistant"):
+        raise ValueError("add_generation_prompt needs a conversation that ends with a user turn")
+    return segments
+
+
+def tokenize_conversation(tokenizer, conversation: Sequence[dict], template: ChatTemplate,
+                          max_length: int | None = None) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` (``IGNORE_INDEX`` outside the assistant's answers).
+
+    Segments are tokenized one by one and concatenated, so label boundaries are exact; inference
+    prompts built by :func:`tokenize_prompt` produce the same ids for the same prefix. Too-long
+    sequences raise (never silently truncated into a sample without targets).
+    """
+    ids: list[int] = [tokenizer.bos_token_id] if template.add_bos else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    for text, supervised in conversation_segments(conversation, template):
+        seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += seg
+        labels += seg if supervised else [IGNORE_INDEX] * len(seg)
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"conversation of {len(ids)} tokens exceeds max_length={max_length}")
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError("conversation has no supervised (assistant) token")
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_prompt(tokenizer, conversation: Sequence[dict], template: ChatTemplate) -> list[int]:
+    """Ids of a generation prompt: the conversation (ending with a user turn) + the assistant prefix."""
+    ids: list[int] = [tokenizer.bos_token_id] if template.add_bos else []
+    for text, _ in conversation_segments(conversation, template, add_generation_prompt=True):
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# batching
+
+
+def pad_batch(samples: Sequence[dict[str, list[int]]], pad_token_id: int, padding_side: str = "right"
+              ) -> dict[str, torch.Tensor]:
+    """Pad ``input_ids`` / ``labels`` lists to (B, T) with an ``attention_mask``."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
+    longest = max(len(s["input_ids"]) for s in samples)
+    out = {"input_ids": [], "attention_mask": []}
+    has_labels = "labels" in samples[0]
+    if has_labels:
+        out["labels"] = []
+    left = padding_side == "left"
+    for s in samples:
+        n = longest - len(s["input_ids"])
+        out["input_ids"].append(_pad(s["input_ids"], pad_token_id, n, left))
+        out["attention_mask"].append(_pad([1] * len(s["input_ids"]), 0, n, left))
+        if has_labels:
+            out["labels"].append(_pad(s["labels"], IGNORE_INDEX, n, left))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def _pad(seq: Sequence[int], value: int, n: int, left: bool) -> list[int]:
+    return [value] * n + list(seq) if left else list(seq) + [value] * n
+
+
+def pack_batch(samples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Concatenate samples into one padding-free row (1, N) with ``position_ids`` restarting at 0 and
+    ``cu_seqlens``. The first label of every sample is ignored, so no token learns to predict the
+    start of the next, unrelated sample."""
+    ids, labels, positions, cu = [], [], [], [0]
+    for s in samples:
+        n = len(s["input_ids"])
+        if n == 0:
+            raise ValueError("cannot pack an empty sample")
+        ids += s["input_ids"]
+        lab = list(s.get("labels", s["input_ids"]))
+        lab[0] = IGNORE_INDEX
+        labels += lab
+        positions += list(range(n))
+        cu.append(cu[-1] + n)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+    }

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from groundlab.shared.attention import (
+    attention,
+    choose_attn_implementation,
+    cu_seqlens_from_position_ids,
+    flash_attn_available,
+    packed_mask,
+)
+
+LENGTHS = [5, 1, 9, 3]
+
+
+def _packed_inputs(hq=4, hkv=4, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(LENGTHS)
+    q = torch.randn(n, hq, d, generator=g)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), dtype=torch.int32)
+    return q, k, v, cu
+
+
+def _alone(q, k, v, cu, causal, impl):
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        # one sequence at a time, padded layout (1, H, T, D)
+        o = attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                      causal=causal, implementation=impl)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_packed_equals_each_sequence_alone(impl, causal, hkv):
+    q, k, v, cu = _packed_inputs(hkv=hkv)
+    packed = attention(q, k, v, causal=causal, cu_seqlens=cu, implementation=impl)
+    torch.testing.assert_close(packed, _alone(q, k, v, cu, causal, impl), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_position_ids_give_the_same_result_as_cu_seqlens(impl):
+    q, k, v, cu = _packed_inputs()
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    a = attention(q, k, v, cu_seqlens=cu, implementation=impl)
+    b = attention(q, k, v, position_ids=pos, implementation=impl)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_eager_matches_sdpa_and_a_hand_computed_value():
+    q, k, v, cu = _packed_inputs(seed=3)
+    torch.testing.assert_close(attention(q, k, v, cu_seqlens=cu, implementation="eager"),
+                               attention(q, k, v, cu_seqlens=cu, implementation="sdpa"), atol=1e-5, rtol=1e-5)
+    # A single causal query attending to itself only returns its own value row.
+    out = attention(q[:1], k[:1], v[:1], cu_seqlens=torch.tensor([0, 1], dtype=torch.int32))
+    torch.testing.assert_close(out, v[:1])
+
+
+def test_padded_mask_matches_unpadded_rows_and_zeroes_rows_without_keys():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[1, :, :, 4:] = False  # sample 1 has 4 real keys
+    mask[1, :, 5, :] = False  # and its last query sees nothing
+    for impl in ("sdpa", "eager"):
+        out = attention(q, k, v, causal=False, attn_mask=mask, implementation=impl)
+        ref = attention(q[1:, :, :5], k[1:, :, :4], v[1:, :, :4], causal=False, implementation=impl)
+        torch.testing.assert_close(out[1:, :, :5], ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[1, :, 5], torch.zeros_like(out[1, :, 5]))
+
+
+def test_cu_seqlens_from_position_ids_and_mask():
+    pos = torch.tensor([[0, 1, 2, 0, 0, 1]])
+    assert cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 4, 6]
+    m = packed_mask(torch.tensor([0, 2, 3], dtype=torch.int32), causal=True)
+    assert m.int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, cu = _packed_inputs()
+    with pytest.raises(ValueError, match="end at the packed length"):
+        attention(q, k, v, cu_seqlens=torch.tensor([0, 5, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="must start at 0"):
+        cu_seqlens_from_position_ids(torch.tensor([1, 2, 0]))
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q, k[:, :3], v[:, :3], cu_seqlens=cu)
+    with pytest.raises(ValueError, match="padded"):
+        attention(q, k, v)  # 3-D tensors without packing information
+    with pytest.raises(ValueError, match="implementation"):
+        attention(q, k, v, cu_seqlens=cu, implementation="xformers")
+
+
+def test_hf_chooser_falls_back_without_flash_attn():
+    if flash_attn_available():
+        assert choose_attn_implementation() == "flash_attention_2"
+    else:
+        assert choose_attn_implementation() == "sdpa"
+        assert choose_attn_implementation("flash_attention_2") == "sdpa"
+    assert choose_attn_implementation("eager") == "eager"
+    with pytest.raises(ValueError):
+        choose_attn_implementation("fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_attn_available(), reason="needs flash-attn and CUDA")
+def test_flash_packed_matches_sdpa_on_gpu():
+    q, k, v, cu = (t.cuda() for t in _packed_inputs())
+    qh, kh, vh = (t.to(torch.bfloat16) for t in (q, k, v))
+    flash = attention(qh, kh, vh, cu_seqlens=cu, implementation="flash").float()
+    ref = attention(q, k, v, cu_seqlens=cu, implementation="sdpa")
+    torch.testing.assert_close(flash, ref, atol=2e-2, rtol=2e-2)
