@@ -66,8 +66,7 @@ bench: setup
 	$(PY) benchmarks/run.py
 
 bases: setup
-	@if $(PY) -c "import groundlab.shared.bases" 2>/dev/null; then $(PY) -m groundlab.shared.bases build; \
-	else echo "make bases: the tiny pretrained bases are not built yet (their issue is open)." >&2; exit 1; fi
+	$(PY) -m groundlab.shared.bases build $(if $(FORCE),--force,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .torch_extensions

@@ -112,3 +112,12 @@ def test_packed_batch_drives_packed_attention():
     out = attention(q, q, q, position_ids=packed["position_ids"])
     alone = attention(q[3:], q[3:], q[3:], cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))
     torch.testing.assert_close(out[3:], alone)
+
+
+def test_expand_token_repeats_placeholders_without_supervising_them():
+    from groundlab.shared.multimodal import expand_token
+
+    out = expand_token({"input_ids": [1, IMG, 5, 6], "labels": [IGNORE_INDEX, IGNORE_INDEX, 5, 6]}, IMG, 3)
+    assert out["input_ids"] == [1, IMG, IMG, IMG, 5, 6]
+    assert out["labels"] == [IGNORE_INDEX] * 4 + [5, 6]
+    assert expand_token({"input_ids": [IMG, 2]}, IMG, 2) == {"input_ids": [IMG, IMG, 2]}

@@ -14,8 +14,9 @@ def test_fixture_equals_a_fresh_build():
 def test_every_world_word_is_one_token_and_specials_are_atomic():
     tok = load_tokenizer()
     for word in vocabulary(WorldConfig()):
-        ids = tok(" " + word, add_special_tokens=False)["input_ids"]
-        assert len(ids) == 1, (word, tok.convert_ids_to_tokens(ids))
+        for text in (" " + word, "\n" + word):  # after a space (chat layout) and after a newline (PaliGemma)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert len(ids) == 1 + text.startswith("\n"), (word, tok.convert_ids_to_tokens(ids))
     assert tok.bos_token == "<s>" and tok.eos_token == "</s>" and tok.pad_token == "<pad>"
     ids = tok(f"x{IMAGE_TOKEN}y</s>", add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids(IMAGE_TOKEN) in ids and tok.eos_token_id in ids

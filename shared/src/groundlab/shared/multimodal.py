@@ -147,6 +147,23 @@ def tokenize_prompt(tokenizer, conversation: Sequence[dict], template: ChatTempl
     return ids
 
 
+def expand_token(sample: dict[str, list[int]], token_id: int, n: int) -> dict[str, list[int]]:
+    """Repeat every ``token_id`` of ``input_ids`` ``n`` times (one placeholder per visual feature, as
+    transformers' Llava expects); the copies are never supervised."""
+    ids, labels = [], []
+    for i, tid in enumerate(sample["input_ids"]):
+        if tid == token_id:
+            ids += [token_id] * n
+            labels += [IGNORE_INDEX] * n
+        else:
+            ids.append(tid)
+            labels.append(sample["labels"][i] if "labels" in sample else tid)
+    out = {"input_ids": ids}
+    if "labels" in sample:
+        out["labels"] = labels
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # batching
 

@@ -59,8 +59,11 @@ def _corpus(n_scenes: int = 3000) -> list[str]:
             texts.append(f"USER: {IMAGE_TOKEN}\nDescribe the image. ASSISTANT: {scene.caption}</s>")
             texts += [f"USER: Please segment {r.text} in this image. ASSISTANT: {r.text}</s>" for r in scene.refs]
             texts += [f"USER: {q.question} ASSISTANT: {q.answer}</s>" for q in scene.qa]
+            # PaliGemma's layout: prefix, newline, suffix (answers start without a space there)
+            texts.append(f"caption en\n{scene.caption}</s>")
+            texts += [f"{q.question}\n{q.answer}</s>" for q in scene.qa]
     words = vocabulary(WorldConfig())
-    texts += [" ".join(words), " " + " ".join(words)]
+    texts += [" ".join(words), " " + " ".join(words), "\n".join(words)]
     return texts
 
 

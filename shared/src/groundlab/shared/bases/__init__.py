@@ -1,0 +1,214 @@
+"""Tiny pretrained bases: the parts the papers start from, trained on the synthetic world.
+
+Every paper here starts from pretrained parts and freezes some of them; a frozen part with random
+weights would make the CPU default meaningless. ``make bases`` (``python -m groundlab.shared.bases
+build``) trains three small ones, each in a few minutes on 2 CPU cores:
+
+- ``llava``: a tiny LLaVA (``LlavaForConditionalGeneration`` + ``LlavaProcessor``),
+- ``paligemma``: a tiny PaliGemma (``PaliGemmaForConditionalGeneration`` + ``PaliGemmaProcessor``),
+- ``sam``: a tiny SAM (segment-anything modules) in the official checkpoint layout.
+
+Each lands in ``runs/bases/<name>-<hash>/`` where the hash covers its config, the world and the
+training settings: ``model/`` (what packages load), ``checkpoints/`` (Trainer checkpoints, for resume),
+``metrics.json`` (held-out quality next to the untrained model's) and a ``COMPLETE`` marker. A second
+build is a no-op; an entry written half-way is detected and rebuilt (training resumes from its last
+complete checkpoint), never loaded. Packages call :func:`ensure_base` and then load with the same code
+that loads the real checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..distributed import seed_everything, setup_logging
+from ..runs import check_complete, content_hash, invalidate, mark_complete, runs_root, write_metrics
+from ..tokenizer import fixture_dir, load_tokenizer
+from ..training import TrainConfig, train
+from ..world import World, WorldConfig
+
+logger = logging.getLogger("groundlab")
+
+BASE_NAMES = ("llava", "paligemma", "sam")
+VERSION = 1  # bump when a change to this code changes what a base learns
+
+
+@dataclass
+class BaseSpec:
+    """Everything that decides a base's weights (the cache key hashes all of it)."""
+
+    name: str
+    model: dict
+    train: TrainConfig
+    world: WorldConfig = field(default_factory=WorldConfig)
+    world_seed: int = 0
+    train_scenes: int = 20000
+    eval_scenes: int = 100
+
+    def key(self) -> str:
+        tokenizer = (fixture_dir() / "tokenizer.json").read_bytes() if self.name in ("llava", "paligemma") else b""
+        return content_hash(VERSION, self.name, self.model, asdict(self.train) | {"progress_bar": None},
+                            self.world.key(), self.world_seed, self.train_scenes, self.eval_scenes,
+                            hashlib.sha256(tokenizer).hexdigest())
+
+
+def default_spec(name: str) -> BaseSpec:
+    """The specs ``make bases`` builds; step counts fit each base in about 4 minutes on 2 cores."""
+    from .sam import TinySamConfig
+    from .vlm import TinyVLMConfig
+
+    if name == "llava":
+        return BaseSpec("llava", TinyVLMConfig(kind="llava").to_dict(),
+                        TrainConfig(max_steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, bf16=True,
+                                    save_steps=300, logging_steps=100), train_scenes=8000)
+    if name == "paligemma":
+        return BaseSpec("paligemma", TinyVLMConfig(kind="paligemma", text_kv_heads=1).to_dict(),
+                        TrainConfig(max_steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, bf16=True,
+                                    save_steps=300, logging_steps=100), train_scenes=8000)
+    if name == "sam":
+        # fp32: bf16 autocast slows the small convolutional decoder down on this CPU
+        return BaseSpec("sam", TinySamConfig().to_dict(),
+                        TrainConfig(max_steps=1500, batch_size=8, lr=3e-3, warmup_steps=50, bf16=False,
+                                    save_steps=250, logging_steps=100), eval_scenes=200)
+    raise ValueError(f"unknown base {name!r}; known: {BASE_NAMES}")
+
+
+def base_dir(spec: BaseSpec, root: Path | None = None) -> Path:
+    return (root or runs_root() / "bases") / f"{spec.name}-{spec.key()}"
+
+
+def model_path(spec: BaseSpec, root: Path | None = None) -> Path:
+    """What packages load: a ``from_pretrained`` directory (VLMs) or the SAM checkpoint file."""
+    d = base_dir(spec, root) / "model"
+    return d / "sam_vit_tiny.pth" if spec.name == "sam" else d
+
+
+def ensure_base(name_or_spec: str | BaseSpec, root: Path | None = None, force: bool = False,
+                callbacks: list | None = None) -> Path:
+    """Build the base unless a complete cache entry exists; returns :func:`model_path`."""
+    spec = default_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
+    out = base_dir(spec, root)
+    ok, why = check_complete(out)
+    if ok and not force:
+        logger.info("base %s: cached at %s", spec.name, out)
+        return model_path(spec, root)
+    if out.exists():
+        logger.info("base %s: rebuilding (%s)", spec.name, "forced" if force else why)
+        invalidate(out, keep=() if force else ("checkpoints",))
+    build(spec, out, callbacks=callbacks)
+    return model_path(spec, root)
+
+
+def build(spec: BaseSpec, out: Path, callbacks: list | None = None) -> dict:
+    """Train one base into ``out`` (resuming from ``out/checkpoints``), evaluate it next to the
+    untrained model, save it and mark it complete. Returns its metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(spec.world, seed=spec.world_seed)
+    seed_everything(spec.train.seed)
+    t0 = time.time()
+    if spec.name == "sam":
+        metrics, files = _build_sam(spec, world, out, callbacks)
+    else:
+        metrics, files = _build_vlm(spec, world, out, callbacks)
+    metrics["time/total_s"] = time.time() - t0
+    write_metrics(out / "metrics.json", metrics,
+                  config={"spec": asdict(spec) | {"world": asdict(spec.world)}, "key": spec.key()})
+    mark_complete(out, files + ["metrics.json"])
+    return metrics
+
+
+def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> tuple[dict, list[str]]:
+    from . import vlm
+
+    cfg = vlm.TinyVLMConfig(**spec.model)
+    tok = load_tokenizer()
+    processor = vlm.build_processor(cfg, tok)
+    model = vlm.build_model(cfg, tok)
+    metrics = {f"baseline/untrained/{k}": v for k, v in
+               vlm.evaluate(model, processor, cfg, world, "val", spec.eval_scenes).items()}
+    data = vlm.WorldVLMDataset(world, "train", spec.train_scenes, processor, cfg, seed=spec.train.seed)
+    t0 = time.time()
+    train(model, data, vlm.VLMCollator(processor), spec.train, out / "checkpoints", callbacks=callbacks)
+    metrics["time/train_s"] = time.time() - t0
+    metrics.update(vlm.evaluate(model, processor, cfg, world, "val", spec.eval_scenes))
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    files = sorted(str(p.relative_to(out)) for p in (out / "model").rglob("*") if p.is_file())
+    return metrics, files
+
+
+def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> tuple[dict, list[str]]:
+    from . import sam as sam_mod
+
+    cfg = sam_mod.TinySamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.model.items()})
+    sam = sam_mod.build_tiny_sam(cfg)
+    metrics = {}
+    before = sam_mod.evaluate(sam, world, "val", spec.eval_scenes)
+    metrics |= {f"baseline/untrained/sam/{k}": v for k, v in before.items() if k in ("point/mIoU", "box/mIoU")}
+    metrics["baseline/oracle_size_disk_at_click/sam/point/mIoU"] = before["disk/mIoU"]
+    metrics["baseline/filled_box/sam/box/mIoU"] = before["filled_box/mIoU"]
+    data = sam_mod.WorldSamDataset(world, "train", spec.train_scenes, seed=spec.train.seed)
+    t0 = time.time()
+    wrapper = sam_mod.SamForTraining(sam)
+    train(wrapper, data, sam_mod.collate_sam, spec.train, out / "checkpoints", callbacks=callbacks)
+    metrics["time/train_s"] = time.time() - t0
+    after = sam_mod.evaluate(sam, world, "val", spec.eval_scenes)
+    metrics |= {f"sam/{k}": v for k, v in after.items() if k in ("point/mIoU", "box/mIoU", "n_objects")}
+    sam_mod.save_sam_checkpoint(sam, out / "model" / "sam_vit_tiny.pth")
+    (out / "model" / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return metrics, ["model/sam_vit_tiny.pth", "model/config.json"]
+
+
+def load_tiny_sam(path: str | Path | None = None):
+    """The tiny SAM base (built if needed), loaded from its official-layout checkpoint."""
+    from .sam import TinySamConfig, build_tiny_sam
+
+    path = Path(path) if path is not None else ensure_base("sam")
+    raw = json.loads((path.parent / "config.json").read_text())
+    cfg = TinySamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    return build_tiny_sam(cfg, checkpoint=path)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+FIGURES = {
+    "llava": ["caption/token_acc", "caption/exact_match", "qa/accuracy"],
+    "paligemma": ["caption/token_acc", "caption/exact_match", "qa/accuracy"],
+    "sam": ["sam/point/mIoU", "sam/box/mIoU"],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m groundlab.shared.bases")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="train (or reuse) the tiny pretrained bases")
+    b.add_argument("--only", choices=BASE_NAMES, action="append")
+    b.add_argument("--force", action="store_true", help="retrain even when a complete entry exists")
+    args = parser.parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    summary: dict[str, float] = {}
+    for name in args.only or BASE_NAMES:
+        spec = default_spec(name)
+        ensure_base(spec, force=args.force)
+        metrics = json.loads((base_dir(spec) / "metrics.json").read_text())
+        print(f"\n== base {name}: {base_dir(spec)}")
+        for key in FIGURES[name]:
+            untrained = metrics[f"baseline/untrained/{key}"]
+            print(f"  {key}: {metrics[key]:.4f}   (untrained: {untrained:.4f})")
+        for k, v in metrics.items():
+            if k.startswith("baseline/") and "untrained" not in k:
+                print(f"  {k}: {v:.4f}")
+        print(f"  trained in {metrics['time/train_s']:.0f} s")
+        summary |= {f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        summary[f"{name}/path"] = str(model_path(spec))
+    path = write_metrics(runs_root() / "bases" / "metrics.json", summary)
+    print(path)

@@ -1,0 +1,252 @@
+"""A tiny pretrained SAM: ``segment-anything``'s own ImageEncoderViT / PromptEncoder / MaskDecoder at
+small sizes, trained on the world's instance masks with point and box prompts, and saved in the
+official SAM checkpoint layout (a ``torch.save``d ``Sam`` state dict: ``image_encoder.*``,
+``prompt_encoder.*``, ``mask_decoder.*``), so it loads the way ``sam_model_registry[...](checkpoint=)``
+loads ViT-B/L/H. IVM freezes a trained SAM image encoder; VP-MLLM initialises its visual-prompt
+encoder from SAM's prompt encoder.
+
+``Sam.forward`` runs under ``torch.no_grad``, so training calls the three parts directly, and batches
+several images by looping over them (``MaskDecoder`` repeats one image embedding per prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..metrics import mask_iou
+from ..world import World
+
+PIXEL_MEAN = [123.675, 116.28, 103.53]  # SAM's, on 0-255 images
+PIXEL_STD = [58.395, 57.12, 57.375]
+
+
+@dataclass(frozen=True)
+class TinySamConfig:
+    """Sizes of the tiny SAM (the official ViT-B: image 1024, patch 16, dim 768, depth 12, 256-d prompts)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    encoder_dim: int = 64
+    encoder_depth: int = 2
+    encoder_heads: int = 4
+    window_size: int = 4
+    global_attn_indexes: tuple[int, ...] = (1,)
+    prompt_dim: int = 64
+    """SAM's ``prompt_embed_dim`` (256 in the release): the image embedding's channels too."""
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp: int = 256
+    decoder_heads: int = 4
+    iou_head_hidden: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_tiny_sam(cfg: TinySamConfig | None = None, checkpoint: str | Path | None = None) -> Sam:
+    """Build a ``Sam`` at the given sizes; with ``checkpoint``, load an official-layout state dict
+    strictly (``weights_only``), with an error naming missing / unexpected / mis-shaped keys."""
+    cfg = cfg or TinySamConfig()
+    grid = cfg.image_size // cfg.patch_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.encoder_dim, depth=cfg.encoder_depth,
+            num_heads=cfg.encoder_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=cfg.window_size,
+            global_attn_indexes=cfg.global_attn_indexes),
+        prompt_encoder=PromptEncoder(embed_dim=cfg.prompt_dim, image_embedding_size=(grid, grid),
+                                     input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=cfg.mask_in_chans),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_dim,
+                                          mlp_dim=cfg.decoder_mlp, num_heads=cfg.decoder_heads),
+            transformer_dim=cfg.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=cfg.iou_head_hidden),
+        pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD,
+    )
+    if checkpoint is not None:
+        load_sam_checkpoint(sam, checkpoint)
+    return sam
+
+
+def load_sam_checkpoint(sam: nn.Module, checkpoint: str | Path, prefix: str = "") -> None:
+    """Load an official-layout SAM state dict into ``sam`` (all keys, or those under ``prefix``, e.g.
+    ``"image_encoder."`` to load only the encoder into an ``ImageEncoderViT``), strictly."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise KeyError(f"{path}: no key starts with {prefix!r}")
+    own = sam.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not fit this SAM: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:8]}")
+    sam.load_state_dict(state, strict=True)
+
+
+def save_sam_checkpoint(sam: Sam, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def interior_point(mask: np.ndarray) -> tuple[int, int]:
+    """A deterministic click inside ``mask``: the mask pixel nearest to the mask's centroid, (x, y)."""
+    ys, xs = np.nonzero(mask)
+    i = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return int(xs[i]), int(ys[i])
+
+
+@dataclass
+class Prompts:
+    """The prompts of one image: one per object, each a point or a box (never both)."""
+
+    points: torch.Tensor  # (n, 1, 2) pixel (x, y)
+    boxes: torch.Tensor  # (n, 4) xyxy pixels
+    use_box: torch.Tensor  # (n,) bool
+    masks: torch.Tensor  # (n, H, W) float targets
+    extra: dict = field(default_factory=dict)
+
+
+class WorldSamDataset(Dataset):
+    """One image per item with every object prompted: a random interior point, or (half the time) its
+    box with a few pixels of jitter. The rng is seeded by (seed, index), so items never change."""
+
+    def __init__(self, world: World, split: str, n_scenes: int, seed: int = 0, box_prob: float = 0.5,
+                 box_jitter: int = 2):
+        self.world, self.split, self.n, self.seed = world, split, n_scenes, seed
+        self.box_prob, self.box_jitter = box_prob, box_jitter
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: int) -> dict:
+        scene = self.world.scene(self.split, idx)
+        rng = np.random.default_rng([self.seed, idx])
+        size = scene.size
+        points, boxes, use_box = [], [], []
+        for obj in scene.objects:
+            ys, xs = np.nonzero(obj.mask)
+            k = int(rng.integers(len(xs)))
+            points.append([[xs[k], ys[k]]])
+            x, y, w, h = obj.bbox
+            j = rng.integers(-self.box_jitter, self.box_jitter + 1, size=4)
+            boxes.append(np.clip([x + j[0], y + j[1], x + w + j[2], y + h + j[3]], 0, size))
+            use_box.append(rng.random() < self.box_prob)
+        return {
+            "images": torch.from_numpy(scene.image).permute(2, 0, 1).float(),
+            "prompts": {
+                "points": torch.tensor(points, dtype=torch.float),
+                "boxes": torch.tensor(np.array(boxes), dtype=torch.float),
+                "use_box": torch.tensor(use_box),
+                "masks": torch.from_numpy(np.stack([o.mask for o in scene.objects])).float(),
+            },
+        }
+
+
+def collate_sam(samples: list[dict]) -> dict:
+    return {"images": torch.stack([s["images"] for s in samples]), "prompts": [s["prompts"] for s in samples]}
+
+
+# ----------------------------------------------------------------------------------------------
+# model pieces used in training and evaluation
+
+
+def predict_masks(sam: Sam, embedding: torch.Tensor, points: torch.Tensor | None, boxes: torch.Tensor | None,
+                  out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits (n, out_size, out_size) and predicted IoUs (n,) for n point OR n box prompts on one
+    image embedding (1, C, h, w); single-mask output."""
+    coords = None if points is None else (points, torch.ones(points.shape[:2], dtype=torch.int, device=points.device))
+    sparse, dense = sam.prompt_encoder(points=coords, boxes=boxes, masks=None)
+    low, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                multimask_output=False)
+    logits = F.interpolate(low, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return logits[:, 0], iou[:, 0]
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    p = logits.sigmoid().flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+class SamForTraining(nn.Module):
+    """Trainer-facing wrapper: ``forward(images, prompts) -> {"loss"}`` with SAM's losses (mask BCE +
+    Dice, and MSE of the IoU head against the achieved IoU)."""
+
+    def __init__(self, sam: Sam):
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, images: torch.Tensor, prompts: list[dict]) -> dict:
+        size = images.shape[-1]
+        embeddings = self.sam.image_encoder(self.sam.preprocess(images))  # (B, C, h, w)
+        losses = []
+        for b, p in enumerate(prompts):
+            for use_box in (False, True):
+                sel = p["use_box"] == use_box
+                if not bool(sel.any()):
+                    continue
+                logits, iou_pred = predict_masks(self.sam, embeddings[b : b + 1],
+                                                 None if use_box else p["points"][sel],
+                                                 p["boxes"][sel] if use_box else None, size)
+                target = p["masks"][sel]
+                with torch.no_grad():
+                    pred = logits > 0
+                    inter = (pred & (target > 0.5)).flatten(1).sum(1)
+                    union = (pred | (target > 0.5)).flatten(1).sum(1).clamp(min=1)
+                    iou = inter / union
+                loss = (F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits, target)
+                        + F.mse_loss(iou_pred, iou.float()))
+                losses.append(loss * sel.sum())
+        n = sum(int(p["use_box"].numel()) for p in prompts)
+        return {"loss": torch.stack(losses).sum() / n}
+
+
+@torch.no_grad()
+def evaluate(sam: Sam, world: World, split: str = "val", n_scenes: int = 200) -> dict:
+    """Held-out mean mask IoU with one centre click, and with the exact box, per object; plus the
+    figures of two prompt-only baselines: a disk at the click, and the filled box."""
+    sam.eval()
+    ious = {"point": [], "box": [], "disk": [], "filled_box": []}
+    for scene in world.scenes(split, n_scenes):
+        size = scene.size
+        image = torch.from_numpy(scene.image).permute(2, 0, 1).float()[None]
+        emb = sam.image_encoder(sam.preprocess(image))
+        clicks = [interior_point(o.mask) for o in scene.objects]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (o.bbox for o in scene.objects)]
+        pl, _ = predict_masks(sam, emb, torch.tensor(clicks, dtype=torch.float)[:, None], None, size)
+        bl, _ = predict_masks(sam, emb, None, torch.tensor(boxes, dtype=torch.float), size)
+        yy, xx = np.mgrid[0:size, 0:size]
+        for i, obj in enumerate(scene.objects):
+            ious["point"].append(mask_iou(pl[i].numpy() > 0, obj.mask))
+            ious["box"].append(mask_iou(bl[i].numpy() > 0, obj.mask))
+            r = np.sqrt(obj.area / np.pi)
+            cx, cy = clicks[i]
+            ious["disk"].append(mask_iou((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r, obj.mask))
+            x0, y0, x1, y1 = boxes[i]
+            filled = np.zeros((size, size), bool)
+            filled[y0:y1, x0:x1] = True
+            ious["filled_box"].append(mask_iou(filled, obj.mask))
+    return {f"{k}/mIoU": float(np.mean(v)) for k, v in ious.items()} | {"n_objects": len(ious["point"])}

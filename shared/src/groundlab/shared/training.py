@@ -1,0 +1,154 @@
+"""The shared training entry: ``transformers.Trainer`` with checkpoints and automatic resume.
+
+``train(model, dataset, collator, TrainConfig(...), output_dir)`` trains for ``max_steps`` with a
+progress bar, writes a checkpoint every ``save_steps`` and, when ``output_dir`` already holds a
+checkpoint, resumes from the newest one that was written completely (model, optimizer, scheduler,
+RNG state and trainer state all present). The Trainer restores the data order and RNG on resume, so a
+run stopped at any point and started again ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transformers import Trainer, TrainingArguments
+
+logger = logging.getLogger("groundlab")
+
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one training stage (the YAML ``train:`` block of a package config)."""
+
+    max_steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    save_steps: int = 200
+    save_total_limit: int = 2
+    logging_steps: int = 50
+    seed: int = 0
+    bf16: bool = False
+    """bf16 autocast; fast on CPUs with avx512_bf16 for transformer LMs (slow for small convnets)."""
+    deepspeed: str | None = None
+    """Path of a DeepSpeed JSON config (see ``groundlab.shared.distributed.ds_config_path``)."""
+    progress_bar: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def training_arguments(cfg: TrainConfig, output_dir: str | Path) -> TrainingArguments:
+    import torch
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=cfg.adam_beta2,
+        max_grad_norm=cfg.grad_clip,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=cfg.deepspeed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress_bar,
+    )
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` holding every file a resume needs; half-written
+    ones are reported and skipped."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for d in output_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for _, d in sorted(found, reverse=True):
+        missing = [f for f in CHECKPOINT_FILES if not (d / f).is_file()]
+        weights = list(d.glob("*.safetensors")) + list(d.glob("*.bin"))
+        if not missing and weights:
+            return d
+        logger.warning("skipping incomplete checkpoint %s (missing %s)", d, missing or ["model weights"])
+    return None
+
+
+def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str | Path,
+          callbacks: list | None = None, compute_loss_func=None) -> Trainer:
+    """Train (resuming from the last complete checkpoint in ``output_dir`` if any); returns the Trainer."""
+    args = training_arguments(cfg, output_dir)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
+                      callbacks=callbacks, compute_loss_func=compute_loss_func)
+    resume = last_complete_checkpoint(output_dir)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+        _load_checkpoint_weights(model, resume)
+    key_warnings = _DropKeyWarnings() if resume is not None and _is_pretrained(model) else None
+    trainer_logger = logging.getLogger("transformers.trainer")
+    if key_warnings:
+        trainer_logger.addFilter(key_warnings)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        if key_warnings:
+            trainer_logger.removeFilter(key_warnings)
+    return trainer
+
+
+def _is_pretrained(model) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+class _DropKeyWarnings(logging.Filter):
+    """The Trainer's non-strict reload reports every renamed key as missing/unexpected although the
+    weights were already loaded strictly by ``_load_checkpoint_weights``: drop only those lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not msg.startswith(("There were missing keys in the checkpoint model loaded",
+                                   "There were unexpected keys in the checkpoint model loaded"))
+
+
+def _load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """Load a checkpoint's weights strictly before the Trainer resumes from it.
+
+    ``save_pretrained`` writes some models (Llava, PaliGemma, ...) under their original key names,
+    and the Trainer's own resume loads the raw file non-strictly, so those weights would silently stay
+    as initialised. ``from_pretrained`` applies the key conversion; the result is copied in strictly.
+    The Trainer's own load then finds nothing of its own to change, and restores optimizer,
+    scheduler, RNG and data position as usual.
+    """
+    if not _is_pretrained(model):
+        return  # plain modules are saved and loaded by their own state_dict keys
+    reloaded, info = type(model).from_pretrained(str(checkpoint), config=model.config, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise RuntimeError(f"checkpoint {checkpoint} does not fit the model: {problems}")
+    model.load_state_dict(reloaded.state_dict(), strict=True)
