@@ -57,6 +57,11 @@ def test_ciou_giou_definitions():
     union = sum((p | t).sum() for p, t in zip(preds, masks))
     assert out["cIoU"] == pytest.approx(inter / union)
     assert out["gIoU"] == pytest.approx(np.mean([(p & t).sum() / (p | t).sum() for p, t in zip(preds, masks)]))
+    # the same per-sample IoUs from pycocotools, and cIoU from its RLE areas
+    coco_ious = [mask_utils.iou([encode_rle(p)], [encode_rle(t)], [0])[0, 0] for p, t in zip(preds, masks)]
+    assert out["gIoU"] == pytest.approx(np.mean(coco_ious))
+    areas = [mask_utils.area([encode_rle(p & t), encode_rle(p | t)]) for p, t in zip(preds, masks)]
+    assert out["cIoU"] == pytest.approx(sum(a[0] for a in areas) / sum(a[1] for a in areas))
     # hand-made: one perfect empty pair (IoU 1) and one total miss (IoU 0)
     acc = MaskIoUAccumulator()
     acc.update(np.zeros((2, 2)), np.zeros((2, 2)))
