@@ -58,7 +58,7 @@ def test_targets_by_suffix_and_regex_and_trainable_report():
 
 def test_linear_names_and_no_match_raises():
     assert linear_names(_model(), r"layers\.0", exclude="mlp") == ["layers.0.q_proj", "layers.0.v_proj"]
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match="could not apply LoRA"):
         apply_lora(_model(), ["does_not_exist"], r=2, alpha=4)
 
 

@@ -54,7 +54,7 @@ def apply_lora(
     try:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     except ValueError as err:
-        raise ValueError(f"LoRA target_modules {target_modules!r} matched no module of "
+        raise ValueError(f"peft could not apply LoRA with target_modules {target_modules!r} to "
                          f"{type(model).__name__}: {err}") from err
     return peft_model
 

@@ -41,7 +41,7 @@ class TrainConfig:
     bf16: bool = False
     """bf16 autocast; fast on CPUs with avx512_bf16 for transformer LMs (slow for small convnets)."""
     deepspeed: str | None = None
-    """Path of a DeepSpeed JSON config (see ``groundlab.shared.distributed.ds_config_path``)."""
+    """``zero2`` / ``zero3`` (the shared configs) or the path of a DeepSpeed JSON config."""
     progress_bar: bool = True
 
     def to_dict(self) -> dict:
@@ -51,6 +51,11 @@ class TrainConfig:
 def training_arguments(cfg: TrainConfig, output_dir: str | Path) -> TrainingArguments:
     import torch
 
+    deepspeed = cfg.deepspeed
+    if deepspeed in ("zero2", "zero3"):  # the shared configs by name
+        from .distributed import ds_config_path
+
+        deepspeed = str(ds_config_path(int(deepspeed[-1])))
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -70,7 +75,7 @@ def training_arguments(cfg: TrainConfig, output_dir: str | Path) -> TrainingArgu
         data_seed=cfg.seed,
         bf16=cfg.bf16,
         use_cpu=not torch.cuda.is_available(),
-        deepspeed=cfg.deepspeed,
+        deepspeed=deepspeed,
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,

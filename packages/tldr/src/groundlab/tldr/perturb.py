@@ -341,3 +341,83 @@ def generate_negatives(perturber: WorldPerturber, scenes: Sequence[Scene], taxon
             else:
                 out.append((scene, neg))
     return out, impossible
+
+
+# ----------------------------------------------------------------------------------------------
+# captions: "a large red circle, a small blue square and a green triangle." (left to right)
+
+PHRASE = re.compile(rf"^a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)})(?: with the letter (\w))?$")
+
+
+def caption_phrases(caption: str) -> list[str] | None:
+    """The object phrases of a world caption, or None when it does not follow the grammar."""
+    text = caption.strip()
+    if not text.endswith("."):
+        return None
+    parts = re.split(r", | and ", text[:-1])
+    return parts if all(PHRASE.match(p) for p in parts) else None
+
+
+def join_caption(phrases: Sequence[str]) -> str:
+    if len(phrases) == 1:
+        return phrases[0] + "."
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1] + "."
+
+
+def check_caption(caption: str, scene: Scene) -> bool:
+    """True iff the caption names exactly the scene's objects, left to right, with their attributes."""
+    phrases = caption_phrases(caption)
+    if phrases is None:
+        return False
+    truth = [o.phrase for o in sorted(scene.objects, key=lambda o: (o.position[0], o.position[1]))]
+    return phrases == truth
+
+
+def perturb_caption(scene: Scene, taxonomy: str, seed: int = 0) -> Negative | None:
+    """A verified wrong caption of one taxonomy (None when the scene offers none)."""
+    if taxonomy not in TAXONOMIES:
+        raise ValueError(f"unknown taxonomy {taxonomy!r}; known: {TAXONOMIES}")
+    caption = scene.caption
+    phrases = caption_phrases(caption)
+    if phrases is None or not check_caption(caption, scene):
+        raise ValueError(f"scene {scene.image_id}: caption outside the grammar or wrong: {caption!r}")
+    parsed = [PHRASE.match(p).groups() for p in phrases]  # (size, colour, kind, glyph)
+
+    def phrase(size, colour, kind, glyph):
+        return f"a {size} {colour} {kind}" + (f" with the letter {glyph}" if glyph else "")
+
+    cands: list[list[str]] = []
+    for i, (size, colour, kind, glyph) in enumerate(parsed):
+        if taxonomy == "visual_attribute":
+            cands += [phrases[:i] + [phrase(size, c, kind, glyph)] + phrases[i + 1:] for c in COLOURS if c != colour]
+            cands += [phrases[:i] + [phrase(s, colour, kind, glyph)] + phrases[i + 1:] for s in SIZES if s != size]
+        elif taxonomy == "object_identification":
+            cands += [phrases[:i] + [phrase(size, colour, k, glyph)] + phrases[i + 1:] for k in KINDS if k != kind]
+        elif taxonomy == "small_object" and size == "small":
+            cands += [phrases[:i] + [phrase(size, c, kind, glyph)] + phrases[i + 1:] for c in COLOURS if c != colour]
+        elif taxonomy == "text_ocr" and glyph:
+            cands += [phrases[:i] + [phrase(size, colour, kind, g)] + phrases[i + 1:] for g in GLYPH_LETTERS if g != glyph]
+        elif taxonomy == "counting" and len(phrases) > 1:
+            cands.append(phrases[:i] + phrases[i + 1:])  # one object left out
+        elif taxonomy == "spatial_relationship" and i + 1 < len(phrases) and phrases[i] != phrases[i + 1]:
+            cands.append(phrases[:i] + [phrases[i + 1], phrases[i]] + phrases[i + 2:])
+        elif taxonomy == "attribute_binding":
+            for j in range(i + 1, len(parsed)):
+                if parsed[j][1] != colour:
+                    new = list(phrases)
+                    new[i] = phrase(size, parsed[j][1], kind, glyph)
+                    new[j] = phrase(parsed[j][0], colour, parsed[j][2], parsed[j][3])
+                    cands.append(new)
+    if taxonomy == "counterfactual":  # an object that is not there, inserted at a random place
+        present = {(o.size, o.colour, o.kind) for o in scene.objects}
+        for s in SIZES:
+            for c in COLOURS:
+                for k in KINDS:
+                    if (s, c, k) not in present:
+                        cands += [phrases[:i] + [phrase(s, c, k, None)] + phrases[i:] for i in range(len(phrases) + 1)]
+    rng = np.random.default_rng([seed, scene.image_id, TAXONOMIES.index(taxonomy)])
+    for idx in rng.permutation(len(cands)) if cands else []:
+        text = join_caption(cands[int(idx)])
+        if text != caption and not check_caption(text, scene):
+            return Negative(caption, text, taxonomy)
+    return None

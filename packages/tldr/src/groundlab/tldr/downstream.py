@@ -1,0 +1,128 @@
+"""What TLDR is used for (arXiv 2410.04734, Section 5): hallucination rates of any captioner,
+flagged spans for human annotators, self-correction prompts, and the tau-scaled LoRA merge that turns
+the reward model's backbone back into a generator.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration, PaliGemmaForConditionalGeneration
+
+from groundlab.shared.bases.vlm import TinyVLMConfig, VLMCollator, generate
+from groundlab.shared.lora import merge_scaled
+from groundlab.shared.world import Scene
+
+from .data import Layout, encode_record, response_tokens
+from .metrics import ScoredResponse, hallucination_rates, sentence_ids_from_text
+from .perturb import check_caption
+
+CAPTION_PROMPT = "caption en"
+
+
+@torch.no_grad()
+def score_texts(model, processor, layout: Layout, images: Sequence[np.ndarray], prompts: Sequence[str],
+                responses: Sequence[str], batch_size: int = 32) -> list[tuple[list[str], list[float]]]:
+    """Per-token P(good) of each response: ``[(token strings, probabilities), ...]``."""
+    tok = processor.tokenizer
+    collate = VLMCollator(processor)
+    model.eval()
+    out = []
+    for start in range(0, len(responses), batch_size):
+        chunk = range(start, min(start + batch_size, len(responses)))
+        samples, spans = [], []
+        for i in chunk:
+            ids = response_tokens(tok, responses[i])
+            if not ids:
+                raise ValueError(f"response #{i} is empty")
+            rec = {"id": str(i), "prompt": prompts[i], "response": responses[i], "labels": [1] * len(ids)}
+            enc = encode_record(tok, rec, layout)
+            samples.append({"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"],
+                            "labels": enc["labels"], "image": images[i]})
+            spans.append((enc["response_start"], enc["response_len"], tok.convert_ids_to_tokens(ids)))
+        batch = collate(samples)
+        batch.pop("labels")
+        probs = torch.sigmoid(model(**batch).logits)
+        for row, (s, n, toks) in enumerate(spans):
+            out.append((toks, probs[row, s : s + n].tolist()))
+    return out
+
+
+def captioner_rates(reward_model, processor, layout: Layout, captioner_path: str | Path,
+                    scenes: Sequence[Scene], threshold: float = 0.5) -> dict[str, float]:
+    """Caption ``scenes`` with a LLaVA captioner and rate its captions with TLDR; ``true_error`` is the
+    share of captions that are actually wrong (checked against the scene), for comparison."""
+    cap_processor = AutoProcessor.from_pretrained(captioner_path)
+    captioner = LlavaForConditionalGeneration.from_pretrained(captioner_path)
+    cfg = TinyVLMConfig(kind="llava", image_size=captioner.config.vision_config.image_size,
+                        patch_size=captioner.config.vision_config.patch_size)
+    images = [s.image for s in scenes]
+    ids = generate(captioner, cap_processor, cfg, images, ["Describe the image."] * len(scenes))
+    captions = [cap_processor.tokenizer.decode(x).strip() or "." for x in ids]
+    scored = score_texts(reward_model, processor, layout, images, [CAPTION_PROMPT] * len(scenes), captions)
+    responses = [ScoredResponse([1] * len(p), p, sentence_ids_from_text(t)) for t, p in scored]
+    rates = hallucination_rates(responses, threshold)
+    rates["true_error"] = float(np.mean([not check_caption(c, s) for c, s in zip(captions, scenes)]))
+    return rates
+
+
+def flagged_spans(tokens: Sequence[str], probs: Sequence[float], threshold: float = 0.5) -> list[tuple[str, bool]]:
+    """Merge byte-level tokens into display text and flag those the model calls hallucinated."""
+    out = []
+    for t, p in zip(tokens, probs):
+        text = t.replace("Ġ", " ").replace("Ċ", "\n")
+        out.append((text, p <= threshold))
+    return out
+
+
+def highlight_terminal(tokens: Sequence[str], probs: Sequence[float], threshold: float = 0.5) -> str:
+    """The response with flagged tokens in red on the terminal (ANSI)."""
+    return "".join(f"\033[1;31m{t}\033[0m" if bad else t for t, bad in flagged_spans(tokens, probs, threshold))
+
+
+def highlight_html(tokens: Sequence[str], probs: Sequence[float], threshold: float = 0.5) -> str:
+    """An HTML fragment for annotators: flagged tokens marked, every token's P(good) in its title."""
+    parts = []
+    for (text, bad), p in zip(flagged_spans(tokens, probs, threshold), probs):
+        esc = html.escape(text)
+        style = ' style="background:#f8b4b4"' if bad else ""
+        parts.append(f'<span title="P(good)={p:.3f}"{style}>{esc}</span>')
+    return "<p>" + "".join(parts) + "</p>"
+
+
+def self_correction_prompt(response: str, tokens: Sequence[str], probs: Sequence[float],
+                           threshold: float = 0.5) -> str:
+    """The rewrite prompt of the paper's self-correction use (Table 4): flagged words listed per sentence."""
+    spans = flagged_spans(tokens, probs, threshold)
+    sentences, current, flagged = [], "", []
+    for text, bad in spans:
+        current += text
+        if bad and text.strip():
+            flagged.append(text.strip())
+        if text.strip().endswith("."):
+            sentences.append((current.strip(), flagged))
+            current, flagged = "", []
+    if current.strip():
+        sentences.append((current.strip(), flagged))
+    lines = [f'- "{s}": {", ".join(repr(w) for w in f)}' for s, f in sentences if f]
+    if not lines:
+        return f"The following description has no flagged word; keep it as it is:\n{response}"
+    return ("The following image description may contain hallucinations. The words flagged as possibly wrong, "
+            "per sentence, are:\n" + "\n".join(lines) + "\nLook at the image again and rewrite the description, "
+            "fixing only what is wrong.\nDescription: " + response)
+
+
+def restore_generator(peft_reward_model, tau: float = 0.25) -> PaliGemmaForConditionalGeneration:
+    """Section 5.3: drop the reward head, merge the LoRA into the backbone at strength ``tau``
+    (``alpha_infer / alpha_train``; 0.25 was best, 1 collapses) and put the LM head back. PaliGemma
+    ties its LM head to the token embeddings, so the head comes back with the (merged) backbone."""
+    merged = merge_scaled(peft_reward_model, tau)
+    cfg = merged.config.backbone_config
+    generator = PaliGemmaForConditionalGeneration(cfg)
+    generator.model.load_state_dict(merged.backbone.state_dict(), strict=True)
+    generator.tie_weights()
+    return generator

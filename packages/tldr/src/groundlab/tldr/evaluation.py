@@ -1,0 +1,75 @@
+"""TLDR evaluation in two steps, like LLaVA's: predictions JSONL (per-token probabilities), then scores.
+
+``predict`` writes one line per record: ``{"id", "taxonomy", "task", "tokens", "labels", "probs"}``
+(``probs`` is P(good) per response token; for the naive RM one probability, of the whole response).
+``score_tldr`` / ``score_naive`` read such a file and compute the metrics of
+:mod:`groundlab.tldr.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from groundlab.shared.bases.vlm import VLMCollator
+
+from .data import TldrDataset
+from .metrics import ScoredResponse, sentence_ids_from_text, tldr_metrics
+
+
+@torch.no_grad()
+def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_size: int = 32) -> Path:
+    """Score every record of ``dataset`` and write the predictions JSONL."""
+    model.eval()
+    collate = VLMCollator(processor)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    head = dataset.layout.head
+    with open(out_path, "w") as f:
+        for start in range(0, len(dataset), batch_size):
+            idx = list(range(start, min(start + batch_size, len(dataset))))
+            batch = collate([dataset[i] for i in idx])
+            batch.pop("labels")
+            probs = torch.sigmoid(model(**batch).logits)  # (B, T)
+            for row, i in enumerate(idx):
+                rec, enc = dataset.records[i], dataset.encoded[i]
+                s, n = enc["response_start"], enc["response_len"]
+                p = probs[row, s : s + n].tolist()
+                out = {"id": rec["id"], "taxonomy": rec["taxonomy"], "task": rec.get("task", ""),
+                       "tokens": rec["tokens"], "labels": rec["labels"],
+                       "probs": p if head == "token" else [p[-1]]}
+                f.write(json.dumps(out) + "\n")
+    return out_path
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def score_tldr(predictions: list[dict], threshold: float = 0.5) -> dict[str, float]:
+    """A_T, A_S, A_R, mAP(neg|pos) overall, per taxonomy and per task (``task:<name>/...``)."""
+    responses = [ScoredResponse(p["labels"], p["probs"], sentence_ids_from_text(p["tokens"]), p["taxonomy"])
+                 for p in predictions]
+    out = tldr_metrics(responses, threshold)
+    for task in sorted({p["task"] for p in predictions}):
+        sub = [r for r, p in zip(responses, predictions) if p["task"] == task]
+        out |= {f"task:{task}/{k}": v for k, v in tldr_metrics(sub, threshold, by_taxonomy=False).items()}
+    return out
+
+
+def score_naive(predictions: list[dict], threshold: float = 0.5) -> dict[str, float]:
+    """The naive RM's response accuracy A_R (its single probability against the response label)."""
+    right = [(p["probs"][-1] > threshold) == bool(all(p["labels"])) for p in predictions]
+    out = {"A_R": float(np.mean(right)), "n_responses": len(predictions)}
+    for tax in sorted({p["taxonomy"] for p in predictions}):
+        out[f"{tax}/A_R"] = float(np.mean([r for r, p in zip(right, predictions) if p["taxonomy"] == tax]))
+    return out
+
+
+def all_good_baseline(predictions: list[dict]) -> dict[str, float]:
+    """A predictor that calls every token good: what the class imbalance alone gives."""
+    return score_tldr([{**p, "probs": [1.0] * len(p["labels"])} for p in predictions])

@@ -1,0 +1,110 @@
+"""TLDR: Token-Level Detective Reward model (Fu et al., ICLR 2025, arXiv 2410.04734, Eq. 6).
+
+A VLM backbone without its LM head, and one ``reward_head`` Linear(D, 1) applied to the last hidden
+state at each response token's own position:
+
+    P(token k is good) = sigmoid(h(H[|image| + |prompt| + k]))
+
+Image and prompt tokens are not scored (their labels are -100). Training is token-level BCE over the
+response tokens. With ``config.head == "last"`` the same model is the naive binary reward model: its
+labels carry one value, at the last response token. There is no official code; every open choice is
+written where it is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import MllamaModel, PaliGemmaForConditionalGeneration, PaliGemmaModel, PreTrainedModel
+from transformers.modeling_outputs import TokenClassifierOutput
+
+from groundlab.shared.lora import apply_lora
+
+from .configuration import TldrConfig
+
+BACKBONES = {"paligemma": PaliGemmaModel, "mllama": MllamaModel}
+
+
+class TldrRewardModel(PreTrainedModel):
+    config_class = TldrConfig
+    base_model_prefix = "tldr"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: TldrConfig):
+        super().__init__(config)
+        self.backbone = BACKBONES[config.backbone_type](config.backbone_config)
+        # "reward_head", not "head": SigLIP has a vision_tower.head that peft's modules_to_save would also catch
+        self.reward_head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if module is getattr(self, "reward_head", None):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    @classmethod
+    def from_backbone(cls, path: str, **config_kwargs) -> TldrRewardModel:
+        """Build from a pretrained VLM directory (``from_pretrained`` layout), dropping its LM head.
+
+        PaliGemma only here: its LM head is tied to the token embeddings, so nothing is lost and
+        :func:`groundlab.tldr.downstream.restore_generator` can rebuild the generator later.
+        """
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"no pretrained VLM at {path} (expected a from_pretrained directory with config.json)")
+        vlm = PaliGemmaForConditionalGeneration.from_pretrained(path)
+        config = TldrConfig(backbone_type="paligemma", backbone_config=vlm.config.to_dict(), **config_kwargs)
+        model = cls(config)
+        model.backbone.load_state_dict(vlm.model.state_dict(), strict=True)
+        return model
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None, token_type_ids=None,
+                **backbone_kwargs) -> TokenClassifierOutput:
+        """``labels`` (B, T): 1 good / 0 hallucinated at scored positions, -100 elsewhere.
+        Returns ``logits`` (B, T) of P(good) at every position and the mean BCE over scored ones."""
+        if self.config.backbone_type == "paligemma" and token_type_ids is not None:
+            backbone_kwargs["token_type_ids"] = token_type_ids
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            use_cache=False, **backbone_kwargs)
+        hidden = out.last_hidden_state  # (B, T, D)
+        logits = self.reward_head(hidden).squeeze(-1).float()  # (B, T)
+        loss = None
+        if labels is not None:
+            scored = labels != -100
+            if not bool(scored.any()):
+                raise ValueError("no scored token in the batch (every label is -100)")
+            loss = F.binary_cross_entropy_with_logits(logits[scored], labels[scored].float())
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+
+LORA_DECODER = r"backbone\.language_model\.layers\.\d+\.(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|o_proj)" \
+               r"|backbone\.language_model\.layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj)"
+# The projector's Linear: PaliGemma wraps it (``multi_modal_projector.linear``), Mllama's is the Linear.
+LORA_PROJECTOR = {"paligemma": r"backbone\.multi_modal_projector\.linear", "mllama": r"backbone\.multi_modal_projector"}
+
+
+def lora_targets(config: TldrConfig) -> str:
+    parts = ([LORA_PROJECTOR[config.backbone_type]] if config.lora_projector else []) + ([LORA_DECODER] if config.lora_decoder else [])
+    if not parts:
+        raise ValueError("LoRA needs the projector, the decoder or both")
+    return "^(?:" + "|".join(parts) + ")$"
+
+
+def with_lora(model: TldrRewardModel):
+    """TLDR's trainable set: LoRA on the projector and every decoder Linear, the reward head in full;
+    the vision encoder and everything else frozen."""
+    c = model.config
+    return apply_lora(model, lora_targets(c), r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                      modules_to_save=["reward_head"])
+
+
+@torch.no_grad()
+def token_probabilities(model, batch: dict) -> torch.Tensor:
+    """P(good) (B, T) for a collated batch (labels ignored)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "response_mask")}
+    return torch.sigmoid(model(**inputs).logits)

@@ -1,0 +1,273 @@
+"""The TLDR run: data -> TLDR and naive RM training -> evaluation -> captioner hallucination rates.
+
+Stages (each reused on a second run with the same config, recomputed with ``force``):
+
+1. data: the synthetic world exported as TLDR JSONL (train / eval), negatives of all 8 taxonomies;
+2. reward models: TLDR (token head) and the naive binary RM (last-token head), same backbone (the
+   tiny PaliGemma base), same LoRA, same data and steps;
+3. evaluation: predictions JSONL then scores, next to the all-good baseline (Table 1's shape);
+4. downstream: two captioners of different quality (the tiny LLaVA base trained for two lengths)
+   caption the eval scenes; TLDR's token / sentence / response hallucination rates of their captions
+   are set beside the true error rate of each (checked against the scene) (Table 3's shape).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+from transformers import AutoProcessor
+
+from groundlab.shared.bases import default_spec, ensure_base
+from groundlab.shared.distributed import seed_everything, setup_logging
+from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
+from groundlab.shared.runs import (
+    check_complete,
+    content_hash,
+    invalidate,
+    mark_complete,
+    runs_root,
+    write_metrics,
+)
+from groundlab.shared.training import TrainConfig, train
+from groundlab.shared.world import World, WorldConfig
+
+from .data import Layout, TldrDataset, export_world, read_jsonl
+from .evaluation import all_good_baseline, predict, read_predictions, score_naive, score_tldr
+from .modeling import TldrRewardModel, with_lora
+
+logger = logging.getLogger("groundlab")
+
+
+@dataclass
+class DataConfig:
+    train_scenes: int = 1200
+    eval_scenes: int = 150
+    tasks: tuple[str, ...] = ("description", "caption", "vqa")
+    image_size: int = 64
+    glyph_prob: float = 0.3
+    """Letters on some large shapes, so the Text-OCR taxonomy has material."""
+    world_seed: int = 0
+    train_jsonl: str | None = None
+    """Real data instead of the world: TLDR JSONL files (see ``groundlab.tldr.data``) and their image root."""
+    eval_jsonl: str | None = None
+    image_root: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    backbone: str | None = None
+    """A PaliGemma ``from_pretrained`` directory; None = the tiny PaliGemma base of ``make bases``."""
+    lora_r: int = 16
+    lora_alpha: int = 4
+    """alpha / r = 0.25, as the paper's r=512, alpha=128."""
+    lora_dropout: float = 0.1
+    lora_projector: bool = True
+    lora_decoder: bool = True
+
+
+@dataclass
+class CaptionerConfig:
+    weak_steps: int = 150
+    """Training steps of the weaker captioner (the strong one is the LLaVA base, 1800 steps)."""
+    strong_steps: int | None = None
+    """None: the LLaVA base of ``make bases`` as it is."""
+    train_scenes: int | None = None
+    """None: the base's own number of training scenes (tests shrink it)."""
+    eval_scenes: int | None = None
+    """None: the base's own number of held-out scenes for its printed figures."""
+    n_scenes: int = 150
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=1200, batch_size=16, lr=4e-3, warmup_steps=60, bf16=True, save_steps=300, logging_steps=100))
+    naive: bool = True
+    captioners: CaptionerConfig = field(default_factory=CaptionerConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        for key, value in (overrides or {}).items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return _build(cls, raw, str(path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SUBCONFIGS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "captioners": CaptionerConfig}
+
+
+def _build(cls, raw: dict, where: str):
+    """A config dataclass from a YAML mapping; unknown keys are an error naming the file."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in raw.items():
+        sub = SUBCONFIGS.get(name) if cls is RunConfig else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: '{name}' must be a mapping, got {value!r}")
+            merged = asdict(getattr(RunConfig(), name)) | value  # defaults, then the file
+            kwargs[name] = _build(sub, merged, f"{where}:{name}")
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def _stage(out: Path, force: bool) -> bool:
+    """True when the stage in ``out`` is finished and reusable."""
+    ok, why = check_complete(out)
+    if ok and not force:
+        logger.info("reusing %s", out)
+        return True
+    if out.exists():
+        logger.info("(re)building %s: %s", out, "forced" if force else why)
+        invalidate(out, keep=() if force else ("checkpoints",))
+    return False
+
+
+def run(cfg: RunConfig, force: bool = False) -> Path:
+    setup_logging()
+    t_start = time.time()
+    root = runs_root() / "tldr" / cfg.name
+    seed_everything(cfg.train.seed)
+    pali = Path(cfg.model.backbone) if cfg.model.backbone else ensure_base("paligemma")
+    processor = AutoProcessor.from_pretrained(pali)
+    tok = processor.tokenizer
+
+    # 1. data
+    world_cfg = WorldConfig(image_size=cfg.data.image_size, glyph_prob=cfg.data.glyph_prob)
+    real = cfg.data.train_jsonl is not None
+    if real:
+        if not (cfg.data.eval_jsonl and cfg.data.image_root):
+            raise ValueError("data.train_jsonl needs data.eval_jsonl and data.image_root too")
+        data_dir = Path(cfg.data.image_root)
+        train_file, eval_file = Path(cfg.data.train_jsonl), Path(cfg.data.eval_jsonl)
+    else:
+        data_dir = root / f"data-{content_hash(asdict(cfg.data), str(pali))}"
+        train_file, eval_file = data_dir / "tldr_train.jsonl", data_dir / "tldr_val.jsonl"
+        if not _stage(data_dir, force):
+            world = World(world_cfg, seed=cfg.data.world_seed)
+            counts = {}
+            for split, n in (("train", cfg.data.train_scenes), ("val", cfg.data.eval_scenes)):
+                _, c = export_world(world, split, n, data_dir, tok, tasks=tuple(cfg.data.tasks))
+                counts |= {f"{split}/{k}": v for k, v in c.items()}
+            write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
+            files = [str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()]
+            mark_complete(data_dir, files)
+    train_records = read_jsonl(train_file, tok)
+    eval_records = read_jsonl(eval_file, tok)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    n_img = processor.image_processor.image_seq_length
+
+    metrics: dict[str, float] = {"data/train_records": len(train_records), "data/eval_records": len(eval_records)}
+    heads = ["token"] + (["last"] if cfg.naive else [])
+    models = {}
+    for head in heads:
+        layout = Layout(image_token, n_img, head)
+        tag = "tldr" if head == "token" else "naive"
+        model_dir = root / f"{tag}-{content_hash(asdict(cfg.model), asdict(cfg.train) | {'progress_bar': None}, str(data_dir), head)}"
+        lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
+        base = TldrRewardModel.from_backbone(str(pali), head=head, **lora)
+        if not _stage(model_dir, force):
+            model = with_lora(base)
+            logger.info("%s trainable parameters:\n%s", tag, trainable_report(model, depth=3))
+            t0 = time.time()
+            train(model, TldrDataset(train_records, data_dir, tok, layout), _Collate(processor), cfg.train,
+                  model_dir / "checkpoints")
+            metrics[f"time/{tag}_train_s"] = time.time() - t0
+            save_adapter(model, model_dir / "adapter")
+            (model_dir / "model.json").write_text(json.dumps({"backbone": str(Path(pali).resolve()), "head": head}))
+            mark_complete(model_dir, ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model.json"])
+        else:
+            model = load_adapter(base, model_dir / "adapter")
+        models[tag] = model
+        # 3. evaluation: predictions, then scores
+        eval_ds = TldrDataset(eval_records, data_dir, tok, layout)
+        preds_path = predict(model, eval_ds, processor, root / f"predictions_{tag}.jsonl")
+        preds = read_predictions(preds_path)
+        scores = score_tldr(preds) if head == "token" else score_naive(preds)
+        metrics |= {f"{tag}/{k}": v for k, v in scores.items()}
+        if head == "token":
+            metrics |= {f"baseline/all_good/{k}": v for k, v in all_good_baseline(preds).items()}
+
+    # 4. downstream: hallucination rates of two captioners (the world only: it knows the truth)
+    from .downstream import captioner_rates
+
+    if real:
+        return _finish(root, metrics, cfg, t_start)
+
+    strong = default_spec("llava")
+    if cfg.captioners.train_scenes:
+        strong = replace(strong, train_scenes=cfg.captioners.train_scenes)
+    if cfg.captioners.eval_scenes:
+        strong = replace(strong, eval_scenes=cfg.captioners.eval_scenes)
+    if cfg.captioners.strong_steps:
+        strong = replace(strong, train=replace(strong.train, max_steps=cfg.captioners.strong_steps))
+    weak = replace(strong, train=replace(strong.train, max_steps=cfg.captioners.weak_steps))
+    # the captioners' own world (no glyphs: they were never taught to read), held-out test scenes
+    world = World(replace(world_cfg, glyph_prob=0.0), seed=cfg.data.world_seed)
+    scenes = world.scenes("test", cfg.captioners.n_scenes)
+    for name, spec in (("weak", weak), ("strong", strong)):
+        rates = captioner_rates(models["tldr"], processor, Layout(image_token, n_img, "token"),
+                                ensure_base(spec), scenes)
+        metrics |= {f"captioner_{name}/{k}": v for k, v in rates.items()}
+        metrics[f"captioner_{name}/train_steps"] = spec.train.max_steps
+    return _finish(root, metrics, cfg, t_start)
+
+
+def _finish(root: Path, metrics: dict, cfg: RunConfig, t_start: float) -> Path:
+    metrics["time/total_s"] = time.time() - t_start
+    path = write_metrics(root / "metrics.json", metrics, config=cfg.to_dict())
+    print_table(metrics)
+    print(path)
+    return path
+
+
+class _Collate:
+    """Pads the token side and runs the backbone's image processor over the batch."""
+
+    def __init__(self, processor):
+        from groundlab.shared.bases.vlm import VLMCollator
+
+        self.inner = VLMCollator(processor)
+
+    def __call__(self, samples):
+        return self.inner(samples)
+
+
+def print_table(m: dict) -> None:
+    from .perturb import TAXONOMIES
+
+    def f(key):
+        v = m.get(key)
+        return "  -  " if v is None else f"{100 * v:5.1f}"
+
+    print("\n| model | A_T | A_S | A_R | mAP(neg) | mAP(pos) |\n|---|---|---|---|---|---|")
+    print(f"| TLDR | {f('tldr/A_T')} | {f('tldr/A_S')} | {f('tldr/A_R')} | {f('tldr/mAP_neg')} | {f('tldr/mAP_pos')} |")
+    print(f"| naive RM | - | - | {f('naive/A_R')} | - | - |")
+    print(f"| all good (baseline) | {f('baseline/all_good/A_T')} | {f('baseline/all_good/A_S')} | "
+          f"{f('baseline/all_good/A_R')} | {f('baseline/all_good/mAP_neg')} | {f('baseline/all_good/mAP_pos')} |")
+    print("\n| taxonomy | TLDR A_T | TLDR A_R | TLDR mAP(neg) | naive A_R |\n|---|---|---|---|---|")
+    for t in ("original", *TAXONOMIES):
+        print(f"| {t} | {f(f'tldr/{t}/A_T')} | {f(f'tldr/{t}/A_R')} | {f(f'tldr/{t}/mAP_neg')} | {f(f'naive/{t}/A_R')} |")
+    print("\n| captioner | steps | TLDR token rate % | sentence % | response % | true caption error % |\n|---|---|---|---|---|---|")
+    for c in ("weak", "strong"):
+        print(f"| {c} | {m.get(f'captioner_{c}/train_steps')} | {f(f'captioner_{c}/token')} | "
+              f"{f(f'captioner_{c}/sentence')} | {f(f'captioner_{c}/response')} | {f(f'captioner_{c}/true_error')} |")

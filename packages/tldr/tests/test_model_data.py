@@ -1,0 +1,171 @@
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from groundlab.shared.bases import default_spec, ensure_base
+from groundlab.shared.bases.vlm import TinyVLMConfig, build_model, build_processor
+from groundlab.shared.lora import lora_parameter_count, trainable_report
+from groundlab.shared.tokenizer import load_tokenizer
+from groundlab.shared.world import World, WorldConfig
+from groundlab.tldr.configuration import TldrConfig, llama32_11b_vision, paligemma_3b_448
+from groundlab.tldr.data import Layout, encode_record, export_world, make_record, read_jsonl
+from groundlab.tldr.downstream import highlight_html, restore_generator, self_correction_prompt
+from groundlab.tldr.modeling import TldrRewardModel, with_lora
+from groundlab.tldr.perturb import TAXONOMIES
+from groundlab.tldr.train import RunConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _tiny(head="token"):
+    tok = load_tokenizer()
+    cfg = TinyVLMConfig(kind="paligemma", text_kv_heads=1)
+    vlm = build_model(cfg, tok)
+    model = TldrRewardModel(TldrConfig(backbone_config=vlm.config.to_dict(), head=head, lora_r=4, lora_alpha=1))
+    return model, build_processor(cfg, tok), cfg
+
+
+def test_configs_parse_and_reject_unknown_keys(tmp_path):
+    tiny = RunConfig.from_yaml(CONFIGS / "tiny.yaml")
+    assert tiny.train.lr == 4e-3 and tiny.train.max_steps == 1200 and tiny.model.lora_alpha / tiny.model.lora_r == 0.25
+    assert tiny.data.tasks == ("description", "caption", "vqa")
+    paper = RunConfig.from_yaml(CONFIGS / "paligemma_3b.yaml")
+    assert (paper.model.lora_r, paper.model.lora_alpha, paper.train.grad_accum) == (512, 128, 8)
+    assert paper.train.deepspeed == "zero2"
+    over = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"train.max_steps": 7, "data.train_scenes": 3})
+    assert over.train.max_steps == 7 and over.data.train_scenes == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(ValueError, match="max_stepz"):
+        RunConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize("name,build,total,lora", [
+    ("paligemma", paligemma_3b_448, 2_924_353_265, 629_211_136),
+    ("mllama", llama32_11b_vision, 10_117_608_996, 1_683_750_912),
+])
+def test_real_configs_build_on_meta_with_the_papers_sizes(name, build, total, lora):
+    with torch.device("meta"):
+        model = TldrRewardModel(TldrConfig(backbone_type=name, backbone_config=build().to_dict()))
+        assert sum(p.numel() for p in model.parameters()) == total
+        peft = with_lora(model)
+    assert lora_parameter_count(peft) == lora
+    # trainable = LoRA + the reward head (D + 1); nothing of the vision encoder
+    d = model.config.hidden_size
+    assert trainable_report(peft).trainable == lora + d + 1
+    assert not any(p.requires_grad for n, p in peft.named_parameters() if "vision" in n)
+
+
+def test_forward_backward_only_lora_and_head_get_gradients():
+    model, processor, cfg = _tiny()
+    peft = with_lora(model)
+    tok = processor.tokenizer
+    layout = Layout(tok.convert_tokens_to_ids("<image>"), cfg.n_image_tokens)
+    rec = make_record(tok, "x", "img", "caption en", "a small blue circle.", "caption", "a small red circle.", "visual_attribute")
+    enc = encode_record(tok, rec, layout)
+    ids = torch.tensor([enc["input_ids"]])
+    out = peft(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), attention_mask=torch.ones_like(ids),
+               token_type_ids=torch.tensor([enc["token_type_ids"]]), labels=torch.tensor([enc["labels"]]))
+    assert out.logits.shape == ids.shape and torch.isfinite(out.loss)
+    out.loss.backward()
+    with_grad = {n for n, p in peft.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all("lora_" in n or "reward_head" in n for n in with_grad)
+    assert any("multi_modal_projector" in n for n in with_grad) and any("mlp.down_proj" in n for n in with_grad)
+
+
+def test_response_layout_golden():
+    tok = load_tokenizer()
+    layout = Layout(tok.convert_tokens_to_ids("<image>"), 4)
+    rec = make_record(tok, "x", "img", "caption en", "a small blue circle.", "caption", "a small red circle.", "visual_attribute")
+    assert rec["labels"] == [1, 1, 0, 1, 1] and rec["tokens"][2] == "Ġblue"
+    enc = encode_record(tok, rec, layout)
+    n_prefix = 4 + 1 + len(tok("caption en\n", add_special_tokens=False)["input_ids"])
+    assert enc["response_start"] == n_prefix and enc["input_ids"][-1] == tok.eos_token_id
+    assert enc["labels"] == [-100] * n_prefix + [1, 1, 0, 1, 1] + [-100]  # EOS not scored
+    assert enc["token_type_ids"] == [0] * n_prefix + [1] * 6
+    naive = encode_record(tok, rec, replace(layout, head="last"))
+    assert naive["labels"] == [-100] * (n_prefix + 4) + [0, -100]  # the response label, at its last token
+
+
+def test_world_export_and_validated_reading(tmp_path):
+    tok = load_tokenizer()
+    world = World(WorldConfig(glyph_prob=0.5), seed=0)
+    path, counts = export_world(world, "train", 12, tmp_path, tok)
+    records = read_jsonl(path, tok)
+    negs = [r for r in records if r["taxonomy"] != "original"]
+    assert {r["taxonomy"] for r in negs} == set(TAXONOMIES)
+    assert all(0 in r["labels"] for r in negs) and all(all(r["labels"]) for r in records if r["taxonomy"] == "original")
+    assert counts["description/original"] == counts["caption/original"] == counts["vqa/original"] == 12
+    assert (tmp_path / records[0]["image"]).is_file()
+    # a file written with another tokenizer is refused, naming the line
+    other = load_tokenizer(["circle."])  # splits "circle." differently
+    with pytest.raises(ValueError, match=r"tldr_train.jsonl:\d+: the tokenizer splits"):
+        read_jsonl(path, other)
+    lines = path.read_text().splitlines()
+    bad = json.loads(next(line for line in lines if '"taxonomy": "counting"' in line))
+    bad["labels"] = [1] * len(bad["labels"])
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match="every token labelled good"):
+        read_jsonl(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not JSON"):
+        read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_restore_generator_merges_lora_at_tau_and_ties_the_lm_head():
+    model, _, _ = _tiny()
+    peft = with_lora(model)
+    layer = peft.base_model.model.backbone.language_model.layers[0].mlp.down_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # a non-zero adapter
+    w0 = layer.base_layer.weight.detach().clone()
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (1 / 4)  # alpha / r
+    gen = restore_generator(peft, tau=0.25)
+    torch.testing.assert_close(gen.model.language_model.layers[0].mlp.down_proj.weight, w0 + 0.25 * delta)
+    assert gen.lm_head.weight.data_ptr() == gen.model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_highlighting_and_self_correction_prompt():
+    tokens, probs = ["there", "Ġis", "Ġa", "Ġblue", "Ġcircle", "."], [0.9, 0.9, 0.9, 0.2, 0.8, 0.9]
+    html = highlight_html(tokens, probs)
+    assert html.count("background") == 1 and "P(good)=0.200" in html and " blue" in html
+    prompt = self_correction_prompt("there is a blue circle.", tokens, probs)
+    assert "\"there is a blue circle.\": 'blue'" in prompt
+    assert "no flagged word" in self_correction_prompt("x.", ["x", "."], [0.9, 0.9])
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
+    from groundlab.tldr.train import run
+
+    monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path / "runs"))
+    spec = default_spec("paligemma")
+    spec = replace(spec, train=replace(spec.train, max_steps=4, progress_bar=False), train_scenes=16, eval_scenes=4)
+    pali = ensure_base(spec)
+    cfg = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {
+        "name": "micro", "model.backbone": str(pali), "data.train_scenes": 6, "data.eval_scenes": 4,
+        "train.max_steps": 6, "train.save_steps": 3, "train.progress_bar": False,
+        "captioners.weak_steps": 2, "captioners.strong_steps": 4, "captioners.train_scenes": 16, "captioners.eval_scenes": 4,
+        "captioners.n_scenes": 4})
+    path = run(cfg)
+    m = json.loads(Path(path).read_text())
+    for key in ("tldr/A_T", "tldr/A_S", "tldr/A_R", "tldr/mAP_neg", "tldr/mAP_pos", "naive/A_R",
+                "baseline/all_good/A_R", "captioner_weak/token", "captioner_strong/true_error"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["baseline/all_good/A_T"] > 0.5  # most tokens are good
+    preds = (Path(path).parent / "predictions_tldr.jsonl").read_text().splitlines()
+    assert len(preds) == m["data/eval_records"]
+    # the CLI scores a response with the trained model and writes the HTML highlighting
+    from groundlab.tldr.cli import main as cli
+
+    image = next((Path(path).parent).glob("data-*/images/*.jpg"))
+    cli(["score", "--image", str(image), "--text", "a small red circle.", "--run", "micro",
+         "--html", str(tmp_path / "flagged.html")])
+    assert "P(good)=" in (tmp_path / "flagged.html").read_text()
+    # a second run reuses data and models
+    adapters = sorted(Path(path).parent.glob("*/adapter/adapter_model.safetensors"))
+    before = [p.stat().st_mtime_ns for p in adapters]
+    run(cfg)
+    assert [p.stat().st_mtime_ns for p in adapters] == before
