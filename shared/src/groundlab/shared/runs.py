@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 from pathlib import Path
+
+logger = logging.getLogger("groundlab")
 
 MARKER = "COMPLETE"
 
@@ -100,3 +103,16 @@ def invalidate(directory: str | Path, keep: tuple[str, ...] = ()) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def reuse_or_reset(directory: str | Path, force: bool = False, keep: tuple[str, ...] = ("checkpoints",)) -> bool:
+    """True when ``directory`` holds a finished stage to reuse. Otherwise clears what a half-written
+    attempt left (except ``keep``: checkpoints to resume from, unless ``force``) and returns False."""
+    ok, why = check_complete(directory)
+    if ok and not force:
+        logger.info("reusing %s", directory)
+        return True
+    if Path(directory).exists():
+        logger.info("(re)building %s: %s", directory, "forced" if force else why)
+        invalidate(directory, keep=() if force else keep)
+    return False

@@ -23,16 +23,10 @@ import yaml
 from transformers import AutoProcessor
 
 from groundlab.shared.bases import default_spec, ensure_base
+from groundlab.shared.bases.vlm import VLMCollator
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
-from groundlab.shared.runs import (
-    check_complete,
-    content_hash,
-    invalidate,
-    mark_complete,
-    runs_root,
-    write_metrics,
-)
+from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
 from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
@@ -130,18 +124,6 @@ def _build(cls, raw: dict, where: str):
     return cls(**kwargs)
 
 
-def _stage(out: Path, force: bool) -> bool:
-    """True when the stage in ``out`` is finished and reusable."""
-    ok, why = check_complete(out)
-    if ok and not force:
-        logger.info("reusing %s", out)
-        return True
-    if out.exists():
-        logger.info("(re)building %s: %s", out, "forced" if force else why)
-        invalidate(out, keep=() if force else ("checkpoints",))
-    return False
-
-
 def run(cfg: RunConfig, force: bool = False) -> Path:
     setup_logging()
     t_start = time.time()
@@ -162,7 +144,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     else:
         data_dir = root / f"data-{content_hash(asdict(cfg.data), str(pali))}"
         train_file, eval_file = data_dir / "tldr_train.jsonl", data_dir / "tldr_val.jsonl"
-        if not _stage(data_dir, force):
+        if not reuse_or_reset(data_dir, force):
             world = World(world_cfg, seed=cfg.data.world_seed)
             counts = {}
             for split, n in (("train", cfg.data.train_scenes), ("val", cfg.data.eval_scenes)):
@@ -185,11 +167,11 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         model_dir = root / f"{tag}-{content_hash(asdict(cfg.model), asdict(cfg.train) | {'progress_bar': None}, str(data_dir), head)}"
         lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
         base = TldrRewardModel.from_backbone(str(pali), head=head, **lora)
-        if not _stage(model_dir, force):
+        if not reuse_or_reset(model_dir, force):
             model = with_lora(base)
             logger.info("%s trainable parameters:\n%s", tag, trainable_report(model, depth=3))
             t0 = time.time()
-            train(model, TldrDataset(train_records, data_dir, tok, layout), _Collate(processor), cfg.train,
+            train(model, TldrDataset(train_records, data_dir, tok, layout), VLMCollator(processor), cfg.train,
                   model_dir / "checkpoints")
             metrics[f"time/{tag}_train_s"] = time.time() - t0
             save_adapter(model, model_dir / "adapter")
@@ -238,18 +220,6 @@ def _finish(root: Path, metrics: dict, cfg: RunConfig, t_start: float) -> Path:
     print_table(metrics)
     print(path)
     return path
-
-
-class _Collate:
-    """Pads the token side and runs the backbone's image processor over the batch."""
-
-    def __init__(self, processor):
-        from groundlab.shared.bases.vlm import VLMCollator
-
-        self.inner = VLMCollator(processor)
-
-    def __call__(self, samples):
-        return self.inner(samples)
 
 
 def print_table(m: dict) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import seed_everything, setup_logging
-from ..runs import check_complete, content_hash, invalidate, mark_complete, runs_root, write_metrics
+from ..runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
 from ..tokenizer import fixture_dir, load_tokenizer
 from ..training import TrainConfig, train
 from ..world import World, WorldConfig
@@ -95,14 +95,8 @@ def ensure_base(name_or_spec: str | BaseSpec, root: Path | None = None, force: b
     """Build the base unless a complete cache entry exists; returns :func:`model_path`."""
     spec = default_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     out = base_dir(spec, root)
-    ok, why = check_complete(out)
-    if ok and not force:
-        logger.info("base %s: cached at %s", spec.name, out)
-        return model_path(spec, root)
-    if out.exists():
-        logger.info("base %s: rebuilding (%s)", spec.name, "forced" if force else why)
-        invalidate(out, keep=() if force else ("checkpoints",))
-    build(spec, out, callbacks=callbacks)
+    if not reuse_or_reset(out, force):
+        build(spec, out, callbacks=callbacks)
     return model_path(spec, root)
 
 
