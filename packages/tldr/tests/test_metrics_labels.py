@@ -59,6 +59,8 @@ def test_metrics_match_an_independent_computation_and_sklearn():
         ar.append(int(all(pp)) == int(all(yy)))
     assert (m["A_T"], m["A_S"], m["A_R"]) == pytest.approx((np.mean(at), np.mean(as_), np.mean(ar)))
     assert m["a/n_responses"] == 30 and m["b/n_responses"] == 30
+    good = np.array([all(r.labels) for r in rs])
+    assert m["A_R_balanced"] == pytest.approx((np.mean(np.array(ar)[good]) + np.mean(np.array(ar)[~good])) / 2)
     assert m["a/A_T"] == pytest.approx(np.mean(at[0::2]))
 
 

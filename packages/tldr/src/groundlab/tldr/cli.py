@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, processor, layout = _load(_find_model(args.run, args.model))
     if args.cmd == "score":
-        image = np.asarray(load_image(args.image))
+        image = np.array(load_image(args.image))
         [(tokens, probs)] = score_texts(model, processor, layout, [image], [args.prompt], [args.text])
         for t, p in zip(tokens, probs):
             print(f"{p:.3f}  {t!r}{'   <- flagged' if p <= 0.5 else ''}")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             if missing:
                 raise SystemExit(f"{args.input}:{n}: missing keys {sorted(missing)}")
             rows.append(rec)
-    images = [np.asarray(load_image(args.image_root / r["image"])) for r in rows]
+    images = [np.array(load_image(args.image_root / r["image"])) for r in rows]
     scored = score_texts(model, processor, layout, images, [r["prompt"] for r in rows], [r["response"] for r in rows])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:

@@ -168,7 +168,7 @@ class TldrDataset(Dataset):
         self.images = {}
         for rec in records:
             if rec["image"] not in self.images:
-                self.images[rec["image"]] = np.asarray(load_image(root / rec["image"]))
+                self.images[rec["image"]] = np.array(load_image(root / rec["image"]))
         self.encoded = [encode_record(tokenizer, r, layout) for r in records]
 
     def __len__(self) -> int:

@@ -64,7 +64,11 @@ def score_tldr(predictions: list[dict], threshold: float = 0.5) -> dict[str, flo
 def score_naive(predictions: list[dict], threshold: float = 0.5) -> dict[str, float]:
     """The naive RM's response accuracy A_R (its single probability against the response label)."""
     right = [(p["probs"][-1] > threshold) == bool(all(p["labels"])) for p in predictions]
-    out = {"A_R": float(np.mean(right)), "n_responses": len(predictions)}
+    good = np.array([all(p["labels"]) for p in predictions])
+    right_arr = np.array(right)
+    out = {"A_R": float(right_arr.mean()), "n_responses": len(predictions)}
+    if good.any() and (~good).any():
+        out["A_R_balanced"] = float((right_arr[good].mean() + right_arr[~good].mean()) / 2)
     for tax in sorted({p["taxonomy"] for p in predictions}):
         out[f"{tax}/A_R"] = float(np.mean([r for r, p in zip(right, predictions) if p["taxonomy"] == tax]))
     return out

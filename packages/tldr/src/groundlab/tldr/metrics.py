@@ -7,7 +7,9 @@ a predicted probability of being good; a token is predicted good iff ``p > thres
 - Sentence accuracy ``A_S``: a response is split into sentences at sentence-final periods; a sentence
   is right iff the product of its predicted labels equals the product of its true labels (it is good
   only if all its tokens are); mean within a response, then over responses.
-- Response accuracy ``A_R``: ``1[prod(pred) == prod(true)]``, mean over responses.
+- Response accuracy ``A_R``: ``1[prod(pred) == prod(true)]``, mean over responses. ``A_R_balanced``
+  (not in the paper) averages A_R over the positives and over the negatives, so an evaluation set
+  dominated by one kind cannot be won by always answering that kind.
 - ``mAP(neg)``: average precision of finding the bad tokens (labels flipped, score ``1 - p``), the
   meaningful one since most tokens are good; ``mAP(pos)``: good tokens positive, score ``p``.
   Choice left open by the paper: both pool every response token of the evaluation set (one ranking,
@@ -91,6 +93,9 @@ def _metrics(responses: Sequence[ScoredResponse], threshold: float) -> dict[str,
     probs = np.concatenate([np.asarray(r.probs, dtype=float) for r in responses])
     out = {"A_T": float(per[:, 0].mean()), "A_S": float(per[:, 1].mean()), "A_R": float(per[:, 2].mean()),
            "n_responses": len(responses), "n_tokens": int(labels.size)}
+    good = np.array([all(r.labels) for r in responses])
+    if good.any() and (~good).any():  # the mean of A_R over positives and over negatives
+        out["A_R_balanced"] = float((per[good, 2].mean() + per[~good, 2].mean()) / 2)
     if (labels == 0).any():
         out["mAP_neg"] = average_precision(1 - labels, 1 - probs)
     if (labels == 1).any():

@@ -229,11 +229,13 @@ def print_table(m: dict) -> None:
         v = m.get(key)
         return "  -  " if v is None else f"{100 * v:5.1f}"
 
-    print("\n| model | A_T | A_S | A_R | mAP(neg) | mAP(pos) |\n|---|---|---|---|---|---|")
-    print(f"| TLDR | {f('tldr/A_T')} | {f('tldr/A_S')} | {f('tldr/A_R')} | {f('tldr/mAP_neg')} | {f('tldr/mAP_pos')} |")
-    print(f"| naive RM | - | - | {f('naive/A_R')} | - | - |")
+    print("\n| model | A_T | A_S | A_R | A_R balanced | mAP(neg) | mAP(pos) |\n|---|---|---|---|---|---|---|")
+    print(f"| TLDR | {f('tldr/A_T')} | {f('tldr/A_S')} | {f('tldr/A_R')} | {f('tldr/A_R_balanced')} | "
+          f"{f('tldr/mAP_neg')} | {f('tldr/mAP_pos')} |")
+    print(f"| naive RM | - | - | {f('naive/A_R')} | {f('naive/A_R_balanced')} | - | - |")
     print(f"| all good (baseline) | {f('baseline/all_good/A_T')} | {f('baseline/all_good/A_S')} | "
-          f"{f('baseline/all_good/A_R')} | {f('baseline/all_good/mAP_neg')} | {f('baseline/all_good/mAP_pos')} |")
+          f"{f('baseline/all_good/A_R')} | {f('baseline/all_good/A_R_balanced')} | {f('baseline/all_good/mAP_neg')} | "
+          f"{f('baseline/all_good/mAP_pos')} |")
     print("\n| taxonomy | TLDR A_T | TLDR A_R | TLDR mAP(neg) | naive A_R |\n|---|---|---|---|---|")
     for t in ("original", *TAXONOMIES):
         print(f"| {t} | {f(f'tldr/{t}/A_T')} | {f(f'tldr/{t}/A_R')} | {f(f'tldr/{t}/mAP_neg')} | {f(f'naive/{t}/A_R')} |")
