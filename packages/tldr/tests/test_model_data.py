@@ -169,3 +169,36 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     before = [p.stat().st_mtime_ns for p in adapters]
     run(cfg)
     assert [p.stat().st_mtime_ns for p in adapters] == before
+
+
+def test_mllama_backbone_scores_tokens_with_its_cross_attention_inputs():
+    from transformers import MllamaConfig
+
+    cfg = MllamaConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, intermediate_layers_indices=[0],
+                           attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, max_num_tiles=2,
+                           vision_output_dim=64, supported_aspect_ratios=[[1, 1], [1, 2]]),
+        text_config=dict(hidden_size=64, num_hidden_layers=2, cross_attention_layers=[1], num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, vocab_size=100, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, rope_scaling={"rope_type": "default"}),
+        image_token_index=99)
+    model = TldrRewardModel(TldrConfig(backbone_type="mllama", backbone_config=cfg.to_dict(), lora_r=4, lora_alpha=1))
+    for name, p in model.named_parameters():  # a pretrained Mllama's tanh gates are open; random init closes them
+        if "gate" in name and p.numel() == 1:
+            torch.nn.init.constant_(p, 1.0)
+    peft = with_lora(model)
+    ids = torch.randint(3, 90, (2, 12))
+    ids[:, 1] = 99  # the <|image|> token
+    xmask = torch.zeros(2, 12, 1, 2, dtype=torch.long)
+    xmask[:, 1:] = 1  # text after the image attends to both tiles
+    labels = torch.full((2, 12), -100)
+    labels[:, 6:] = 1
+    labels[0, 8] = 0
+    out = peft(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 1, 2, 3, 32, 32),
+               aspect_ratio_ids=torch.tensor([[1], [1]]), aspect_ratio_mask=torch.ones(2, 1, 2, dtype=torch.long),
+               cross_attention_mask=xmask, labels=labels)
+    assert out.logits.shape == (2, 12) and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = {n for n, p in peft.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert all("lora_" in n or "reward_head" in n for n in grads)
+    assert any("cross_attn" in n for n in grads) and any("multi_modal_projector" in n for n in grads)
