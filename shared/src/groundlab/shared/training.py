@@ -122,6 +122,9 @@ def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str
     finally:
         if key_warnings:
             trainer_logger.removeFilter(key_warnings)
+    # With bf16, accelerate leaves model.forward wrapped in autocast after training; unwrap it so that
+    # what follows (evaluation, saving) sees the model as it will be loaded: in fp32.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return trainer
 
 

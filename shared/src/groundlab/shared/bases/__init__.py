@@ -37,7 +37,7 @@ from ..world import World, WorldConfig
 logger = logging.getLogger("groundlab")
 
 BASE_NAMES = ("llava", "paligemma", "sam")
-VERSION = 1  # bump when a change to this code changes what a base learns
+VERSION = 2  # bump when a change to this code changes what a base learns or reports
 
 
 @dataclass
