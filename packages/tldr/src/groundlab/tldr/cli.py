@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 
 def _overrides(extra: list[str]) -> dict:
@@ -27,9 +28,7 @@ def _overrides(extra: list[str]) -> dict:
             value = next(it)
         except StopIteration:
             raise SystemExit(f"override {key} has no value") from None
-        import yaml
-
-        out[key[2:]] = yaml.safe_load(value)
+        out[key[2:]] = yaml.safe_load(value)  # "3" -> 3, "false" -> False, "[a, b]" -> list
     return out
 
 

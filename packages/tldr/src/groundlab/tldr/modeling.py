@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import MllamaModel, PaliGemmaForConditionalGeneration, PaliGemmaModel, PreTrainedModel
@@ -102,9 +101,3 @@ def with_lora(model: TldrRewardModel):
     return apply_lora(model, lora_targets(c), r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout,
                       modules_to_save=["reward_head"])
 
-
-@torch.no_grad()
-def token_probabilities(model, batch: dict) -> torch.Tensor:
-    """P(good) (B, T) for a collated batch (labels ignored)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "response_mask")}
-    return torch.sigmoid(model(**inputs).logits)
