@@ -148,13 +148,25 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
         "name": "micro", "model.backbone": str(pali), "data.train_scenes": 6, "data.eval_scenes": 4,
         "train.max_steps": 6, "train.save_steps": 3, "train.progress_bar": False,
         "captioners.weak_steps": 2, "captioners.strong_steps": 4, "captioners.train_scenes": 16, "captioners.eval_scenes": 4,
-        "captioners.n_scenes": 4})
+        "captioners.n_scenes": 4, "likelihood.n_scenes": 4, "likelihood.taus": [0.0, 1.0]})
     path = run(cfg)
     m = json.loads(Path(path).read_text())
     for key in ("tldr/A_T", "tldr/A_S", "tldr/A_R", "tldr/mAP_neg", "tldr/mAP_pos", "naive/A_R",
                 "baseline/all_good/A_R", "captioner_weak/token", "captioner_strong/true_error"):
         assert 0.0 <= m[key] <= 1.0, key
     assert m["baseline/all_good/A_T"] > 0.5  # most tokens are good
+    # Table 6's stage: tau = 0 is the base generator itself, caption for caption
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    from groundlab.tldr.downstream import tiny_captions
+
+    lines = [json.loads(x) for x in (Path(path).parent / "likelihood_captions.jsonl").read_text().splitlines()]
+    assert [x["tau"] for x in lines] == [0.0] * 4 + [1.0] * 4
+    scenes = World(WorldConfig(), seed=0).scenes("test", 4)
+    base = tiny_captions(PaliGemmaForConditionalGeneration.from_pretrained(pali), AutoProcessor.from_pretrained(pali), scenes)
+    assert [x["caption"] for x in lines[:4]] == base
+    for key in ("token", "sentence", "response", "true_error"):
+        assert 0.0 <= m[f"likelihood/tau_0/{key}"] <= 1.0 and 0.0 <= m[f"likelihood/tau_1/{key}"] <= 1.0
     preds = (Path(path).parent / "predictions_tldr.jsonl").read_text().splitlines()
     assert len(preds) == m["data/eval_records"]
     # the CLI scores a response with the trained model and writes the HTML highlighting
@@ -171,34 +183,105 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     assert [p.stat().st_mtime_ns for p in adapters] == before
 
 
-def test_mllama_backbone_scores_tokens_with_its_cross_attention_inputs():
-    from transformers import MllamaConfig
+def _tiny_mllama_dir(tmp_path) -> Path:
+    """A saved tiny Llama-3.2-Vision (Mllama) with its processor: the fixture tokenizer plus <|image|>."""
+    from transformers import (
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaImageProcessor,
+        MllamaProcessor,
+    )
 
+    tok = load_tokenizer(extra_special_tokens=["<|image|>"])
+    image_id = tok.convert_tokens_to_ids("<|image|>")
     cfg = MllamaConfig(
         vision_config=dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, intermediate_layers_indices=[0],
                            attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, max_num_tiles=2,
-                           vision_output_dim=64, supported_aspect_ratios=[[1, 1], [1, 2]]),
+                           vision_output_dim=64, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
         text_config=dict(hidden_size=64, num_hidden_layers=2, cross_attention_layers=[1], num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, vocab_size=100, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, rope_scaling={"rope_type": "default"}),
-        image_token_index=99)
-    model = TldrRewardModel(TldrConfig(backbone_type="mllama", backbone_config=cfg.to_dict(), lora_r=4, lora_alpha=1))
-    for name, p in model.named_parameters():  # a pretrained Mllama's tanh gates are open; random init closes them
+                         num_key_value_heads=2, intermediate_size=128, vocab_size=len(tok) + 8,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         rope_scaling={"rope_type": "default"}),
+        image_token_index=image_id)
+    torch.manual_seed(0)
+    vlm = MllamaForConditionalGeneration(cfg)
+    for name, p in vlm.named_parameters():  # a pretrained Mllama's tanh gates are open; random init closes them
         if "gate" in name and p.numel() == 1:
             torch.nn.init.constant_(p, 1.0)
+    out = tmp_path / "mllama"
+    vlm.save_pretrained(out)
+    ip = MllamaImageProcessor(size={"height": 32, "width": 32}, max_image_tiles=2)
+    MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template="{{ messages }}").save_pretrained(out)
+    return out
+
+
+def test_mllama_layout_collator_training_and_restore(tmp_path):
+    """The Llama-3.2-Vision path end to end: <|image|> in the text, tiles and cross-attention mask from
+    the collator, response tokens scored in the text sequence, LoRA on cross-attention, the generator
+    restored with the original LM head."""
+    import numpy as np
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    from groundlab.tldr.data import collator_for, layout_for
+    from groundlab.tldr.evaluation import predict, read_predictions
+
+    path = _tiny_mllama_dir(tmp_path)
+    processor = AutoProcessor.from_pretrained(path)
+    tok = processor.tokenizer
+    layout = layout_for(processor)
+    assert (layout.backbone, layout.n_image_tokens) == ("mllama", 1)
+    model = TldrRewardModel.from_backbone(str(path), lora_r=4, lora_alpha=1)
+    assert model.config.backbone_type == "mllama"
+
+    neg = make_record(tok, "n", "x.jpg", "caption en", "a large blue circle.", "caption",
+                      original="a small blue circle.", taxonomy="visual_attribute")
+    pos = make_record(tok, "p", "y.jpg", "describe en", "there is one shape. it is a small blue circle.", "description")
+    encs = [encode_record(tok, r, layout) for r in (neg, pos)]
+    for enc, rec in zip(encs, (neg, pos)):
+        assert enc["input_ids"][:2] == [tok.bos_token_id, layout.image_token_id]  # one image token, no image run
+        s, n = enc["response_start"], enc["response_len"]
+        assert enc["labels"][s : s + n] == rec["labels"] and enc["input_ids"][s + n] == tok.eos_token_id
+        assert set(enc["labels"][:s] + enc["labels"][s + n :]) == {-100}
+    wide = np.zeros((32, 64, 3), np.uint8)  # 1:2 aspect -> two tiles; the square one -> one tile
+    square = np.full((64, 64, 3), 200, np.uint8)
+    samples = [{**e, "image": im} for e, im in zip(encs, (square, wide))]
+    batch = collator_for(processor, layout)(samples)
+    assert batch["pixel_values"].shape[:3] == (2, 1, 2)
+    xm = batch["cross_attention_mask"]
+    assert xm.shape == (2, batch["input_ids"].shape[1], 1, 2)
+    n0 = len(encs[0]["input_ids"])  # the shorter row is right-padded
+    assert n0 < batch["input_ids"].shape[1]
+    assert xm[0, 0].sum() == 0 and xm[0, 1:n0, 0, 0].all() and xm[0, :, 0, 1].sum() == 0 and xm[0, n0:].sum() == 0
+    assert xm[1, 1:, 0].all()  # the wide image has two valid tiles
+
     peft = with_lora(model)
-    ids = torch.randint(3, 90, (2, 12))
-    ids[:, 1] = 99  # the <|image|> token
-    xmask = torch.zeros(2, 12, 1, 2, dtype=torch.long)
-    xmask[:, 1:] = 1  # text after the image attends to both tiles
-    labels = torch.full((2, 12), -100)
-    labels[:, 6:] = 1
-    labels[0, 8] = 0
-    out = peft(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 1, 2, 3, 32, 32),
-               aspect_ratio_ids=torch.tensor([[1], [1]]), aspect_ratio_mask=torch.ones(2, 1, 2, dtype=torch.long),
-               cross_attention_mask=xmask, labels=labels)
-    assert out.logits.shape == (2, 12) and torch.isfinite(out.loss)
+    out = peft(**batch)
+    assert out.logits.shape == batch["input_ids"].shape and torch.isfinite(out.loss)
     out.loss.backward()
     grads = {n for n, p in peft.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert all("lora_" in n or "reward_head" in n for n in grads)
     assert any("cross_attn" in n for n in grads) and any("multi_modal_projector" in n for n in grads)
+
+    from PIL import Image
+
+    from groundlab.tldr.data import TldrDataset
+
+    Image.fromarray(square).save(tmp_path / "x.jpg")
+    Image.fromarray(wide).save(tmp_path / "y.jpg")
+    ds = TldrDataset([neg, pos], tmp_path, tok, layout)
+    preds = read_predictions(predict(peft, ds, processor, tmp_path / "preds.jsonl"))
+    assert [len(p["probs"]) for p in preds] == [len(neg["labels"]), len(pos["labels"])]
+    # the prediction of each response token is the model's probability at that token's own position
+    probs = torch.sigmoid(peft(**{k: v for k, v in batch.items() if k != "labels"}).logits)
+    s, n = encs[1]["response_start"], encs[1]["response_len"]
+    assert torch.allclose(torch.tensor(preds[1]["probs"]), probs[1, s : s + n], atol=1e-5)
+
+    # tau = 0 gives back the original generator exactly, LM head included (Mllama's is untied)
+    with pytest.raises(ValueError, match="original"):
+        restore_generator(with_lora(TldrRewardModel.from_backbone(str(path), lora_r=4, lora_alpha=1)), tau=0.0)
+    gen = restore_generator(with_lora(TldrRewardModel.from_backbone(str(path), lora_r=4, lora_alpha=1)), tau=0.0,
+                            original=path)
+    ref = MllamaForConditionalGeneration.from_pretrained(path).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.allclose(gen.eval()(**inputs).logits, ref(**inputs).logits, atol=1e-5)

@@ -38,14 +38,38 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 50
     seed: int = 0
-    bf16: bool = False
-    """bf16 autocast; fast on CPUs with avx512_bf16 for transformer LMs (slow for small convnets)."""
+    bf16: bool | str = False
+    """bf16 autocast: True, False or ``"auto"`` (on where the hardware runs bf16 fast: a CUDA GPU with
+    bf16, a CPU with avx512_bf16 / AMX; off elsewhere: on an AVX2-only CPU a bf16 matmul is ~100x
+    slower than fp32). Fast for transformer LMs, slow for small convnets even where supported."""
     deepspeed: str | None = None
     """``zero2`` / ``zero3`` (the shared configs) or the path of a DeepSpeed JSON config."""
     progress_bar: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 compute is native here (CUDA with bf16, or a CPU with avx512_bf16 / amx_bf16)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_bf16(value: bool | str) -> bool:
+    """A ``TrainConfig.bf16`` value as the bool this machine will use."""
+    if value == "auto":
+        return fast_bf16()
+    if not isinstance(value, bool):
+        raise ValueError(f"bf16 must be true, false or 'auto', got {value!r}")
+    return value
 
 
 def training_arguments(cfg: TrainConfig, output_dir: str | Path) -> TrainingArguments:
@@ -73,7 +97,7 @@ def training_arguments(cfg: TrainConfig, output_dir: str | Path) -> TrainingArgu
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=cfg.bf16,
+        bf16=resolve_bf16(cfg.bf16),
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed,
         report_to=[],

@@ -48,7 +48,7 @@ def _load(model_dir: Path):
 
     from groundlab.shared.lora import load_adapter
 
-    from .data import Layout
+    from .data import layout_for
     from .modeling import TldrRewardModel
 
     info = json.loads((model_dir / "model.json").read_text())  # the backbone it was trained on
@@ -57,8 +57,7 @@ def _load(model_dir: Path):
     cfg = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())
     model = load_adapter(TldrRewardModel.from_backbone(str(pali), lora_r=cfg["r"], lora_alpha=cfg["lora_alpha"]),
                          model_dir / "adapter")
-    layout = Layout(processor.tokenizer.convert_tokens_to_ids("<image>"), processor.image_processor.image_seq_length)
-    return model, processor, layout
+    return model, processor, layout_for(processor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, PaliGemmaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from groundlab.shared.bases.vlm import TinyVLMConfig, VLMCollator, generate
+from groundlab.shared.bases.vlm import CAPTION_PROMPT as BASE_CAPTION_PROMPT
+from groundlab.shared.bases.vlm import TinyVLMConfig, generate
 from groundlab.shared.lora import merge_scaled
 from groundlab.shared.world import Scene
 
-from .data import Layout, encode_record, response_tokens
+from .data import Layout, collator_for, encode_record, response_tokens
 from .metrics import ScoredResponse, hallucination_rates, sentence_ids_from_text
+from .modeling import GENERATORS
 from .perturb import check_caption
 
 CAPTION_PROMPT = "caption en"
@@ -29,7 +31,7 @@ def score_texts(model, processor, layout: Layout, images: Sequence[np.ndarray], 
                 responses: Sequence[str], batch_size: int = 32) -> list[tuple[list[str], list[float]]]:
     """Per-token P(good) of each response: ``[(token strings, probabilities), ...]``."""
     tok = processor.tokenizer
-    collate = VLMCollator(processor)
+    collate = collator_for(processor, layout)
     model.eval()
     out = []
     for start in range(0, len(responses), batch_size):
@@ -52,22 +54,33 @@ def score_texts(model, processor, layout: Layout, images: Sequence[np.ndarray], 
     return out
 
 
-def captioner_rates(reward_model, processor, layout: Layout, captioner_path: str | Path,
-                    scenes: Sequence[Scene], threshold: float = 0.5) -> dict[str, float]:
-    """Caption ``scenes`` with a LLaVA captioner and rate its captions with TLDR; ``true_error`` is the
-    share of captions that are actually wrong (checked against the scene), for comparison."""
-    cap_processor = AutoProcessor.from_pretrained(captioner_path)
-    captioner = LlavaForConditionalGeneration.from_pretrained(captioner_path)
-    cfg = TinyVLMConfig(kind="llava", image_size=captioner.config.vision_config.image_size,
-                        patch_size=captioner.config.vision_config.patch_size)
+def rate_captions(reward_model, processor, layout: Layout, scenes: Sequence[Scene], captions: Sequence[str],
+                  threshold: float = 0.5) -> dict[str, float]:
+    """TLDR's token / sentence / response hallucination rates of ``captions`` (one per scene), and
+    ``true_error``: the share of captions that are actually wrong (checked against the scene)."""
     images = [s.image for s in scenes]
-    ids = generate(captioner, cap_processor, cfg, images, ["Describe the image."] * len(scenes))
-    captions = [cap_processor.tokenizer.decode(x).strip() or "." for x in ids]
     scored = score_texts(reward_model, processor, layout, images, [CAPTION_PROMPT] * len(scenes), captions)
     responses = [ScoredResponse([1] * len(p), p, sentence_ids_from_text(t)) for t, p in scored]
     rates = hallucination_rates(responses, threshold)
     rates["true_error"] = float(np.mean([not check_caption(c, s) for c, s in zip(captions, scenes)]))
     return rates
+
+
+def tiny_captions(generator, processor, scenes: Sequence[Scene]) -> list[str]:
+    """Greedy captions of ``scenes`` by a tiny LLaVA or PaliGemma (the bases' prompts)."""
+    kind = "llava" if isinstance(generator, LlavaForConditionalGeneration) else "paligemma"
+    vision = generator.config.vision_config
+    cfg = TinyVLMConfig(kind=kind, image_size=vision.image_size, patch_size=vision.patch_size)
+    ids = generate(generator, processor, cfg, [s.image for s in scenes], [BASE_CAPTION_PROMPT[kind]] * len(scenes))
+    return [processor.tokenizer.decode(x).strip() or "." for x in ids]
+
+
+def captioner_rates(reward_model, processor, layout: Layout, captioner_path: str | Path,
+                    scenes: Sequence[Scene], threshold: float = 0.5) -> dict[str, float]:
+    """Caption ``scenes`` with a saved LLaVA captioner and rate its captions (:func:`rate_captions`)."""
+    captioner = LlavaForConditionalGeneration.from_pretrained(captioner_path)
+    captions = tiny_captions(captioner, AutoProcessor.from_pretrained(captioner_path), scenes)
+    return rate_captions(reward_model, processor, layout, scenes, captions, threshold)
 
 
 def flagged_spans(tokens: Sequence[str], probs: Sequence[float], threshold: float = 0.5) -> list[tuple[str, bool]]:
@@ -116,13 +129,24 @@ def self_correction_prompt(response: str, tokens: Sequence[str], probs: Sequence
             "fixing only what is wrong.\nDescription: " + response)
 
 
-def restore_generator(peft_reward_model, tau: float = 0.25) -> PaliGemmaForConditionalGeneration:
+def restore_generator(peft_reward_model, tau: float = 0.25, original: str | Path | None = None):
     """Section 5.3: drop the reward head, merge the LoRA into the backbone at strength ``tau``
-    (``alpha_infer / alpha_train``; 0.25 was best, 1 collapses) and put the LM head back. PaliGemma
-    ties its LM head to the token embeddings, so the head comes back with the (merged) backbone."""
+    (``alpha_infer / alpha_train``; 0.25 was best, 1 collapses) and put the LM head back.
+
+    PaliGemma ties its LM head to the token embeddings, so the head comes back with the (merged)
+    backbone. Mllama's LM head is its own matrix: pass ``original``, the pretrained directory the reward
+    model was built from, and its ``lm_head`` is loaded from there (the reward model never trained it).
+    ``peft_reward_model`` is merged in place: load the adapter again for another ``tau``.
+    """
+    kind = peft_reward_model.config.backbone_type
     merged = merge_scaled(peft_reward_model, tau)
-    cfg = merged.config.backbone_config
-    generator = PaliGemmaForConditionalGeneration(cfg)
+    generator = GENERATORS[kind](merged.config.backbone_config)
     generator.model.load_state_dict(merged.backbone.state_dict(), strict=True)
-    generator.tie_weights()
+    if kind == "paligemma":
+        generator.tie_weights()
+    else:
+        if original is None:
+            raise ValueError("restoring an Mllama generator needs original=<the pretrained directory> for its lm_head")
+        head = GENERATORS[kind].from_pretrained(original).lm_head
+        generator.lm_head.load_state_dict(head.state_dict(), strict=True)
     return generator

@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from groundlab.shared.bases.vlm import VLMCollator
-
-from .data import TldrDataset
+from .data import TldrDataset, collator_for
 from .metrics import ScoredResponse, sentence_ids_from_text, tldr_metrics
 
 
@@ -24,7 +22,7 @@ from .metrics import ScoredResponse, sentence_ids_from_text, tldr_metrics
 def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_size: int = 32) -> Path:
     """Score every record of ``dataset`` and write the predictions JSONL."""
     model.eval()
-    collate = VLMCollator(processor)
+    collate = collator_for(processor, dataset.layout)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     head = dataset.layout.head

@@ -13,11 +13,18 @@ written where it is made.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch.nn.functional as F
 from torch import nn
-from transformers import MllamaModel, PaliGemmaForConditionalGeneration, PaliGemmaModel, PreTrainedModel
+from transformers import (
+    MllamaForConditionalGeneration,
+    MllamaModel,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaModel,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import TokenClassifierOutput
 
 from groundlab.shared.lora import apply_lora
@@ -25,6 +32,7 @@ from groundlab.shared.lora import apply_lora
 from .configuration import TldrConfig
 
 BACKBONES = {"paligemma": PaliGemmaModel, "mllama": MllamaModel}
+GENERATORS = {"paligemma": PaliGemmaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}
 
 
 class TldrRewardModel(PreTrainedModel):
@@ -49,15 +57,16 @@ class TldrRewardModel(PreTrainedModel):
 
     @classmethod
     def from_backbone(cls, path: str, **config_kwargs) -> TldrRewardModel:
-        """Build from a pretrained VLM directory (``from_pretrained`` layout), dropping its LM head.
-
-        PaliGemma only here: its LM head is tied to the token embeddings, so nothing is lost and
-        :func:`groundlab.tldr.downstream.restore_generator` can rebuild the generator later.
-        """
-        if not (Path(path) / "config.json").is_file():
+        """Build from a pretrained PaliGemma or Mllama directory (``from_pretrained`` layout), dropping
+        its LM head (kept on disk: :func:`groundlab.tldr.downstream.restore_generator` puts it back)."""
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
             raise FileNotFoundError(f"no pretrained VLM at {path} (expected a from_pretrained directory with config.json)")
-        vlm = PaliGemmaForConditionalGeneration.from_pretrained(path)
-        config = TldrConfig(backbone_type="paligemma", backbone_config=vlm.config.to_dict(), **config_kwargs)
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type not in GENERATORS:
+            raise ValueError(f"{config_file}: model_type {model_type!r} is not a TLDR backbone ({sorted(GENERATORS)})")
+        vlm = GENERATORS[model_type].from_pretrained(path)
+        config = TldrConfig(backbone_type=model_type, backbone_config=vlm.config.to_dict(), **config_kwargs)
         model = cls(config)
         model.backbone.load_state_dict(vlm.model.state_dict(), strict=True)
         return model

@@ -8,7 +8,9 @@ Stages (each reused on a second run with the same config, recomputed with ``forc
 3. evaluation: predictions JSONL then scores, next to the all-good baseline (Table 1's shape);
 4. downstream: two captioners of different quality (the tiny LLaVA base trained for two lengths)
    caption the eval scenes; TLDR's token / sentence / response hallucination rates of their captions
-   are set beside the true error rate of each (checked against the scene) (Table 3's shape).
+   are set beside the true error rate of each (checked against the scene) (Table 3's shape);
+5. likelihood optimisation: the TLDR LoRA merged into the PaliGemma generator at each tau
+   (Section 5.3), its captions rated the same way (Table 6's shape; tau = 0 is the base).
 """
 
 from __future__ import annotations
@@ -23,14 +25,13 @@ import yaml
 from transformers import AutoProcessor
 
 from groundlab.shared.bases import default_spec, ensure_base
-from groundlab.shared.bases.vlm import VLMCollator
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
 from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
 from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
-from .data import Layout, TldrDataset, export_world, read_jsonl
+from .data import TldrDataset, collator_for, export_world, layout_for, read_jsonl
 from .evaluation import all_good_baseline, predict, read_predictions, score_naive, score_tldr
 from .modeling import TldrRewardModel, with_lora
 
@@ -78,14 +79,24 @@ class CaptionerConfig:
 
 
 @dataclass
+class LikelihoodConfig:
+    """Table 6: the reward model's LoRA merged back into the generator at strength tau."""
+
+    taus: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+    """tau = 0 is the base generator itself (the reference row)."""
+    n_scenes: int = 150
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=1200, batch_size=16, lr=4e-3, warmup_steps=60, bf16=True, save_steps=300, logging_steps=100))
+        max_steps=1200, batch_size=16, lr=4e-3, warmup_steps=60, bf16="auto", save_steps=300, logging_steps=100))
     naive: bool = True
     captioners: CaptionerConfig = field(default_factory=CaptionerConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -102,7 +113,8 @@ class RunConfig:
         return asdict(self)
 
 
-SUBCONFIGS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "captioners": CaptionerConfig}
+SUBCONFIGS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "captioners": CaptionerConfig,
+              "likelihood": LikelihoodConfig}
 
 
 def _build(cls, raw: dict, where: str):
@@ -155,14 +167,12 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             mark_complete(data_dir, files)
     train_records = read_jsonl(train_file, tok)
     eval_records = read_jsonl(eval_file, tok)
-    image_token = tok.convert_tokens_to_ids("<image>")
-    n_img = processor.image_processor.image_seq_length
 
     metrics: dict[str, float] = {"data/train_records": len(train_records), "data/eval_records": len(eval_records)}
     heads = ["token"] + (["last"] if cfg.naive else [])
-    models = {}
+    models, model_dirs = {}, {}
     for head in heads:
-        layout = Layout(image_token, n_img, head)
+        layout = layout_for(processor, head)
         tag = "tldr" if head == "token" else "naive"
         model_dir = root / f"{tag}-{content_hash(asdict(cfg.model), asdict(cfg.train) | {'progress_bar': None}, str(data_dir), head)}"
         lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
@@ -171,7 +181,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             model = with_lora(base)
             logger.info("%s trainable parameters:\n%s", tag, trainable_report(model, depth=3))
             t0 = time.time()
-            train(model, TldrDataset(train_records, data_dir, tok, layout), VLMCollator(processor), cfg.train,
+            train(model, TldrDataset(train_records, data_dir, tok, layout), collator_for(processor, layout), cfg.train,
                   model_dir / "checkpoints")
             metrics[f"time/{tag}_train_s"] = time.time() - t0
             save_adapter(model, model_dir / "adapter")
@@ -179,7 +189,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             mark_complete(model_dir, ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model.json"])
         else:
             model = load_adapter(base, model_dir / "adapter")
-        models[tag] = model
+        models[tag], model_dirs[tag] = model, model_dir
         # 3. evaluation: predictions, then scores
         eval_ds = TldrDataset(eval_records, data_dir, tok, layout)
         preds_path = predict(model, eval_ds, processor, root / f"predictions_{tag}.jsonl")
@@ -190,7 +200,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             metrics |= {f"baseline/all_good/{k}": v for k, v in all_good_baseline(preds).items()}
 
     # 4. downstream: hallucination rates of two captioners (the world only: it knows the truth)
-    from .downstream import captioner_rates
+    from .downstream import captioner_rates, rate_captions, restore_generator, tiny_captions
 
     if real:
         return _finish(root, metrics, cfg, t_start)
@@ -207,10 +217,23 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     world = World(replace(world_cfg, glyph_prob=0.0), seed=cfg.data.world_seed)
     scenes = world.scenes("test", cfg.captioners.n_scenes)
     for name, spec in (("weak", weak), ("strong", strong)):
-        rates = captioner_rates(models["tldr"], processor, Layout(image_token, n_img, "token"),
+        rates = captioner_rates(models["tldr"], processor, layout_for(processor, "token"),
                                 ensure_base(spec), scenes)
         metrics |= {f"captioner_{name}/{k}": v for k, v in rates.items()}
         metrics[f"captioner_{name}/train_steps"] = spec.train.max_steps
+
+    # 5. likelihood optimisation (Table 6): the TLDR LoRA merged into the PaliGemma generator at tau
+    lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
+    scenes = world.scenes("test", cfg.likelihood.n_scenes)
+    with open(root / "likelihood_captions.jsonl", "w") as f:
+        for tau in cfg.likelihood.taus:
+            fresh = load_adapter(TldrRewardModel.from_backbone(str(pali), **lora), model_dirs["tldr"] / "adapter")
+            captions = tiny_captions(restore_generator(fresh, tau, original=pali), processor, scenes)
+            rates = rate_captions(models["tldr"], processor, layout_for(processor, "token"), scenes, captions)
+            metrics |= {f"likelihood/tau_{tau:g}/{k}": v for k, v in rates.items()}
+            for scene, caption in zip(scenes, captions):
+                f.write(json.dumps({"tau": tau, "scene": f"test-{scene.index}", "caption": caption,
+                                    "reference": scene.caption}) + "\n")
     return _finish(root, metrics, cfg, t_start)
 
 
@@ -243,3 +266,11 @@ def print_table(m: dict) -> None:
     for c in ("weak", "strong"):
         print(f"| {c} | {m.get(f'captioner_{c}/train_steps')} | {f(f'captioner_{c}/token')} | "
               f"{f(f'captioner_{c}/sentence')} | {f(f'captioner_{c}/response')} | {f(f'captioner_{c}/true_error')} |")
+    taus = sorted({float(k.split("/")[1][4:]) for k in m if k.startswith("likelihood/tau_")})
+    if taus:
+        print("\n| generator (PaliGemma base + TLDR LoRA at tau) | TLDR token rate % | sentence % | response % "
+              "| true caption error % |\n|---|---|---|---|---|")
+        for t in taus:
+            k = f"likelihood/tau_{t:g}"
+            print(f"| tau = {t:g}{' (base)' if t == 0 else ''} | {f(k + '/token')} | {f(k + '/sentence')} | "
+                  f"{f(k + '/response')} | {f(k + '/true_error')} |")

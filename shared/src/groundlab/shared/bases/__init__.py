@@ -31,7 +31,7 @@ import torch
 from ..distributed import seed_everything, setup_logging
 from ..runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
 from ..tokenizer import fixture_dir, load_tokenizer
-from ..training import TrainConfig, train
+from ..training import TrainConfig, resolve_bf16, train
 from ..world import World, WorldConfig
 
 logger = logging.getLogger("groundlab")
@@ -54,7 +54,8 @@ class BaseSpec:
 
     def key(self) -> str:
         tokenizer = (fixture_dir() / "tokenizer.json").read_bytes() if self.name in ("llava", "paligemma") else b""
-        return content_hash(VERSION, self.name, self.model, asdict(self.train) | {"progress_bar": None},
+        train = asdict(self.train) | {"progress_bar": None, "bf16": resolve_bf16(self.train.bf16)}
+        return content_hash(VERSION, self.name, self.model, train,
                             self.world.key(), self.world_seed, self.train_scenes, self.eval_scenes,
                             hashlib.sha256(tokenizer).hexdigest())
 
@@ -66,11 +67,11 @@ def default_spec(name: str) -> BaseSpec:
 
     if name == "llava":
         return BaseSpec("llava", TinyVLMConfig(kind="llava").to_dict(),
-                        TrainConfig(max_steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, bf16=True,
+                        TrainConfig(max_steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, bf16="auto",
                                     save_steps=300, logging_steps=100), train_scenes=8000)
     if name == "paligemma":
         return BaseSpec("paligemma", TinyVLMConfig(kind="paligemma", text_kv_heads=1).to_dict(),
-                        TrainConfig(max_steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, bf16=True,
+                        TrainConfig(max_steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, bf16="auto",
                                     save_steps=300, logging_steps=100), train_scenes=8000)
     if name == "sam":
         # fp32: bf16 autocast slows the small convolutional decoder down on this CPU

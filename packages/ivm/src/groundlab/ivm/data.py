@@ -1,0 +1,299 @@
+"""IVM-Mix-1M data: JSONL + grayscale JPEG heatmaps, and the synthetic world exported into it.
+
+One split is a folder::
+
+    <root>/<Split>/meta.jsonl     {"uuid": "...", "image"?: "...", "instruction": ["...", ...]} per line
+    <root>/<Split>/images/img_<uuid>.jpg   (the default when "image" is absent)
+    <root>/<Split>/masks/mask_<uuid>.jpg   grayscale heatmap, normalised to [0, 1] when read
+
+The release's splits are ``HumanLabelData`` (human-annotated) and the machine-annotated
+``RobotMachineData`` / ``VQAMachineData``; a split's annotator is given by its name (``is_human``).
+One instruction is sampled per item and step. The image and its heatmap are cropped together
+(RandomResizedCrop, scale 0.8-1.0) to the model's square input.
+
+The world export writes a small clean ``HumanLabelData`` split (the target object's exact mask) and a
+larger ``VQAMachineData`` split whose labels are corrupted the ways automatic annotators fail: the
+wrong object, the right object shifted, a region far too large, part of the object only. Machine lines
+carry an extra ``"corruption"`` key (``"none"`` or the kind) so analyses can see the truth; the reader
+ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import RandomResizedCrop
+
+from groundlab.shared.multimodal import expand_token
+from groundlab.shared.world import Scene, World
+from groundlab.shared.world_io import load_image
+
+HUMAN_SPLITS = ("HumanLabelData",)
+MACHINE_SPLITS = ("RobotMachineData", "VQAMachineData")
+CORRUPTIONS = ("wrong_object", "shifted", "too_large", "partial")
+
+POLICY_PROMPT = "USER: <image>\n{instruction} \n ASSISTANT:"
+DISCRIMINATOR_PROMPT = ("USER: <image>\n{instruction} \n Can you follow instruction above based on the given image? "
+                        "\n ASSISTANT:")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def read_mask(path: str | Path, contrast: float = 1.5) -> np.ndarray:
+    """A heatmap JPEG as float32 (H, W) in [0, 1]: grayscale, multiplied by ``contrast`` and saturated
+    at 255 (the release's reader does this), then min-max normalised; a flat map is divided by its max
+    (all zeros stays zeros)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as im:
+            gray = np.asarray(im.convert("L"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read mask {path}: {err}") from err
+    gray = np.minimum(np.round(gray * contrast), 255.0)
+    lo, hi = float(gray.min()), float(gray.max())
+    if hi - lo >= 1e-4:
+        return (gray - lo) / (hi - lo)
+    return gray / hi if hi > 0 else gray
+
+
+@dataclass
+class Item:
+    uuid: str
+    image: Path
+    mask: Path
+    instructions: list[str]
+    is_human: bool
+    split: str
+    extra: dict
+
+
+def read_split(split_dir: str | Path, is_human: bool | None = None) -> list[Item]:
+    """The items of one split folder; ``is_human`` defaults from the split's name."""
+    split_dir = Path(split_dir)
+    meta = split_dir / "meta.jsonl"
+    if not meta.is_file():
+        raise FileNotFoundError(f"IVM split has no meta.jsonl: {meta}")
+    name = split_dir.name
+    if is_human is None:
+        if name not in HUMAN_SPLITS + MACHINE_SPLITS:
+            raise ValueError(f"{split_dir}: unknown split name {name!r}; pass is_human= or use one of "
+                             f"{HUMAN_SPLITS + MACHINE_SPLITS}")
+        is_human = name in HUMAN_SPLITS
+    items = []
+    with open(meta) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta}:{n}: not JSON ({err})") from err
+            if "uuid" not in rec or "instruction" not in rec:
+                raise ValueError(f"{meta}:{n}: needs 'uuid' and 'instruction'")
+            ins = rec["instruction"]
+            if isinstance(ins, str):
+                ins = [ins]
+            if not ins or not all(isinstance(x, str) and x.strip() for x in ins):
+                raise ValueError(f"{meta}:{n}: 'instruction' must be a non-empty list of non-empty strings")
+            uuid = str(rec["uuid"])
+            extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction")}
+            items.append(Item(uuid, split_dir / "images" / rec.get("image", f"img_{uuid}.jpg"),
+                              split_dir / "masks" / f"mask_{uuid}.jpg", list(ins), bool(is_human), name, extra))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# writing (the world export)
+
+
+def write_split(out_dir: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray, list[str], dict]]) -> Path:
+    """Write ``(uuid, image (H, W, 3) uint8, heatmap (H, W) float [0, 1], instructions, extra)`` rows."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "meta.jsonl", "w") as f:
+        for uuid, image, heat, instructions, extra in rows:
+            Image.fromarray(image).save(out_dir / "images" / f"img_{uuid}.jpg", quality=95, subsampling=0)
+            gray = np.clip(np.round(heat * 255), 0, 255).astype(np.uint8)
+            Image.fromarray(gray, mode="L").save(out_dir / "masks" / f"mask_{uuid}.jpg", quality=95)
+            f.write(json.dumps({"uuid": uuid, "instruction": instructions, **extra}) + "\n")
+    return out_dir
+
+
+def target_instructions(scene: Scene) -> dict[int, list[str]]:
+    """Instructions per target object: its referring expressions ("find the ..."), and the questions
+    about it alone (colour / size / shape)."""
+    out: dict[int, list[str]] = {}
+    for r in scene.refs:
+        out.setdefault(r.target, []).append(f"find {r.text}.")
+    for q in scene.qa:
+        if q.type in ("colour", "size", "shape") and len(q.objects) == 1:
+            out.setdefault(q.objects[0], []).append(q.question)
+    return out
+
+
+def corrupt(scene: Scene, target: int, kind: str, rng: np.random.Generator) -> np.ndarray | None:
+    """A machine-annotator failure of ``kind`` for ``target``'s mask (None if the scene allows none)."""
+    mask = scene.objects[target].mask
+    h, w = mask.shape
+    if kind == "wrong_object":
+        others = [o for o in scene.objects if o.id != target]
+        return others[int(rng.integers(len(others)))].mask.copy() if others else None
+    if kind == "shifted":
+        ys, xs = np.nonzero(mask)
+        for _ in range(20):
+            dy, dx = (int(v) for v in rng.integers(-h // 3, h // 3 + 1, size=2))
+            if abs(dy) + abs(dx) < h // 5:
+                continue
+            y2, x2 = ys + dy, xs + dx
+            keep = (y2 >= 0) & (y2 < h) & (x2 >= 0) & (x2 < w)
+            if keep.sum() >= 0.5 * len(ys):
+                out = np.zeros_like(mask)
+                out[y2[keep], x2[keep]] = True
+                return out
+        return None
+    if kind == "too_large":
+        ys, xs = np.nonzero(mask)
+        cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+        half = 1.5 * max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) + 4
+        yy, xx = np.mgrid[:h, :w]
+        return (np.abs(yy - cy) <= half) & (np.abs(xx - cx) <= half)
+    if kind == "partial":
+        ys, xs = np.nonzero(mask)
+        out = mask.copy()
+        axis = int(rng.integers(2))
+        cut = np.median(ys if axis == 0 else xs)
+        side = rng.random() < 0.5
+        grid = np.mgrid[:h, :w][axis]
+        out &= (grid < cut) if side else (grid >= cut)
+        return out if out.sum() >= 4 else None
+    raise ValueError(f"unknown corruption {kind!r}; known: {CORRUPTIONS}")
+
+
+def export_world(world: World, out_root: str | Path, human_scenes: int, machine_scenes: int,
+                 corrupt_prob: float = 0.7, seed: int = 0) -> dict[str, int]:
+    """Write ``HumanLabelData`` (clean labels, train scenes [0, human_scenes)) and ``VQAMachineData``
+    (train scenes after them, each label corrupted with ``corrupt_prob``, kind chosen uniformly among
+    those the scene allows). One item per (scene, target object). Returns counts per split/corruption."""
+    out_root = Path(out_root)
+    rng = np.random.default_rng(seed)
+    counts: Counter = Counter()
+    for split, start, n in (("HumanLabelData", 0, human_scenes), ("VQAMachineData", human_scenes, machine_scenes)):
+        rows = []
+        for i in range(start, start + n):
+            scene = world.scene("train", i)
+            for target, instructions in sorted(target_instructions(scene).items()):
+                heat, extra = scene.objects[target].mask, {}
+                if split != "HumanLabelData":
+                    kind = "none"
+                    if rng.random() < corrupt_prob:
+                        options = [k for k in CORRUPTIONS if corrupt(scene, target, k, np.random.default_rng(0)) is not None]
+                        kind = options[int(rng.integers(len(options)))] if options else "none"
+                        if kind != "none":
+                            heat = corrupt(scene, target, kind, rng)
+                    extra = {"corruption": kind}
+                    counts[f"{split}/{kind}"] += 1
+                rows.append((f"{scene.split}{scene.index:06d}_{target}", scene.image, heat.astype(np.float32),
+                             instructions, extra))
+        write_split(out_root / split, rows)
+        counts[split] = len(rows)
+    return dict(counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the training dataset
+
+
+def encode_prompt(tokenizer, text: str, n_image_tokens: int) -> list[int]:
+    """``<s>`` + the prompt's tokens, its ``<image>`` expanded to the vision tower's token count."""
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if ids.count(image_id) != 1:
+        raise ValueError(f"the prompt must hold exactly one <image>, got {ids.count(image_id)}: {text!r}")
+    return expand_token({"input_ids": ids}, image_id, n_image_tokens)["input_ids"]
+
+
+def masked_image(image: np.ndarray, heat: np.ndarray, fill: int = 255) -> np.ndarray:
+    """The discriminator's view: pixels where the label heatmap is <= 0.5 filled white."""
+    keep = (heat > 0.5)[..., None]
+    return np.where(keep, image, np.uint8(fill)).astype(np.uint8)
+
+
+class IVMDataset(Dataset):
+    """Items of one or more splits for the generator (``role="generator"``: image, policy prompt,
+    heatmap target, is_human) or the discriminator (``role="discriminator"``: the label-masked image
+    and the discriminator prompt). Images and heatmaps are loaded once (the world's are tiny); an
+    unreadable file is an error naming it."""
+
+    def __init__(self, items: list[Item], tokenizer, n_image_tokens: int, size: int, role: str = "generator",
+                 augment: bool = True, seed: int = 0, mask_contrast: float = 1.5):
+        if role not in ("generator", "discriminator"):
+            raise ValueError(f"role must be generator or discriminator, got {role!r}")
+        self.items, self.tok, self.n_img, self.size, self.role = items, tokenizer, n_image_tokens, size, role
+        self.augment, self.rng = augment, random.Random(seed)
+        self.crop = RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True)
+        self.images, self.heats = [], []
+        for it in items:
+            self.images.append(np.array(load_image(it.image)))
+            heat = read_mask(it.mask, mask_contrast)
+            if heat.shape != self.images[-1].shape[:2]:
+                raise ValueError(f"{it.mask}: mask is {heat.shape}, its image {it.image} is {self.images[-1].shape[:2]}")
+            self.heats.append(heat)
+        template = POLICY_PROMPT if role == "generator" else DISCRIMINATOR_PROMPT
+        self.prompts = [[encode_prompt(tokenizer, template.format(instruction=x), n_image_tokens)
+                         for x in it.instructions] for it in items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image = torch.from_numpy(self.images[i]).permute(2, 0, 1)  # (3, H, W) uint8
+        heat = torch.from_numpy(self.heats[i])[None]
+        if self.augment:
+            top, left, h, w = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+            image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+            heat = TF.resized_crop(heat, top, left, h, w, [self.size, self.size], antialias=True)
+        else:
+            image = TF.resize(image, [self.size, self.size], antialias=True)
+            heat = TF.resize(heat, [self.size, self.size], antialias=True)
+        ids = self.prompts[i][self.rng.randrange(len(self.prompts[i]))] if self.augment else self.prompts[i][0]
+        image_np, heat_t = image.permute(1, 2, 0).numpy(), heat[0].clamp(0, 1)
+        if self.role == "discriminator":
+            image_np = masked_image(image_np, heat_t.numpy())
+        return {"input_ids": ids, "image": image_np, "mask": heat_t, "is_human": float(self.items[i].is_human),
+                "index": i}
+
+
+class IVMCollator:
+    """Left-padded prompts, the LLaVA processor's ``pixel_values``, SAM-side ``images`` (B, 3, S, S)
+    uint8, ``masks`` (B, S, S) and ``is_human`` (B,)."""
+
+    def __init__(self, processor, role: str = "generator"):
+        self.processor, self.role = processor, role
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.processor.tokenizer.pad_token_id
+        longest = max(len(s["input_ids"]) for s in samples)
+        ids = torch.tensor([[pad] * (longest - len(s["input_ids"])) + s["input_ids"] for s in samples])
+        att = torch.tensor([[0] * (longest - len(s["input_ids"])) + [1] * len(s["input_ids"]) for s in samples])
+        pixels = self.processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+        batch = {"input_ids": ids, "attention_mask": att, "pixel_values": pixels,
+                 "is_human": torch.tensor([s["is_human"] for s in samples])}
+        if self.role == "generator":
+            batch["images"] = torch.stack([torch.from_numpy(np.ascontiguousarray(s["image"])).permute(2, 0, 1)
+                                           for s in samples])
+            batch["masks"] = torch.stack([s["mask"] for s in samples])
+        return batch

@@ -1,0 +1,179 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from groundlab.ivm.data import (
+    CORRUPTIONS,
+    IVMCollator,
+    IVMDataset,
+    corrupt,
+    export_world,
+    masked_image,
+    read_mask,
+    read_split,
+    write_split,
+)
+from groundlab.ivm.masking import apply_mask, box_of, cv2_sigma, soft_mask
+from groundlab.shared.bases.vlm import TinyVLMConfig, build_processor
+from groundlab.shared.metrics import mask_iou
+from groundlab.shared.tokenizer import load_tokenizer
+from groundlab.shared.world import World, WorldConfig
+
+
+def hand_made():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    heat = torch.zeros(40, 40)
+    heat[10:20, 10:20] = 0.95
+    return image, heat
+
+
+def test_soft_mask_dilates_blurs_and_keeps_everything_below_threshold():
+    _, heat = hand_made()
+    m = soft_mask(heat, threshold=0.8)  # k = int(40 * 0.05) * 2 + 1 = 5: dilate by 2, blur reaches 2 further
+    assert m[15, 15] == 1 and m[10, 15] == 1 and 0.5 < m[8, 15] < 1 and 0 < m[7, 15] < 0.5  # dilated to 8..21, blurred
+    assert m[0, 0] == 0 and m[30, 30] == 0
+    support = np.nonzero(m.numpy() > 0)
+    assert (support[0].min(), support[0].max(), support[1].min(), support[1].max()) == (6, 23, 6, 23)
+    assert torch.equal(soft_mask(heat * 0.5, threshold=0.8), torch.ones(40, 40))  # nothing passes: keep all
+    assert cv2_sigma(5) == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("mode", ["overlay", "blur", "grayscale", "crop"])
+def test_the_four_modes_produce_the_expected_pixels(mode):
+    image, heat = hand_made()
+    m = soft_mask(heat, threshold=0.8)
+    out = apply_mask(image, m, mode, colour=(255, 0, 255))
+    if mode == "crop":
+        assert out.shape == (18, 18, 3)  # the box of m > 0: rows / cols 6..23
+        assert np.array_equal(out[15 - 6, 15 - 6], image[15, 15])
+        assert np.abs(out[0, 0].astype(int) - [255, 0, 255]).max() <= 3  # the corner of the box: m is tiny there
+        return
+    assert out.shape == image.shape
+    assert np.array_equal(out[15, 15], image[15, 15])  # kept where m = 1
+    f = image[0, 0].astype(float)
+    if mode == "overlay":
+        expected = np.array([255, 0, 255])
+    elif mode == "grayscale":
+        expected = np.full(3, round(0.299 * f[0] + 0.587 * f[1] + 0.114 * f[2]))
+    else:  # blur: a 9x9 Gaussian (k = int(40 * 0.1) * 2 + 1) with reflect-101 borders, computed here
+        k, s = 9, cv2_sigma(9)
+        g = np.exp(-((np.arange(k) - 4) ** 2) / (2 * s * s))
+        g /= g.sum()
+        pad = np.pad(image.astype(float), ((4, 4), (4, 4), (0, 0)), mode="reflect")
+        window = pad[0:9, 0:9]
+        expected = np.round(np.einsum("i,j,ijc->c", g, g, window))
+    assert np.abs(out[0, 0].astype(int) - expected).max() <= 1
+    # in between, a convex mix of image and background
+    mid = m[7, 15].item()
+    assert 0 < mid < 1
+
+
+def test_modes_keep_the_whole_image_when_nothing_passes():
+    image, heat = hand_made()
+    m = soft_mask(heat * 0.5, threshold=0.8)
+    for mode in ("overlay", "blur", "grayscale", "crop"):
+        assert np.array_equal(apply_mask(image, m, mode), image)
+    assert box_of(heat, 0.8) == (10, 10, 19, 19) and box_of(heat * 0.5, 0.8) is None
+    with pytest.raises(ValueError, match="mode"):
+        apply_mask(image, m, "sepia")
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_mask(image, m[:20], "overlay")
+
+
+def test_world_export_reads_back_with_clean_human_and_corrupted_machine_labels(tmp_path):
+    world = World(WorldConfig(), seed=0)
+    counts = export_world(world, tmp_path, human_scenes=6, machine_scenes=12, corrupt_prob=1.0, seed=0)
+    human = read_split(tmp_path / "HumanLabelData")
+    machine = read_split(tmp_path / "VQAMachineData")
+    assert len(human) == counts["HumanLabelData"] and len(machine) == counts["VQAMachineData"]
+    assert all(it.is_human for it in human) and not any(it.is_human for it in machine)
+    kinds = {it.extra["corruption"] for it in machine}
+    assert kinds <= set(CORRUPTIONS) and len(kinds) >= 3
+    for it in human:
+        scene_idx, target = int(it.uuid[5:11]), int(it.uuid.split("_")[1])
+        truth = world.scene("train", scene_idx).objects[target].mask
+        assert mask_iou(read_mask(it.mask) > 0.5, truth) > 0.95  # JPEG round trip keeps the label
+        assert it.instructions and all(isinstance(x, str) for x in it.instructions)
+    for it in machine:
+        scene_idx, target = int(it.uuid[5:11]), int(it.uuid.split("_")[1])
+        truth = world.scene("train", scene_idx).objects[target].mask
+        assert mask_iou(read_mask(it.mask) > 0.5, truth) < 0.75, it.extra  # every corruption is really wrong
+
+
+def test_corruptions_are_what_they_say():
+    world = World(WorldConfig(min_objects=2), seed=0)
+    scene = world.scene("train", 1)
+    rng = np.random.default_rng(0)
+    truth = scene.objects[0].mask
+    assert mask_iou(corrupt(scene, 0, "wrong_object", rng), scene.objects[1].mask) == 1.0 or len(scene.objects) > 2
+    big = corrupt(scene, 0, "too_large", rng)
+    assert (big & truth).sum() == truth.sum() and big.sum() > 3 * truth.sum()
+    part = corrupt(scene, 0, "partial", rng)
+    assert part.sum() < truth.sum() and not (part & ~truth).any()
+    shifted = corrupt(scene, 0, "shifted", rng)
+    assert abs(int(shifted.sum()) - int(truth.sum())) <= truth.sum() * 0.5 and mask_iou(shifted, truth) < 0.75
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(scene, 0, "melted", rng)
+
+
+def test_reader_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="meta.jsonl"):
+        read_split(tmp_path / "HumanLabelData")
+    img = np.zeros((16, 16, 3), np.uint8)
+    write_split(tmp_path / "HumanLabelData", [("a", img, np.ones((16, 16)), ["find it."], {})])
+    meta = tmp_path / "HumanLabelData" / "meta.jsonl"
+    meta.write_text(meta.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"meta.jsonl:2: not JSON"):
+        read_split(tmp_path / "HumanLabelData")
+    meta.write_text(json.dumps({"uuid": "a", "instruction": []}) + "\n")
+    with pytest.raises(ValueError, match=r"meta.jsonl:1: 'instruction'"):
+        read_split(tmp_path / "HumanLabelData")
+    with pytest.raises(ValueError, match="unknown split name"):
+        write_split(tmp_path / "Other", [("a", img, np.ones((16, 16)), ["x"], {})])
+        read_split(tmp_path / "Other")
+    with pytest.raises(FileNotFoundError, match="mask_missing.jpg"):
+        read_mask(tmp_path / "mask_missing.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        read_mask(tmp_path / "bad.jpg")
+
+
+def test_mask_reader_normalises_like_the_release(tmp_path):
+    from PIL import Image
+
+    gray = np.array([[0, 50], [100, 200]], np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "m.png")
+    m = read_mask(tmp_path / "m.png")
+    assert m.ravel().tolist() == pytest.approx([0.0, 75 / 255, 150 / 255, 1.0])  # x1.5, saturated, min-max
+    Image.fromarray(np.zeros((2, 2), np.uint8), mode="L").save(tmp_path / "z.png")
+    assert read_mask(tmp_path / "z.png").max() == 0
+
+
+def test_dataset_crops_image_and_mask_together_and_collates(tmp_path):
+    tok = load_tokenizer()
+    vcfg = TinyVLMConfig(kind="llava")
+    processor = build_processor(vcfg, tok)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[20:40, 30:50] = 255
+    heat = (image[..., 0] > 0).astype(np.float32)
+    write_split(tmp_path / "HumanLabelData", [("a", image, heat, ["find the white box.", "where is it?"], {})])
+    items = read_split(tmp_path / "HumanLabelData")
+    ds = IVMDataset(items, tok, vcfg.n_image_tokens, size=64, augment=True, seed=0)
+    for _ in range(5):
+        s = ds[0]
+        bright = s["image"][..., 0] > 127
+        assert mask_iou(bright, s["mask"].numpy() > 0.5) > 0.9  # the crop moved both the same way
+    batch = IVMCollator(processor)([ds[0], ds[0]])
+    assert batch["images"].shape == (2, 3, 64, 64) and batch["masks"].shape == (2, 64, 64)
+    assert batch["is_human"].tolist() == [1.0, 1.0]
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padded
+    disc = IVMDataset(items, tok, vcfg.n_image_tokens, size=64, role="discriminator", augment=False)
+    s = disc[0]
+    assert (s["image"][0, 0] == 255).all() and np.array_equal(s["image"], masked_image(disc.images[0], disc.heats[0]))
+    # a mask whose size is not its image's is refused with both names
+    write_split(tmp_path / "VQAMachineData", [("b", image, heat[:32], ["x"], {})])
+    with pytest.raises(ValueError, match="mask_b.jpg"):
+        IVMDataset(read_split(tmp_path / "VQAMachineData"), tok, vcfg.n_image_tokens, size=64)
