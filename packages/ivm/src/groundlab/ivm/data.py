@@ -279,7 +279,7 @@ class IVMDataset(Dataset):
 
 class IVMCollator:
     """Left-padded prompts, the LLaVA processor's ``pixel_values``, SAM-side ``images`` (B, 3, S, S)
-    uint8, ``masks`` (B, S, S) and ``is_human`` (B,)."""
+    uint8, ``masks`` (B, S, S), ``index`` (B,) into the dataset (generator role) and ``is_human`` (B,)."""
 
     def __init__(self, processor, role: str = "generator"):
         self.processor, self.role = processor, role
@@ -296,4 +296,5 @@ class IVMCollator:
             batch["images"] = torch.stack([torch.from_numpy(np.ascontiguousarray(s["image"])).permute(2, 0, 1)
                                            for s in samples])
             batch["masks"] = torch.stack([s["mask"] for s in samples])
+            batch["index"] = torch.tensor([s["index"] for s in samples])
         return batch

@@ -1,0 +1,101 @@
+"""``groundlab-ivm``: train | eval | mask.
+
+    groundlab-ivm train --config packages/ivm/configs/tiny.yaml [--force] [--key.sub value ...]
+    groundlab-ivm mask --image X.jpg --instruction "what colour is the small circle?" [--mode overlay|blur|grayscale|crop]
+                       [--threshold 0.8] [--out masked.png] [--run tiny --arm mixed_dwsl | --checkpoint ivm.pth]
+
+``eval`` runs the same pipeline as ``train``; finished stages are reused, so it only re-scores.
+``mask`` writes the masked image (and the heatmap as ``<out>.heatmap.png``) with a trained model:
+by default the newest complete arm of ``runs/ivm/<run>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+def _overrides(extra: list[str]) -> dict:
+    out, it = {}, iter(extra)
+    for key in it:
+        if not key.startswith("--"):
+            raise SystemExit(f"unexpected argument {key!r}; overrides look like --generator.max_steps 100")
+        try:
+            value = next(it)
+        except StopIteration:
+            raise SystemExit(f"override {key} has no value") from None
+        out[key[2:]] = yaml.safe_load(value)
+    return out
+
+
+def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
+    from groundlab.shared.runs import check_complete, runs_root
+
+    if checkpoint:
+        return Path(checkpoint)
+    found = [d for d in (runs_root() / "ivm" / run).glob(f"{arm}-*") if check_complete(d)[0]]
+    if not found:
+        raise SystemExit(f"no trained {arm} model under {runs_root() / 'ivm' / run}: run `make train-ivm` first")
+    return max(found, key=lambda d: d.stat().st_mtime) / "ivm.pth"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="groundlab-ivm")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", required=True, type=Path)
+        p.add_argument("--force", action="store_true", help="recompute every stage")
+    m = sub.add_parser("mask", help="mask an image to what an instruction needs")
+    m.add_argument("--image", required=True, type=Path)
+    m.add_argument("--instruction", required=True)
+    m.add_argument("--mode", default="overlay", choices=("overlay", "blur", "grayscale", "crop"))
+    m.add_argument("--threshold", type=float, default=0.8)
+    m.add_argument("--out", type=Path, default=None)
+    m.add_argument("--run", default="tiny")
+    m.add_argument("--arm", default="mixed_dwsl")
+    m.add_argument("--checkpoint", default=None, help="an IVM checkpoint in the release's layout")
+    m.add_argument("--llava", default=None, help="the LLaVA directory the IVM was trained on (default: the run config's)")
+    m.add_argument("--sam", default=None, help="the SAM checkpoint the IVM was trained on (default: the run config's)")
+    m.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml",
+                   help="the run config whose model settings built the checkpoint")
+    args, extra = parser.parse_known_args(argv)
+
+    if args.cmd in ("train", "eval"):
+        from .train import RunConfig, run
+
+        run(RunConfig.from_yaml(args.config, _overrides(extra)), force=args.force)
+        return
+    if extra:
+        raise SystemExit(f"unexpected arguments {extra}")
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from groundlab.shared.bases import ensure_base
+    from groundlab.shared.world_io import load_image
+
+    from .checkpoint import load_official
+    from .masking import forward_batch
+    from .train import RunConfig, build_from_bases
+
+    cfg = RunConfig.from_yaml(args.config)
+    llava = Path(args.llava or cfg.model.llava or ensure_base("llava"))
+    sam = Path(args.sam or cfg.model.sam or ensure_base("sam"))
+    model = load_official(build_from_bases(llava, sam, cfg.model), _checkpoint(args.run, args.arm, args.checkpoint))
+    image = np.array(load_image(args.image))
+    out = forward_batch(model, AutoProcessor.from_pretrained(llava), [image], [args.instruction],
+                        threshold=args.threshold, mode=args.mode)
+    path = args.out or args.image.with_name(f"{args.image.stem}_ivm_{args.mode}.png")
+    Image.fromarray(out["images"][0]).save(path)
+    heat = (out["heatmaps"][0].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(heat, mode="L").save(path.with_suffix(".heatmap.png"))
+    box = out["boxes"][0]
+    print(f"{path}  (heatmap max {float(out['heatmaps'][0].max()):.3f}; box {box if box else 'none: whole image kept'})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

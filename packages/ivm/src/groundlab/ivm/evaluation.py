@@ -1,0 +1,150 @@
+"""IVM evaluation: heatmap quality, REC from the heatmap's box, and downstream VQA with / without IVM.
+
+Two steps, like every groundlab evaluation: ``predict_heatmaps`` writes a predictions file (per
+sample: id, IoU at the threshold, the predicted and true boxes), then the scores are computed from it.
+The pixel AP needs the heatmaps themselves, so it is computed in the first step and stored beside.
+
+- heatmap IoU: mean over samples of IoU(heat > threshold, true mask);
+- pixel AP: average precision of the heatmap's scores for the true mask's pixels, pooled over samples;
+- REC accuracy: the box of ``heat > threshold`` (the whole image when nothing passes) has IoU >= 0.5
+  with the true box (Table 7's use of the heatmap);
+- downstream VQA: any answerer (a callable ``(images, questions) -> answers``) on the original images
+  and on the IVM-masked ones; the tiny LLaVA base by default, a client for a real LMM otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from groundlab.shared.metrics import average_precision, box_iou, mask_iou
+from groundlab.shared.world import Scene
+
+from .data import target_instructions
+from .masking import MODES, apply_mask, box_of, heatmaps, soft_mask
+
+
+@dataclass
+class GroundingSample:
+    id: str
+    image: np.ndarray
+    instruction: str
+    mask: np.ndarray  # (H, W) bool
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        b = box_of(self.mask, 0.5)
+        if b is None:
+            raise ValueError(f"sample {self.id}: empty target mask")
+        return b
+
+
+def grounding_samples(scenes: Sequence[Scene]) -> list[GroundingSample]:
+    """One sample per (scene, target object); the instruction cycles through the target's
+    expressions and questions so that every kind is evaluated."""
+    out = []
+    for scene in scenes:
+        for target, instructions in sorted(target_instructions(scene).items()):
+            k = (scene.index + target) % len(instructions)
+            out.append(GroundingSample(f"{scene.split}-{scene.index}-{target}", scene.image, instructions[k],
+                                       scene.objects[target].mask))
+    return out
+
+
+def _scores(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], threshold: float, name: str,
+            out_path: str | Path | None) -> dict[str, float]:
+    rows, ious, hits = [], [], []
+    labels, scores = [], []
+    for h, s in zip(heats, samples):
+        if h.shape != s.mask.shape:
+            raise ValueError(f"sample {s.id}: heatmap {h.shape} vs mask {s.mask.shape}")
+        iou = mask_iou(h > threshold, s.mask)
+        box = box_of(h, threshold) or (0, 0, h.shape[1] - 1, h.shape[0] - 1)
+        hit = float(box_iou([box], [s.box])[0, 0] >= 0.5)
+        ious.append(iou)
+        hits.append(hit)
+        labels.append(s.mask.reshape(-1))
+        scores.append(h.reshape(-1))
+        rows.append({"id": s.id, "instruction": s.instruction, "iou": iou, "box": box, "true_box": s.box, "rec_hit": hit})
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return {f"{name}/mIoU": float(np.mean(ious)), f"{name}/pixel_AP": average_precision(np.concatenate(labels),
+            np.concatenate(scores)), f"{name}/rec_acc": float(np.mean(hits)), f"{name}/n": len(samples)}
+
+
+def heatmap_quality(model, processor, samples: Sequence[GroundingSample], threshold: float = 0.5,
+                    name: str = "heatmap", out_path: str | Path | None = None) -> dict[str, float]:
+    """The model's heatmaps scored against the true masks (and written per sample to ``out_path``)."""
+    heats = [h.numpy() for h in heatmaps(model, processor, [s.image for s in samples], [s.instruction for s in samples])]
+    return _scores(heats, samples, threshold, name, out_path)
+
+
+def whole_image_baseline(samples: Sequence[GroundingSample], name: str = "baseline/whole_image") -> dict[str, float]:
+    """Keep everything: the heatmap is 1 everywhere (what an image without IVM amounts to)."""
+    return _scores([np.ones(s.mask.shape, np.float32) for s in samples], samples, 0.5, name, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# downstream VQA
+
+
+Answerer = Callable[[Sequence[np.ndarray], Sequence[str]], list[str]]
+
+
+def llava_answerer(model, processor, cfg) -> Answerer:
+    """A tiny LLaVA (the ``make bases`` one) as the downstream model: greedy short answers."""
+    from groundlab.shared.bases.vlm import generate
+
+    def answer(images, questions):
+        ids = generate(model, processor, cfg, [np.ascontiguousarray(x) for x in images], list(questions), max_new_tokens=8)
+        return [processor.tokenizer.decode(x).strip() for x in ids]
+
+    return answer
+
+
+def vqa_questions(scenes: Sequence[Scene], types: tuple[str, ...] = ("colour", "size", "shape")):
+    """One question about a single object per scene (cycling through the scene's questions)."""
+    out = []
+    for scene in scenes:
+        qs = [q for q in scene.qa if q.type in types and len(q.objects) == 1]
+        if qs:
+            q = qs[scene.index % len(qs)]
+            out.append((scene, q))
+    return out
+
+
+@torch.no_grad()
+def vqa_with_and_without_ivm(answer: Answerer, model, processor, scenes: Sequence[Scene], threshold: float = 0.8,
+                             mode: str = "overlay", out_path: str | Path | None = None) -> dict[str, float]:
+    """Accuracy of ``answer`` on the original images, on IVM-masked ones, and on images masked with
+    the true object mask (the oracle: what a perfect IVM would give)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    pairs = vqa_questions(scenes)
+    images = [s.image for s, _ in pairs]
+    questions = [q.question for _, q in pairs]
+    truth = [q.answer for _, q in pairs]
+    heats = heatmaps(model, processor, images, questions) if model is not None else None
+    variants = {"without_ivm": images}
+    if heats is not None:
+        variants["with_ivm"] = [apply_mask(im, soft_mask(h, threshold), mode) for im, h in zip(images, heats)]
+    variants["oracle_mask"] = [apply_mask(im, soft_mask(torch.from_numpy(s.objects[q.objects[0]].mask.astype(np.float32)),
+                                                         0.5), mode) for im, (s, q) in zip(images, pairs)]
+    out, rows = {}, {name: answer(ims, questions) for name, ims in variants.items()}
+    for name, answers in rows.items():
+        out[f"vqa/{name}/accuracy"] = float(np.mean([a == t for a, t in zip(answers, truth)]))
+    out["vqa/n"] = len(pairs)
+    if out_path is not None:
+        with open(out_path, "w") as f:
+            for i, (s, q) in enumerate(pairs):
+                f.write(json.dumps({"scene": f"{s.split}-{s.index}", "question": q.question, "answer": q.answer,
+                                    **{name: rows[name][i] for name in rows}}) + "\n")
+    return out
