@@ -177,3 +177,65 @@ def test_dataset_crops_image_and_mask_together_and_collates(tmp_path):
     write_split(tmp_path / "VQAMachineData", [("b", image, heat[:32], ["x"], {})])
     with pytest.raises(ValueError, match="mask_b.jpg"):
         IVMDataset(read_split(tmp_path / "VQAMachineData"), tok, vcfg.n_image_tokens, size=64)
+
+
+def test_box_labels_on_the_centre_padded_square(tmp_path):
+    from groundlab.ivm.data import box_heatmap
+
+    # a 40 x 20 (W x H) image is padded to 40 x 40 with 10 rows above: the box's y is shifted by 10 px
+    heat = box_heatmap([0.25, 0.25, 0.75, 0.5], width=40, height=20)
+    ys, xs = np.nonzero(heat)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 29, 0, 9)
+    with pytest.raises(ValueError, match="normalised"):
+        box_heatmap([0.5, 0.1, 0.2, 0.3], 10, 10)
+    img = np.zeros((20, 40, 3), np.uint8)
+    write_split(tmp_path / "RobotMachineData", [("r", img, np.zeros((20, 40)), ["pick the cup."], {})])
+    (tmp_path / "RobotMachineData" / "masks" / "mask_r.jpg").unlink()
+    meta = tmp_path / "RobotMachineData" / "meta.jsonl"
+    meta.write_text(json.dumps({"uuid": "r", "instruction": ["pick the cup."], "box": [0.25, 0.25, 0.75, 0.5]}) + "\n")
+    [item] = read_split(tmp_path / "RobotMachineData")
+    assert not item.is_human and np.array_equal(item.heatmap(40, 20), heat)
+    meta.write_text(json.dumps({"uuid": "r", "instruction": ["x"], "box": [1, 2]}) + "\n")
+    with pytest.raises(ValueError, match="meta.jsonl:1: 'box'"):
+        read_split(tmp_path / "RobotMachineData")
+
+
+def test_chat_completions_answerer_talks_to_an_openai_compatible_server():
+    import base64
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from PIL import Image
+
+    from groundlab.ivm.evaluation import chat_completions_answerer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            content = body["messages"][0]["content"]
+            png = base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])
+            pixel = np.asarray(Image.open(io.BytesIO(png)))[0, 0]
+            seen.append((self.path, self.headers.get("Authorization"), content[1]["text"]))
+            reply = {"choices": [{"message": {"content": "Red." if pixel[0] > 128 else "Blue."}}]}
+            out = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        answer = chat_completions_answerer(f"http://127.0.0.1:{server.server_port}/v1", "some-lmm", api_key="k")
+        red, blue = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)
+        red[..., 0], blue[..., 2] = 255, 255
+        assert answer([red, blue], ["what colour?", "and this?"]) == ["red", "blue"]
+    finally:
+        server.shutdown()
+    assert seen[0][0] == "/v1/chat/completions" and seen[0][1] == "Bearer k" and seen[0][2].startswith("what colour?")

@@ -6,6 +6,9 @@ One split is a folder::
     <root>/<Split>/images/img_<uuid>.jpg   (the default when "image" is absent)
     <root>/<Split>/masks/mask_<uuid>.jpg   grayscale heatmap, normalised to [0, 1] when read
 
+A line may carry ``"box": [x0, y0, x1, y1]`` instead of a mask file: a box normalised to [0, 1] on the
+image centre-padded to a square (side ``max(W, H)``); its heatmap is the filled box.
+
 The release's splits are ``HumanLabelData`` (human-annotated) and the machine-annotated
 ``RobotMachineData`` / ``VQAMachineData``; a split's annotator is given by its name (``is_human``).
 One instruction is sampled per item and step. The image and its heatmap are cropped together
@@ -78,6 +81,27 @@ class Item:
     is_human: bool
     split: str
     extra: dict
+    box: tuple[float, float, float, float] | None = None
+
+    def heatmap(self, width: int, height: int, contrast: float = 1.5) -> np.ndarray:
+        """The label: the mask file, or the filled box when the line gave a box and no mask file."""
+        if self.mask.is_file() or self.box is None:
+            return read_mask(self.mask, contrast)
+        return box_heatmap(self.box, width, height)
+
+
+def box_heatmap(box, width: int, height: int) -> np.ndarray:
+    """A box normalised on the centre-padded square image, as a filled (H, W) heatmap of the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+        raise ValueError(f"box {box} is not [x0, y0, x1, y1] normalised to [0, 1] with x0 <= x1, y0 <= y1")
+    side = max(width, height)
+    ox, oy = (side - width) / 2, (side - height) / 2
+    xs = np.arange(width) + 0.5 + ox  # pixel centres on the padded square
+    ys = np.arange(height) + 0.5 + oy
+    inside_x = (xs >= x0 * side) & (xs <= x1 * side)
+    inside_y = (ys >= y0 * side) & (ys <= y1 * side)
+    return (inside_y[:, None] & inside_x[None, :]).astype(np.float32)
 
 
 def read_split(split_dir: str | Path, is_human: bool | None = None) -> list[Item]:
@@ -109,9 +133,13 @@ def read_split(split_dir: str | Path, is_human: bool | None = None) -> list[Item
             if not ins or not all(isinstance(x, str) and x.strip() for x in ins):
                 raise ValueError(f"{meta}:{n}: 'instruction' must be a non-empty list of non-empty strings")
             uuid = str(rec["uuid"])
-            extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction")}
+            box = rec.get("box")
+            if box is not None and (not isinstance(box, list) or len(box) != 4):
+                raise ValueError(f"{meta}:{n}: 'box' must be [x0, y0, x1, y1], got {box!r}")
+            extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction", "box")}
             items.append(Item(uuid, split_dir / "images" / rec.get("image", f"img_{uuid}.jpg"),
-                              split_dir / "masks" / f"mask_{uuid}.jpg", list(ins), bool(is_human), name, extra))
+                              split_dir / "masks" / f"mask_{uuid}.jpg", list(ins), bool(is_human), name, extra,
+                              tuple(box) if box is not None else None))
     return items
 
 
@@ -248,7 +276,8 @@ class IVMDataset(Dataset):
         self.images, self.heats = [], []
         for it in items:
             self.images.append(np.array(load_image(it.image)))
-            heat = read_mask(it.mask, mask_contrast)
+            h, w = self.images[-1].shape[:2]
+            heat = it.heatmap(w, h, mask_contrast)
             if heat.shape != self.images[-1].shape[:2]:
                 raise ValueError(f"{it.mask}: mask is {heat.shape}, its image {it.image} is {self.images[-1].shape[:2]}")
             self.heats.append(heat)

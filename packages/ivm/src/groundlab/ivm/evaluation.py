@@ -110,6 +110,41 @@ def llava_answerer(model, processor, cfg) -> Answerer:
     return answer
 
 
+def chat_completions_answerer(base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
+                              instruction: str = "Answer with one word.") -> Answerer:
+    """A real LMM behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, SGLang, a hosted
+    API) as the downstream model: each image goes as a base64 PNG ``image_url`` with the question."""
+    import base64
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    url = base_url.rstrip("/") + "/chat/completions"
+
+    def ask(image: np.ndarray, question: str) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+        data = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data}},
+            {"type": "text", "text": f"{question}\n{instruction}"}]}]}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            reply = json.loads(resp.read())
+        try:
+            return reply["choices"][0]["message"]["content"].strip().lower().rstrip(".")
+        except (KeyError, IndexError, AttributeError) as err:
+            raise ValueError(f"{url}: unexpected reply {str(reply)[:200]}") from err
+
+    def answer(images, questions):
+        return [ask(im, q) for im, q in zip(images, questions)]
+
+    return answer
+
+
 def vqa_questions(scenes: Sequence[Scene], types: tuple[str, ...] = ("colour", "size", "shape")):
     """One question about a single object per scene (cycling through the scene's questions)."""
     out = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +45,7 @@ from .checkpoint import load_official, to_official
 from .configuration import IVMConfig
 from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMCollator, IVMDataset, export_world, read_split
 from .evaluation import (
+    chat_completions_answerer,
     grounding_samples,
     heatmap_quality,
     llava_answerer,
@@ -101,6 +103,10 @@ class RunConfig:
     vqa_threshold: float = 0.8
     """The paper's threshold for VQA masking."""
     vqa_mode: str = "overlay"
+    vqa_url: str | None = None
+    """An OpenAI-compatible endpoint (``http://host:port/v1``) of a real LMM to answer the downstream VQA
+    instead of the tiny LLaVA base; ``vqa_model`` names the model there (key in $IVM_VQA_API_KEY)."""
+    vqa_model: str | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -327,7 +333,10 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     metrics["vqa/ivm_arm"] = best
     lo, hi = cfg.data.clutter_objects
     clutter = World(WorldConfig(min_objects=lo, max_objects=hi), seed=cfg.data.world_seed).scenes("test", cfg.data.clutter_scenes)
-    answerer = llava_answerer(LlavaForConditionalGeneration.from_pretrained(llava_path), processor, base_cfg)
+    if cfg.vqa_url:
+        answerer = chat_completions_answerer(cfg.vqa_url, cfg.vqa_model or "default", os.environ.get("IVM_VQA_API_KEY"))
+    else:
+        answerer = llava_answerer(LlavaForConditionalGeneration.from_pretrained(llava_path), processor, base_cfg)
     metrics |= vqa_with_and_without_ivm(answerer, arm_models[best], processor, clutter, cfg.vqa_threshold,
                                         cfg.vqa_mode, out_path=root / "predictions_vqa.jsonl")
     metrics["time/total_s"] = time.time() - t_start
