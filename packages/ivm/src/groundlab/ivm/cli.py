@@ -16,20 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
-
-
-def _overrides(extra: list[str]) -> dict:
-    out, it = {}, iter(extra)
-    for key in it:
-        if not key.startswith("--"):
-            raise SystemExit(f"unexpected argument {key!r}; overrides look like --generator.max_steps 100")
-        try:
-            value = next(it)
-        except StopIteration:
-            raise SystemExit(f"override {key} has no value") from None
-        out[key[2:]] = yaml.safe_load(value)
-    return out
 
 
 def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
@@ -66,9 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
 
     if args.cmd in ("train", "eval"):
+        from groundlab.shared.config import parse_overrides
+
         from .train import RunConfig, run
 
-        run(RunConfig.from_yaml(args.config, _overrides(extra)), force=args.force)
+        run(RunConfig.from_yaml(args.config, parse_overrides(extra)), force=args.force)
         return
     if extra:
         raise SystemExit(f"unexpected arguments {extra}")

@@ -24,18 +24,18 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from groundlab.shared.bases import ensure_base
 from groundlab.shared.bases.sam import load_sam_checkpoint
 from groundlab.shared.bases.vlm import TinyVLMConfig
+from groundlab.shared.config import load_config
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
 from groundlab.shared.training import TrainConfig, resolve_bf16, train
@@ -110,14 +110,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        for key, value in (overrides or {}).items():
-            node = raw
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        cfg = _build(cls, raw, str(path))
+        cfg = load_config(cls, path, overrides)
         unknown = set(cfg.arms) - set(ARMS)
         if unknown:
             raise ValueError(f"{path}: unknown arms {sorted(unknown)}; known: {ARMS}")
@@ -125,26 +118,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-SUBCONFIGS = {"data": DataConfig, "model": ModelConfig, "discriminator": TrainConfig, "generator": TrainConfig}
-
-
-def _build(cls, raw: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in raw.items():
-        sub = SUBCONFIGS.get(name) if cls is RunConfig else None
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: '{name}' must be a mapping, got {value!r}")
-            kwargs[name] = _build(sub, asdict(getattr(RunConfig(), name)) | value, f"{where}:{name}")
-        else:
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

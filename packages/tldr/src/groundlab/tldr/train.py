@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import yaml
 from transformers import AutoProcessor
 
 from groundlab.shared.bases import default_spec, ensure_base
+from groundlab.shared.config import load_config
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
 from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
@@ -100,40 +100,10 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        for key, value in (overrides or {}).items():
-            node = raw
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return _build(cls, raw, str(path))
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-SUBCONFIGS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "captioners": CaptionerConfig,
-              "likelihood": LikelihoodConfig}
-
-
-def _build(cls, raw: dict, where: str):
-    """A config dataclass from a YAML mapping; unknown keys are an error naming the file."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in raw.items():
-        sub = SUBCONFIGS.get(name) if cls is RunConfig else None
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: '{name}' must be a mapping, got {value!r}")
-            merged = asdict(getattr(RunConfig(), name)) | value  # defaults, then the file
-            kwargs[name] = _build(sub, merged, f"{where}:{name}")
-        else:
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
