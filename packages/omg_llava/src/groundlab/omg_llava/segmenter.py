@@ -336,3 +336,63 @@ class MaskDecoder(nn.Module):
         qf = self.query_feat.weight[None].expand(b, -1, -1)
         qp = self.query_embed.weight[None].expand(b, -1, -1)
         return self.run_queries(qf, qp, mask_features, memory, memory_pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# visual-prompt queries
+
+
+def box_sine(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(..., 4) normalised xyxy boxes -> (..., dim) sine encoding (dim / 4 per coordinate)."""
+    if dim % 8:
+        raise ValueError(f"box encoding dim must be a multiple of 8, got {dim}")
+    quarter = dim // 4
+    t = temperature ** (2 * (torch.arange(quarter, dtype=torch.float32, device=boxes.device) // 2) / quarter)
+    x = boxes[..., None].float() * 2 * math.pi / t  # (..., 4, quarter)
+    x = torch.stack([x[..., 0::2].sin(), x[..., 1::2].cos()], -1).flatten(-2)
+    return x.flatten(-2)
+
+
+def farthest_interior_point(mask: torch.Tensor) -> tuple[int, int]:
+    """(x, y) of a pixel of ``mask`` (H, W) farthest from its boundary (chessboard distance, by
+    repeated 3x3 erosion; the first such pixel in raster order)."""
+    if not bool(mask.any()):
+        raise ValueError("a mask prompt is empty")
+    m = mask.float()[None, None]
+    while True:
+        eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=0.0), 3, stride=1)
+        if not bool(eroded.any()):
+            break
+        m = eroded
+    ys, xs = torch.nonzero(m[0, 0] > 0, as_tuple=True)
+    return int(xs[0]), int(ys[0])
+
+
+class PromptEncoder(nn.Module):
+    """Queries for point / box / mask prompts: positional query = Linear(sine(box)); content query =
+    the learned embedding of the prompt kind + the mask token. A point is the box of +-``radius`` px
+    around it; a mask is a point at its farthest interior pixel (and confines cross-attention)."""
+
+    KINDS = ("point", "box", "mask")
+
+    def __init__(self, dim: int, radius: int = 3):
+        super().__init__()
+        self.radius = radius
+        self.pos_proj = nn.Linear(dim, dim)
+        self.prompt_embed = nn.Embedding(len(self.KINDS), dim)
+        self.mask_token = nn.Embedding(1, dim)
+        self.dim = dim
+
+    def from_boxes(self, boxes: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, 4) normalised xyxy -> (query_feat, query_pos), each (B, N, dim)."""
+        pos = self.pos_proj(box_sine(boxes, self.dim))
+        feat = (self.prompt_embed.weight[self.KINDS.index(kind)] + self.mask_token.weight[0]).expand_as(pos)
+        return feat, pos
+
+    def point_boxes(self, points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, N, 2) pixel (x, y) points of an image of ``size`` (H, W) -> normalised +-radius boxes."""
+        h, w = size
+        r = self.radius
+        x, y = points[..., 0].float(), points[..., 1].float()
+        return torch.stack([(x - r).clamp(0, w) / w, (y - r).clamp(0, h) / h, (x + r).clamp(0, w) / w,
+                            (y + r).clamp(0, h) / h], -1)

@@ -1,0 +1,44 @@
+import torch
+
+from groundlab.omg_llava.losses import dice_loss, hungarian_match, mask_loss, point_sample, set_loss
+from groundlab.omg_llava.segmenter import Prediction
+
+
+def test_point_sample_reads_pixel_centres():
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    coords = torch.tensor([[[0.5 / 4, 0.5 / 3], [3.5 / 4, 2.5 / 3]]])
+    assert torch.allclose(point_sample(x, coords)[0, 0], torch.tensor([0.0, 11.0]), atol=1e-5)
+
+
+def test_dice_and_mask_loss():
+    t = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    big = torch.tensor([[20.0, 20.0, -20.0, -20.0]])
+    assert dice_loss(big, t).item() < 1e-6
+    p = torch.sigmoid(torch.tensor([[0.3, -0.2, 0.1, 0.0]]))
+    expected = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    assert torch.isclose(dice_loss(torch.tensor([[0.3, -0.2, 0.1, 0.0]]), t)[0], expected)
+    target = torch.zeros(2, 16, 16)
+    target[0, :8] = 1
+    target[1, :, :4] = 1
+    good = (target * 2 - 1) * 20
+    # uncertain points sit on the boundaries, where even a sharp prediction is interpolated to ~0
+    assert mask_loss(good, target, num_points=64) < 0.2 * mask_loss(-good, target, num_points=64)
+    assert mask_loss(torch.zeros(0, 4, 4), torch.zeros(0, 4, 4)).item() == 0.0
+
+
+def test_hungarian_matching_recovers_the_permutation_and_set_loss_prefers_it():
+    torch.manual_seed(0)
+    masks = torch.zeros(3, 16, 16)
+    masks[0, :5], masks[1, 6:11], masks[2, 12:] = 1, 1, 1
+    labels = torch.tensor([2, 0, 1])
+    perm = torch.tensor([2, 0, 1])  # query q predicts target perm[q]
+    mask_logits = torch.cat([(masks[perm] * 2 - 1) * 10, torch.full((2, 16, 16), -10.0)])
+    class_logits = torch.full((5, 4), -5.0)
+    class_logits[torch.arange(3), labels[perm]] = 5.0
+    class_logits[3:, 3] = 5.0  # no-object
+    q, t = hungarian_match(class_logits, mask_logits, labels, masks, num_points=256)
+    assert dict(zip(q.tolist(), t.tolist())) == {0: 2, 1: 0, 2: 1}
+    good = Prediction(class_logits[None], mask_logits[None], torch.zeros(1, 5), torch.zeros(1, 5, 8))
+    bad = Prediction(class_logits[None].roll(1, -1), -mask_logits[None], torch.zeros(1, 5), torch.zeros(1, 5, 8))
+    tgt = [{"labels": labels, "masks": masks}]
+    assert set_loss([good], tgt, 3, num_points=256)["loss"] < set_loss([bad], tgt, 3, num_points=256)["loss"]
