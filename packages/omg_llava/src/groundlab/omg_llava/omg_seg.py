@@ -1,0 +1,146 @@
+"""The OMG-Seg segmenter as a ``PreTrainedModel``: config, model, input preprocessing.
+
+Input: the image padded to a square with the mean colour (bottom / right, so that coordinates keep
+their origin), resized to ``image_size``, normalised. ``encode`` caches what the LLM side needs:
+the backbone's stride-32 features (the CLIP features of the pixel-centric tokens), the pixel
+decoder's ``mask_features`` and memory; ``decode`` runs the learned queries; ``run_prompts`` runs
+point / box / mask prompt queries through the same frozen decoder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .segmenter import (
+    ConvNeXtBackbone,
+    MaskDecoder,
+    PixelDecoder,
+    Prediction,
+    PromptEncoder,
+    farthest_interior_point,
+)
+
+
+class OMGSegConfig(PretrainedConfig):
+    model_type = "groundlab_omg_seg"
+
+    def __init__(self, image_size: int = 1024, dims=(192, 384, 768, 1536), depths=(3, 3, 27, 3), dim: int = 256,
+                 mask_dim: int = 256, encoder_layers: int = 6, encoder_heads: int = 8, encoder_points: int = 4,
+                 encoder_ffn: int = 1024, groups: int = 32, num_queries: int = 300, decoder_layers: int = 9,
+                 decoder_heads: int = 8, decoder_ffn: int = 2048, num_classes: int = 133,
+                 pixel_mean=(0.48145466, 0.4578275, 0.40821073), pixel_std=(0.26862954, 0.26130258, 0.27577711),
+                 prompt_radius: int = 3, **kwargs):
+        """The release (ConvNeXt-L CLIP, 6-layer deformable encoder, 9-layer decoder, 300 queries, 256-d,
+        COCO panoptic's 133 classes, CLIP normalisation) by default."""
+        self.image_size = image_size
+        self.dims, self.depths = tuple(dims), tuple(depths)
+        self.dim, self.mask_dim = dim, mask_dim
+        self.encoder_layers, self.encoder_heads, self.encoder_points = encoder_layers, encoder_heads, encoder_points
+        self.encoder_ffn, self.groups = encoder_ffn, groups
+        self.num_queries, self.decoder_layers, self.decoder_heads = num_queries, decoder_layers, decoder_heads
+        self.decoder_ffn, self.num_classes = decoder_ffn, num_classes
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+        self.prompt_radius = prompt_radius
+        super().__init__(**kwargs)
+
+
+class OMGSegModel(PreTrainedModel):
+    config_class = OMGSegConfig
+    base_model_prefix = "omg_seg"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: OMGSegConfig):
+        super().__init__(config)
+        c = config
+        self.backbone = ConvNeXtBackbone(c.dims, c.depths)
+        self.pixel_decoder = PixelDecoder(c.dims, c.dim, c.mask_dim, c.encoder_layers, c.encoder_heads,
+                                          c.encoder_points, c.encoder_ffn, c.groups)
+        self.decoder = MaskDecoder(c.dim, c.num_queries, c.decoder_layers, c.decoder_heads, c.decoder_ffn,
+                                   c.num_classes, c.mask_dim)
+        self.prompt_encoder = PromptEncoder(c.dim, c.prompt_radius)
+        self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # the modules' own initialisation (PyTorch defaults, MSDeformAttn's ring of offsets)
+
+    # ------------------------------------------------------------------------------------------
+
+    def pad_to_square(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """(H, W, 3) uint8 -> the square image padded bottom / right with the mean colour, and (H, W)."""
+        h, w = image.shape[:2]
+        side = max(h, w)
+        mean = np.round(np.asarray(self.config.pixel_mean) * 255).astype(np.uint8)
+        out = np.empty((side, side, 3), np.uint8)
+        out[:] = mean
+        out[:h, :w] = image
+        return out, (h, w)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Pad each image to a square, resize to ``image_size``, normalise: (B, 3, S, S)."""
+        s = self.config.image_size
+        out = []
+        for im in images:
+            sq, _ = self.pad_to_square(np.asarray(im))
+            x = torch.from_numpy(sq).permute(2, 0, 1)[None].float() / 255
+            if x.shape[-1] != s:
+                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            out.append(x)
+        return (torch.cat(out) - self.pixel_mean) / self.pixel_std
+
+    def encode(self, pixel_values: torch.Tensor) -> dict:
+        feats = self.backbone(pixel_values)
+        mask_features, memory, pos = self.pixel_decoder(feats)
+        return {"clip": feats[-1], "mask_features": mask_features, "memory": memory, "pos": pos}
+
+    def decode(self, enc: dict) -> list[Prediction]:
+        return self.decoder(enc["mask_features"], enc["memory"], enc["pos"])
+
+    def forward(self, pixel_values: torch.Tensor) -> list[Prediction]:
+        return self.decode(self.encode(pixel_values))
+
+    # ------------------------------------------------------------------------------------------
+    # prompts
+
+    def prompt_queries(self, kind: str, prompts: torch.Tensor, size: int | None = None):
+        """Queries for a batch of prompts of one kind, each (B, N, ...): points (x, y) or boxes (x0, y0,
+        x1, y1) in input pixels, or masks (H, W) bool at input resolution. Returns (feat, pos, extra)
+        where extra is the box restriction or the fixed masks' source."""
+        s = size or self.config.image_size
+        if kind == "point":
+            boxes = self.prompt_encoder.point_boxes(prompts, (s, s))
+        elif kind == "box":
+            boxes = prompts.float() / s
+        elif kind == "mask":
+            pts = torch.tensor([[farthest_interior_point(m) for m in row] for row in prompts], dtype=torch.float32)
+            boxes = self.prompt_encoder.point_boxes(pts, (s, s))
+        else:
+            raise ValueError(f"prompt kind must be point, box or mask, got {kind!r}")
+        feat, pos = self.prompt_encoder.from_boxes(boxes, kind)
+        return feat, pos
+
+    def run_prompts(self, enc: dict, kind: str, prompts: torch.Tensor) -> list[Prediction]:
+        """Masks for prompts (see :meth:`prompt_queries`) through the frozen decoder: a box restricts
+        the predicted masks (logits outside it -100); a mask confines cross-attention at every layer to
+        the region, resized (nearest) to each memory level."""
+        feat, pos = self.prompt_queries(kind, prompts)
+        mf = enc["mask_features"]
+        box = fixed = None
+        if kind == "box":
+            h, w = mf.shape[-2:]
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32) / self.config.image_size
+            b = prompts.float() * scale
+            ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
+            xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
+            box = ((xs >= b[..., 0, None, None]) & (xs <= b[..., 2, None, None])
+                   & (ys >= b[..., 1, None, None]) & (ys <= b[..., 3, None, None]))
+        elif kind == "mask":
+            fixed = []
+            for m in enc["memory"]:
+                r = F.interpolate(prompts.float(), size=m.shape[-2:], mode="nearest")  # (B, N, h, w)
+                fixed.append(r.flatten(2) < 0.5)
+        return self.decoder.run_queries(feat, pos, mf, enc["memory"], enc["pos"], fixed_masks=fixed, box=box)
