@@ -1,0 +1,52 @@
+import torch
+
+from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
+from groundlab.omg_llava.seg_pretrain import (
+    PanopticCollator,
+    SegmenterForTraining,
+    WorldPanopticDataset,
+    class_names,
+    evaluate,
+    panoptic_quality,
+)
+from groundlab.shared.world import World, WorldConfig
+
+TINY = dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), dim=32, mask_dim=32, encoder_layers=1,
+            encoder_heads=4, encoder_points=2, encoder_ffn=64, groups=8, num_queries=8, decoder_layers=3,
+            decoder_heads=4, decoder_ffn=64, num_classes=12)
+
+
+def test_panoptic_quality_by_hand():
+    g = torch.full((4, 4), -1)
+    g[:2] = 0
+    g[2:] = 1
+    p = torch.full((4, 4), -1)
+    p[:2] = 0  # matches segment 0 exactly (IoU 1)
+    p[2:, :3] = 1  # class 1 segment, IoU 6/8 with segment 1 -> but predicted with the wrong class below
+    out = panoptic_quality([(p, [3, 5])], [(g, [3, 4])])
+    assert (out["TP"], out["FP"], out["FN"]) == (1, 1, 1)
+    assert abs(out["PQ"] - 1.0 * (1 / (1 + 0.5 + 0.5))) < 1e-9
+    out = panoptic_quality([(p, [3, 4])], [(g, [3, 4])])
+    assert out["TP"] == 2 and abs(out["SQ"] - (1 + 0.75) / 2) < 1e-9 and out["RQ"] == 1.0
+
+
+def test_segmenter_overfits_a_few_scenes():
+    torch.manual_seed(0)
+    world = World(WorldConfig(), seed=0)
+    assert len(class_names(world)) == 12
+    model = OMGSegModel(OMGSegConfig(**TINY))
+    ds = WorldPanopticDataset(world, "train", 4)
+    wrapper = SegmenterForTraining(model, num_points=256)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        batch = PanopticCollator(model, seed=step)([ds[i] for i in range(4)])
+        loss = wrapper(**batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+    m = evaluate(model, world, "val", n_scenes=4)
+    assert {"panoptic/PQ", "prompt_point/mIoU", "prompt_box/mIoU", "prompt_mask/mIoU"} <= set(m)
+    assert all(0.0 <= m[k] <= 1.0 for k in ("panoptic/PQ", "prompt_point/mIoU", "prompt_box/mIoU"))
