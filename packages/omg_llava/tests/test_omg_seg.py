@@ -49,3 +49,30 @@ def test_farthest_interior_point_is_the_centre_of_a_square():
     m = torch.zeros(20, 20, dtype=torch.bool)
     m[4:11, 6:13] = True  # 7 x 7: the centre pixel (9, 7) is the only one at distance 4
     assert farthest_interior_point(m) == (9, 7)
+
+
+def test_perception_prior_by_hand():
+    from groundlab.omg_llava.perception import perception_prior, pixel_unshuffle
+
+    # two queries, two classes + background; query 0 owns the left half, query 1 the right half
+    cls = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 4.0]])  # query 1 is mostly background
+    m = torch.full((2, 4, 4), -8.0)
+    m[0, :, :2] = 8.0
+    m[1, :, 2:] = 8.0
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    prior, valid = perception_prior(cls, m, q, e, (2, 2))
+    s = torch.softmax(cls, -1)[:, :-1].max(-1).values
+    p = (0.5 * s + 0.5)[:, None, None] * torch.sigmoid(m)
+    p = torch.nn.functional.interpolate(p[None], size=(2, 2), mode="bilinear", align_corners=False)[0]
+    w = torch.softmax(p.flatten(1), 0)
+    expected = w.T @ torch.cat([q, e], -1)
+    assert torch.allclose(prior, expected) and prior.shape == (4, 4)
+    assert valid.tolist() == [True, True]  # each wins its half
+    cls2 = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 4.0]])
+    m2 = torch.cat([m, torch.full((1, 4, 4), -8.0)])
+    _, valid2 = perception_prior(cls2, m2, torch.zeros(3, 2), torch.zeros(3, 2), (2, 2))
+    assert valid2.tolist() == [True, True, False]  # the query with no mask wins nowhere
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    tokens = pixel_unshuffle(x, 2)
+    assert tokens.shape == (1, 4, 4) and tokens[0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
