@@ -1,0 +1,253 @@
+"""OMG-LLaVA (Zhang et al., NeurIPS 2024, arXiv 2406.19389): one frozen universal segmenter as visual
+encoder and mask decoder, any causal LM in between.
+
+Per image, the frozen segmenter gives (:meth:`OMGLlavaForCausalLM.perceive`):
+
+- pixel-centric inputs: its stride-32 features, 2x pixel-unshuffled, concatenated with the perception
+  prior (:mod:`groundlab.omg_llava.perception`) -> ``pixel_mlp`` -> one token per grid cell;
+- a learned separator token;
+- object-centric inputs: ``[Q ; E]`` of the valid queries -> ``query_proj`` -> ``object_mlp``.
+
+The released projector has two MLPs (``model_feat`` for the pixel tokens, ``model`` after ``query_proj``
+for the object tokens); so does this one. The tokens replace the prompt's ``<image>`` placeholder (the
+dataset expands it to the image's token count). ``[SEG]``: the LLM's last hidden state at each ``[SEG]``
+position -> ``text2vision`` (D -> 2d -> 2d) -> (query_feat, query_pos) -> the frozen decoder's head and
+every layer on the image's cached pixel-decoder features -> ``layers + 1`` mask predictions, all
+supervised (gradients flow through the frozen decoder into ``text2vision`` and the LLM).
+
+Special tokens ``[SEG]``, ``<p>``, ``</p>``, ``<region>``, ``<mark>`` each get an embedding row of their own
+(the tokenizer and the LLM's vocabulary are checked against each other at build time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from groundlab.shared.multimodal import splice_features
+
+from .losses import mask_loss
+from .omg_seg import OMGSegConfig, OMGSegModel
+from .perception import perception_prior, pixel_unshuffle
+
+SPECIAL_TOKENS = ("[SEG]", "<p>", "</p>", "<region>", "<mark>")
+IMAGE_TOKEN = "<image>"
+
+
+class OMGLlavaConfig(PretrainedConfig):
+    model_type = "groundlab_omg_llava"
+
+    def __init__(self, seg_config: dict | PretrainedConfig | None = None, text_config: dict | PretrainedConfig | None = None,
+                 shuffle: int = 2, use_prior: bool = True, use_object_tokens: bool = True,
+                 token_ids: dict[str, int] | None = None, seg_bce_weight: float = 2.0, seg_dice_weight: float = 0.5,
+                 seg_points: int = 12544, reconstruction_weight: float = 10.0, **kwargs):
+        """
+        Args:
+            seg_config: the segmenter (:class:`OMGSegConfig`; the release's OMG-Seg by default).
+            text_config: any causal LM's config (a dict with ``model_type``: llama, internlm2 via remote
+                code, phi3, qwen2, ...).
+            shuffle: the pixel-unshuffle factor of the stride-32 features (2: 32x32 -> 16x16 at 1024 px).
+            use_prior, use_object_tokens: the paper's Table 5 ablations (prior zeroed; no object tokens).
+            token_ids: ids of ``<image>`` and the special tokens in the tokenizer.
+            seg_bce_weight, seg_dice_weight, seg_points: the ``[SEG]`` mask loss (2.0 / 0.5 / 12544).
+            reconstruction_weight: stage 1's ``10 * MSE(text2vision(object token), [Q ; E])``.
+        """
+        if isinstance(seg_config, dict):
+            seg_config = OMGSegConfig(**seg_config)
+        self.seg_config = seg_config or OMGSegConfig()
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
+        self.text_config = text_config or AutoConfig.for_model("llama")
+        self.shuffle = shuffle
+        self.use_prior, self.use_object_tokens = use_prior, use_object_tokens
+        self.token_ids = dict(token_ids or {})
+        self.seg_bce_weight, self.seg_dice_weight, self.seg_points = seg_bce_weight, seg_dice_weight, seg_points
+        self.reconstruction_weight = reconstruction_weight
+        super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["seg_config"] = self.seg_config.to_dict()
+        out["text_config"] = self.text_config.to_dict()
+        return out
+
+    @property
+    def grid(self) -> int:
+        return self.seg_config.image_size // 32 // self.shuffle
+
+    @property
+    def query_dim(self) -> int:
+        return 2 * self.seg_config.dim
+
+    @property
+    def clip_dim(self) -> int:
+        return self.seg_config.dims[-1] * self.shuffle**2
+
+
+def mlp(dim_in: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+class VisualProjector(nn.Module):
+    def __init__(self, clip_dim: int, query_dim: int, hidden: int):
+        super().__init__()
+        self.pixel_mlp = mlp(clip_dim + query_dim, hidden)
+        self.query_proj = nn.Linear(query_dim, clip_dim)
+        self.object_mlp = mlp(clip_dim, hidden)
+        self.separator = nn.Embedding(1, hidden)
+
+    def objects(self, qe: torch.Tensor) -> torch.Tensor:
+        return self.object_mlp(self.query_proj(qe))
+
+    def forward(self, pixels: torch.Tensor, prior: torch.Tensor, objects: torch.Tensor | None) -> torch.Tensor:
+        parts = [self.pixel_mlp(torch.cat([pixels, prior], -1)), self.separator.weight]
+        if objects is not None:
+            parts.append(self.objects(objects))
+        return torch.cat(parts, 0)
+
+
+@dataclass
+class Perception:
+    """What the frozen segmenter gives for one image."""
+
+    pixels: torch.Tensor  # (g*g, clip_dim)
+    prior: torch.Tensor  # (g*g, 2d)
+    objects: torch.Tensor  # (n_valid, 2d)
+    mask_features: torch.Tensor  # (1, mask_dim, H/4, W/4)
+    memory: list[torch.Tensor]
+    pos: list[torch.Tensor]
+
+    def num_tokens(self, use_object_tokens: bool = True) -> int:
+        return self.pixels.shape[0] + 1 + (self.objects.shape[0] if use_object_tokens else 0)
+
+
+@dataclass
+class OMGLlavaOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    seg_loss: torch.Tensor | None = None
+    seg_masks: list | None = None
+    seg_mismatched: int | None = None
+
+
+class OMGLlavaForCausalLM(PreTrainedModel):
+    config_class = OMGLlavaConfig
+    base_model_prefix = "omg_llava"
+
+    def __init__(self, config: OMGLlavaConfig):
+        super().__init__(config)
+        self.segmenter = OMGSegModel(config.seg_config)
+        self.segmenter.requires_grad_(False)
+        self.llm = AutoModelForCausalLM.from_config(config.text_config)
+        d = config.text_config.hidden_size
+        self.projector = VisualProjector(config.clip_dim, config.query_dim, d)
+        self.text2vision = mlp(d, config.query_dim)
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # modules keep their constructors' initialisation; pretrained parts are loaded over them
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Every special token and ``<image>`` is one token of its own, with a row in the LLM's embeddings
+        and the id recorded in the config."""
+        vocab = self.llm.get_input_embeddings().weight.shape[0]
+        for tok in (IMAGE_TOKEN, *SPECIAL_TOKENS):
+            ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"{tok} is not a single token of the tokenizer ({ids}); add it as a special token")
+            if ids[0] >= vocab:
+                raise ValueError(f"{tok} has id {ids[0]} but the LLM has {vocab} embedding rows: resize them")
+            if self.config.token_ids.get(tok) != ids[0]:
+                raise ValueError(f"config.token_ids[{tok!r}] = {self.config.token_ids.get(tok)} but the tokenizer says {ids[0]}")
+
+    # ------------------------------------------------------------------------------------------
+    # the frozen segmenter
+
+    @torch.no_grad()
+    def perceive(self, pixel_values: torch.Tensor) -> list[Perception]:
+        seg = self.segmenter
+        enc = seg.encode(pixel_values)
+        last = seg.decode(enc)[-1]
+        g = self.config.grid
+        pixels = pixel_unshuffle(enc["clip"], self.config.shuffle)  # (B, g*g, clip_dim)
+        out = []
+        for b in range(pixel_values.shape[0]):
+            prior, valid = perception_prior(last.class_logits[b], last.mask_logits[b], last.query[b],
+                                            seg.decoder.query_embed.weight, (g, g))
+            if not self.config.use_prior:
+                prior = torch.zeros_like(prior)
+            qe = torch.cat([last.query[b], seg.decoder.query_embed.weight], -1)[valid]
+            out.append(Perception(pixels[b], prior, qe, enc["mask_features"][b : b + 1],
+                                  [m[b : b + 1] for m in enc["memory"]], [p[b : b + 1] for p in enc["pos"]]))
+        return out
+
+    def visual_embeds(self, perception: list[Perception]) -> list[torch.Tensor]:
+        use_obj = self.config.use_object_tokens
+        return [self.projector(p.pixels, p.prior, p.objects if use_obj else None) for p in perception]
+
+    # ------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, perception: list[Perception]) -> torch.Tensor:
+        image_id = self.config.token_ids[IMAGE_TOKEN]
+        safe = input_ids.masked_fill(input_ids == image_id, 0)
+        embeds = self.llm.get_input_embeddings()(safe)
+        return splice_features(embeds, input_ids, self.visual_embeds(perception), image_id)
+
+    def decode_seg(self, hidden: torch.Tensor, p: Perception):
+        """(n, D) ``[SEG]`` hidden states of one image -> its decoder's ``layers + 1`` predictions."""
+        q = self.text2vision(hidden)[None]  # (1, n, 2d)
+        feat, pos = q.split(self.config.seg_config.dim, dim=-1)
+        return self.segmenter.decoder.run_queries(feat, pos, p.mask_features, p.memory, p.pos)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, perception: list[Perception] | None = None,
+                pixel_values=None, seg_masks: list[torch.Tensor] | None = None) -> OMGLlavaOutput:
+        """``perception`` (precomputed, the segmenter being frozen) or ``pixel_values``; ``seg_masks``: per
+        sample the (n_seg, S, S) target masks of its ``[SEG]`` tokens, in reading order. A sample whose
+        ``[SEG]`` count differs from its mask count is skipped for the mask loss and counted in
+        ``seg_mismatched`` (never silently zeroed)."""
+        if perception is None:
+            if pixel_values is None:
+                raise ValueError("OMG-LLaVA needs pixel_values or a precomputed perception")
+            perception = self.perceive(pixel_values)
+        embeds = self.embed(input_ids, perception)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
+                       use_cache=False)
+        loss, seg_loss, mismatched, masks_out = out.loss, None, 0, []
+        if seg_masks is not None:
+            seg_id = self.config.token_ids["[SEG]"]
+            hidden = out.hidden_states[-1]
+            terms = []
+            for b, (p, target) in enumerate(zip(perception, seg_masks)):
+                where = (input_ids[b] == seg_id).nonzero().flatten()
+                if len(where) != len(target):
+                    mismatched += 1
+                    continue
+                if len(where) == 0:
+                    continue
+                preds = self.decode_seg(hidden[b, where], p)
+                masks_out.append(preds[-1].mask_logits[0])
+                tgt = target.float()
+                for pred in preds:
+                    logits = pred.mask_logits[0]
+                    t = F.interpolate(tgt[None], size=logits.shape[-2:], mode="bilinear", align_corners=False)[0]
+                    terms.append(mask_loss(logits, t, self.config.seg_points, bce_weight=self.config.seg_bce_weight,
+                                           dice_weight=self.config.seg_dice_weight))
+            if terms:
+                seg_loss = torch.stack(terms).sum() / max(1, len(seg_masks) - mismatched)
+                loss = seg_loss if loss is None else loss + seg_loss
+        return OMGLlavaOutput(loss=loss, logits=out.logits, ce_loss=out.loss, seg_loss=seg_loss, seg_masks=masks_out,
+                              seg_mismatched=mismatched)
+
+    def reconstruction_loss(self, perception: list[Perception]) -> torch.Tensor:
+        """Stage 1's extra loss: ``MSE(text2vision(object_mlp(query_proj([Q;E]))), [Q;E])`` over valid queries."""
+        qe = torch.cat([p.objects for p in perception])
+        if qe.shape[0] == 0:
+            return self.text2vision[0].weight.sum() * 0.0
+        return self.config.reconstruction_weight * F.mse_loss(self.text2vision(self.projector.objects(qe)), qe)

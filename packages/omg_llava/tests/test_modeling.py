@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from groundlab.omg_llava.modeling import IMAGE_TOKEN, SPECIAL_TOKENS, OMGLlavaConfig, OMGLlavaForCausalLM
+from groundlab.shared.multimodal import expand_token
+from groundlab.shared.tokenizer import load_tokenizer
+
+SEG = dict(image_size=64, dims=(16, 32, 64, 32), depths=(1, 1, 1, 1), dim=16, mask_dim=16, encoder_layers=1,
+           encoder_heads=2, encoder_points=2, encoder_ffn=32, groups=8, num_queries=6, decoder_layers=2,
+           decoder_heads=2, decoder_ffn=32, num_classes=12)
+
+
+def tiny(**kw):
+    tok = load_tokenizer(extra_special_tokens=list(SPECIAL_TOKENS))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, *SPECIAL_TOKENS)}
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    cfg = OMGLlavaConfig(seg_config=SEG, text_config=text, token_ids=ids, seg_points=256, **kw)
+    # the 64 px image: stride-32 features 2x2 -> shuffled to a 1x1 grid
+    return OMGLlavaForCausalLM(cfg), tok
+
+
+def sample(tok, model, p, answer):
+    prompt = [tok.bos_token_id] + tok(f"{IMAGE_TOKEN}\nPlease segment the red circle in this image.",
+                                      add_special_tokens=False)["input_ids"]
+    ans = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = expand_token({"input_ids": prompt + ans, "labels": [-100] * len(prompt) + ans},
+                       model.config.token_ids[IMAGE_TOKEN], p.num_tokens(model.config.use_object_tokens))
+    return ids
+
+
+def batch(tok, model, answers):
+    torch.manual_seed(1)
+    perception = model.perceive(torch.randn(len(answers), 3, 64, 64))
+    rows = [sample(tok, model, p, a) for p, a in zip(perception, answers)]
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [tok.pad_token_id] * (n - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor([r["labels"] + [-100] * (n - len(r["labels"])) for r in rows])
+    att = (torch.arange(n)[None] < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]).long()
+    return perception, ids, labels, att
+
+
+def test_forward_backward_reaches_llm_projector_and_text2vision_not_the_segmenter():
+    model, tok = tiny()
+    model.check_tokenizer(tok)
+    perception, ids, labels, att = batch(tok, model, ["It is [SEG].", "Sure, [SEG] and [SEG]."])
+    masks = [torch.zeros(1, 64, 64), torch.zeros(2, 64, 64)]
+    masks[0][0, :32] = 1
+    out = model(ids, att, labels, perception=perception, seg_masks=masks)
+    assert torch.isfinite(out.loss) and out.seg_loss is not None and out.seg_mismatched == 0
+    assert [m.shape for m in out.seg_masks] == [(1, 16, 16), (2, 16, 16)]
+    out.loss.backward()
+    grads = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"llm", "projector", "text2vision"} <= grads and "segmenter" not in grads
+
+
+def test_seg_mask_mismatch_is_counted_and_skipped_not_zeroed():
+    model, tok = tiny()
+    perception, ids, labels, att = batch(tok, model, ["It is [SEG].", "It is [SEG]."])
+    out = model(ids, att, labels, perception=perception, seg_masks=[torch.zeros(0, 64, 64), torch.ones(1, 64, 64)])
+    assert out.seg_mismatched == 1 and len(out.seg_masks) == 1 and out.seg_loss > 0
+
+
+def test_object_tokens_and_prior_ablations_change_the_visual_tokens():
+    model, tok = tiny()
+    p = model.perceive(torch.randn(1, 3, 64, 64))[0]
+    assert p.objects.shape[0] >= 1 and p.pixels.shape == (1, 32 * 4) and p.prior.shape == (1, 32)
+    assert model.visual_embeds([p])[0].shape[0] == 1 + 1 + p.objects.shape[0]
+    no_obj, _ = tiny(use_object_tokens=False)
+    assert no_obj.visual_embeds(no_obj.perceive(torch.randn(1, 3, 64, 64)))[0].shape[0] == 2
+    no_prior, _ = tiny(use_prior=False)
+    assert no_prior.perceive(torch.randn(1, 3, 64, 64))[0].prior.abs().sum() == 0
+
+
+def test_token_checks_and_count_errors():
+    model, tok = tiny()
+    perception, ids, labels, att = batch(tok, model, ["It is [SEG]."])
+    bad = ids.clone()
+    bad[0, 1] = tok.pad_token_id  # one image token fewer than visual tokens
+    with pytest.raises(ValueError, match="<image> tokens"):
+        model(bad, att, labels, perception=perception)
+    small, _ = tiny()
+    small.llm.resize_token_embeddings(len(tok) - 2)  # <region> / <mark> would have no embedding row
+    with pytest.raises(ValueError, match="embedding rows"):
+        small.check_tokenizer(tok)
+
+
+def test_reconstruction_loss_of_stage_one():
+    model, _ = tiny()
+    p = model.perceive(torch.randn(2, 3, 64, 64))
+    loss = model.reconstruction_loss(p)
+    loss.backward()
+    assert loss > 0 and model.text2vision[0].weight.grad is not None and model.projector.query_proj.weight.grad is not None
