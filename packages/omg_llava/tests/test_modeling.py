@@ -93,3 +93,19 @@ def test_reconstruction_loss_of_stage_one():
     loss = model.reconstruction_loss(p)
     loss.backward()
     assert loss > 0 and model.text2vision[0].weight.grad is not None and model.projector.query_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("llm,total,llm_params", [
+    ("internlm2_7b", 8_046_085_127, 7_737_757_696),
+    ("phi3_mini", 4_101_127_175, 3_821_116_416),
+    ("qwen2_7b", 7_909_304_327, 7_615_659_520),
+])
+def test_release_configs_build_on_meta(llm, total, llm_params):
+    from groundlab.omg_llava.configuration import release
+
+    with torch.device("meta"):
+        model = OMGLlavaForCausalLM(release(llm))
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(p.numel() for p in model.llm.parameters()) == llm_params
+    assert model.projector.pixel_mlp[0].in_features == 6144 + 512
+    assert model.projector.query_proj.weight.shape == (6144, 512) and model.config.grid == 16
