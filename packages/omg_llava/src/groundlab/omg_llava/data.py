@@ -1,0 +1,235 @@
+"""OMG-LLaVA's data formats, each written from the synthetic world and read back by the loader that
+reads the real dataset.
+
+- LLaVA conversations (LLaVA-Pretrain / mix665k): ``[{"id", "image", "conversations": [{"from": "human",
+  "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}]``;
+- referring segmentation: the REFER layout of RefCOCO/+/g (``instances.json`` + ``refs(unc).p``), via
+  :mod:`groundlab.shared.world_io`;
+- GCG, GranD-f layout: ``[{"file_name", "height", "width", "image_id", "caption", "groundings": {phrase:
+  {"token_positives": [start, end], "rle_masks": [RLE, ...]}}}]`` (character spans in the caption);
+- GCG, RefCOCOg-GCG layout: ``[{"id", "img_file_name", "caption", "refs": [{"sentence", "bbox",
+  "segmentation"}]}]`` (phrases found in the caption by position);
+- region descriptions, Osprey layout: ``[{"id", "file_name", "height", "width", "annotations": [{"bbox",
+  "segmentation"}], "conversations": [...]}]`` where the human turn names its regions as ``<region>``
+  placeholders, one per annotation, in order;
+- point questions, MDVP layout: ``[{"id", "image", "points": [[x, y], ...], "conversations": [...]}]``
+  with one ``<mark>`` per point, in order.
+
+Every loader returns :class:`Sample`: an image path, a conversation (human / gpt turns), the masks
+of the answer's ``[SEG]`` tokens in order, and the visual prompts (region masks or points) in order.
+Counts are checked where they are read: a ``[SEG]`` / mask, ``<region>`` / annotation or ``<mark>`` /
+point mismatch is an error naming the file and the record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from groundlab.shared.world import Scene
+from groundlab.shared.world_io import decode_rle, encode_rle, image_file_name
+
+SEG, BOP, EOP, REGION, MARK, IMAGE = "[SEG]", "<p>", "</p>", "<region>", "<mark>", "<image>"
+
+RES_PROMPT = "Please segment {sent} in this image."
+GCG_PROMPT = ("Could you please give me a detailed description of the image? Please respond with interleaved "
+              "segmentation masks for the corresponding parts of the answer.")
+REGION_PROMPT = "Please give me a short description of region1 <region>."
+POINT_PROMPT = "What is the object at Mark 1 <mark>?"
+
+
+@dataclass
+class Sample:
+    id: str
+    image: Path
+    conversation: list[dict]  # [{"from": "human" | "gpt", "value": str}, ...]
+    seg_masks: list[np.ndarray] = field(default_factory=list)  # (H, W) bool per [SEG], in order
+    regions: list[np.ndarray] = field(default_factory=list)  # (H, W) bool per <region>, in order
+    points: list[tuple[float, float]] = field(default_factory=list)  # (x, y) per <mark>, in order
+    task: str = ""
+
+
+def _count(conversation: list[dict], token: str, role: str) -> int:
+    return sum(turn["value"].count(token) for turn in conversation if turn["from"] == role)
+
+
+def check_sample(s: Sample, where: str) -> Sample:
+    """The counts a sample must satisfy (raising with ``where`` and the sample id)."""
+    if not s.conversation or s.conversation[0]["from"] != "human":
+        raise ValueError(f"{where}: {s.id}: a conversation starts with a human turn")
+    if _count(s.conversation, IMAGE, "human") != 1:
+        raise ValueError(f"{where}: {s.id}: expected one {IMAGE} in the human turns")
+    n_seg = _count(s.conversation, SEG, "gpt")
+    if n_seg != len(s.seg_masks):
+        raise ValueError(f"{where}: {s.id}: {n_seg} {SEG} tokens in the answers but {len(s.seg_masks)} masks")
+    n_region = _count(s.conversation, REGION, "human")
+    if n_region != len(s.regions):
+        raise ValueError(f"{where}: {s.id}: {n_region} {REGION} placeholders but {len(s.regions)} region masks")
+    n_mark = _count(s.conversation, MARK, "human")
+    if n_mark != len(s.points):
+        raise ValueError(f"{where}: {s.id}: {n_mark} {MARK} placeholders but {len(s.points)} points")
+    return s
+
+
+def _load_json(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from err
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of records")
+    return data
+
+
+def _require(rec: dict, keys: tuple[str, ...], where: str, i: int) -> None:
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        raise ValueError(f"{where}: record {i}: missing keys {missing}")
+
+
+def tag_caption(caption: str, spans: list[tuple[int, int]]) -> str:
+    """``<p> phrase </p> [SEG]`` around each character span (non-overlapping), in order."""
+    out, last = [], 0
+    for start, end in sorted(spans):
+        if start < last:
+            raise ValueError(f"overlapping phrase spans in {caption!r}")
+        out += [caption[last:start], f"{BOP} {caption[start:end]} {EOP} {SEG}"]
+        last = end
+    return "".join(out + [caption[last:]])
+
+
+# ----------------------------------------------------------------------------------------------
+# writers (the world export)
+
+
+def llava_record(scene: Scene, qa_index: int = 0) -> dict:
+    qa = scene.qa[qa_index % len(scene.qa)]
+    return {"id": f"{scene.split}-{scene.index}-qa", "image": image_file_name(scene),
+            "conversations": [{"from": "human", "value": f"{IMAGE}\n{qa.question}"},
+                              {"from": "gpt", "value": qa.answer}]}
+
+
+def caption_record(scene: Scene) -> dict:
+    return {"id": f"{scene.split}-{scene.index}-cap", "image": image_file_name(scene),
+            "conversations": [{"from": "human", "value": f"{IMAGE}\nDescribe the image."},
+                              {"from": "gpt", "value": scene.caption}]}
+
+
+def grandf_record(scene: Scene) -> dict:
+    h, w = scene.image.shape[:2]
+    groundings = {}
+    for ph in scene.caption_phrases:
+        groundings[ph.text] = {"token_positives": [ph.start, ph.end],
+                               "rle_masks": [encode_rle(scene.objects[ph.object_id].mask)]}
+    return {"file_name": image_file_name(scene), "height": h, "width": w, "image_id": scene.image_id,
+            "caption": scene.caption, "groundings": groundings}
+
+
+def osprey_record(scene: Scene, target: int, description: str) -> dict:
+    h, w = scene.image.shape[:2]
+    obj = scene.objects[target]
+    x, y, bw, bh = obj.bbox
+    return {"id": f"{scene.split}-{scene.index}-region{target}", "file_name": image_file_name(scene), "height": h,
+            "width": w, "annotations": [{"bbox": [x, y, bw, bh], "segmentation": encode_rle(obj.mask)}],
+            "conversations": [{"from": "human", "value": f"{IMAGE}\n{REGION_PROMPT}"},
+                              {"from": "gpt", "value": description}]}
+
+
+def mdvp_record(scene: Scene, target: int, point: tuple[int, int], answer: str) -> dict:
+    return {"id": f"{scene.split}-{scene.index}-mark{target}", "image": image_file_name(scene),
+            "points": [list(point)],
+            "conversations": [{"from": "human", "value": f"{IMAGE}\n{POINT_PROMPT}"},
+                              {"from": "gpt", "value": answer}]}
+
+
+def write_json(path: str | Path, records: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# loaders
+
+
+def load_llava(path: str | Path, image_root: str | Path) -> list[Sample]:
+    out = []
+    for i, rec in enumerate(_load_json(path)):
+        _require(rec, ("id", "image", "conversations"), str(path), i)
+        out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["image"], rec["conversations"],
+                                       task="llava"), str(path)))
+    return out
+
+
+def load_grandf(path: str | Path, image_root: str | Path) -> list[Sample]:
+    out = []
+    for i, rec in enumerate(_load_json(path)):
+        _require(rec, ("file_name", "caption", "groundings", "height", "width"), str(path), i)
+        caption = rec["caption"].strip('"').strip()
+        items = []
+        for phrase, g in rec["groundings"].items():
+            if g is None:
+                continue
+            start, end = g["token_positives"]
+            if caption[start:end] != phrase:
+                raise ValueError(f"{path}: record {i}: span {start}:{end} of the caption is "
+                                 f"{caption[start:end]!r}, not the phrase {phrase!r}")
+            mask = np.zeros((rec["height"], rec["width"]), bool)
+            for rle in g["rle_masks"]:
+                m = decode_rle(rle)
+                if m.shape != mask.shape:
+                    raise ValueError(f"{path}: record {i}: mask of {phrase!r} is {m.shape}, the image "
+                                     f"{mask.shape}")
+                mask |= m
+            items.append(((start, end), mask))
+        items.sort(key=lambda t: t[0][0])
+        answer = tag_caption(caption, [s for s, _ in items])
+        conv = [{"from": "human", "value": f"{IMAGE}\n{GCG_PROMPT}"}, {"from": "gpt", "value": answer}]
+        out.append(check_sample(Sample(str(rec.get("image_id", i)), Path(image_root) / rec["file_name"], conv,
+                                       [m for _, m in items], task="gcg"), str(path)))
+    return out
+
+
+def load_osprey(path: str | Path, image_root: str | Path) -> list[Sample]:
+    out = []
+    for i, rec in enumerate(_load_json(path)):
+        _require(rec, ("id", "file_name", "annotations", "conversations", "height", "width"), str(path), i)
+        regions = []
+        for a in rec["annotations"]:
+            m = decode_rle(a["segmentation"])
+            if m.shape != (rec["height"], rec["width"]):
+                raise ValueError(f"{path}: record {i}: region mask {m.shape} vs image {(rec['height'], rec['width'])}")
+            regions.append(m)
+        out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["file_name"], rec["conversations"],
+                                       regions=regions, task="region"), str(path)))
+    return out
+
+
+def load_mdvp(path: str | Path, image_root: str | Path) -> list[Sample]:
+    out = []
+    for i, rec in enumerate(_load_json(path)):
+        _require(rec, ("id", "image", "points", "conversations"), str(path), i)
+        pts = [tuple(map(float, p)) for p in rec["points"]]
+        if any(len(p) != 2 for p in pts):
+            raise ValueError(f"{path}: record {i}: points are [x, y] pairs")
+        out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["image"], rec["conversations"],
+                                       points=pts, task="point"), str(path)))
+    return out
+
+
+def res_samples(refer, split: str) -> list[Sample]:
+    """Referring segmentation samples from a REFER reader (``groundlab.shared.world_io.Refer``): one per
+    (ref, sentence), prompt ``"Please segment {sent} in this image."``, answer ``"It is [SEG]."``."""
+    out = []
+    for r in refer.samples(split):
+        conv = [{"from": "human", "value": f"{IMAGE}\n{RES_PROMPT.format(sent=r.sentence)}"},
+                {"from": "gpt", "value": f"It is {SEG}."}]
+        out.append(Sample(f"{r.ref_id}-{r.sent_id}", r.image_path, conv, [r.mask], task="res"))
+    return out

@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+
+from groundlab.omg_llava.data import (
+    SEG,
+    caption_record,
+    grandf_record,
+    llava_record,
+    load_grandf,
+    load_llava,
+    load_mdvp,
+    load_osprey,
+    mdvp_record,
+    osprey_record,
+    res_samples,
+    tag_caption,
+    write_json,
+)
+from groundlab.shared.world import World, WorldConfig
+from groundlab.shared.world_io import Refer, save_image, write_refer
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    world = World(WorldConfig(min_objects=2), seed=0)
+    return [world.scene("train", i) for i in range(4)]
+
+
+def test_tag_caption():
+    assert tag_caption("a red circle and a blue square.", [(17, 30), (0, 12)]) == \
+        "<p> a red circle </p> [SEG] and <p> a blue square </p> [SEG]."
+    with pytest.raises(ValueError, match="overlapping"):
+        tag_caption("abcdef", [(0, 3), (2, 4)])
+
+
+def test_formats_round_trip_through_their_loaders(tmp_path, scenes):
+    for s in scenes:
+        save_image(s, tmp_path / "images")
+    llava = load_llava(write_json(tmp_path / "llava.json", [llava_record(s) for s in scenes] + [caption_record(scenes[0])]),
+                       tmp_path / "images")
+    assert len(llava) == 5 and llava[0].image.is_file() and llava[-1].conversation[1]["value"] == scenes[0].caption
+    gcg = load_grandf(write_json(tmp_path / "grandf.json", [grandf_record(s) for s in scenes]), tmp_path / "images")
+    for sample, scene in zip(gcg, scenes):
+        answer = sample.conversation[1]["value"]
+        assert answer.count(SEG) == len(scene.caption_phrases) == len(sample.seg_masks)
+        for mask, ph in zip(sample.seg_masks, sorted(scene.caption_phrases, key=lambda p: p.start)):
+            assert np.array_equal(mask, scene.objects[ph.object_id].mask)
+        assert answer.replace("<p> ", "").replace(" </p> [SEG]", "") == scene.caption
+    osprey = load_osprey(write_json(tmp_path / "osprey.json", [osprey_record(scenes[1], 0, "a small circle.")]),
+                         tmp_path / "images")
+    assert np.array_equal(osprey[0].regions[0], scenes[1].objects[0].mask)
+    mdvp = load_mdvp(write_json(tmp_path / "mdvp.json", [mdvp_record(scenes[2], 1, (10, 12), "a square.")]),
+                     tmp_path / "images")
+    assert mdvp[0].points == [(10.0, 12.0)]
+    write_refer({"train": scenes[:3], "val": scenes[3:]}, tmp_path / "refer", tmp_path / "images")
+    refer = Refer(tmp_path / "refer", tmp_path / "images")
+    res = res_samples(refer, "val")
+    assert res and all(len(r.seg_masks) == 1 and "Please segment" in r.conversation[0]["value"] for r in res)
+
+
+def test_count_mismatches_and_bad_files_name_the_record(tmp_path, scenes):
+    rec = grandf_record(scenes[0])
+    phrase = next(iter(rec["groundings"]))
+    rec["groundings"][phrase]["token_positives"][0] += 1
+    with pytest.raises(ValueError, match="record 0: span"):
+        load_grandf(write_json(tmp_path / "g.json", [rec]), tmp_path)
+    bad = llava_record(scenes[0])
+    bad["conversations"][1]["value"] += " [SEG]"
+    with pytest.raises(ValueError, match=r"1 \[SEG\] tokens in the answers but 0 masks"):
+        load_llava(write_json(tmp_path / "l.json", [bad]), tmp_path)
+    two = mdvp_record(scenes[0], 0, (1, 1), "x")
+    two["conversations"][0]["value"] += " and Mark 2 <mark>"
+    with pytest.raises(ValueError, match="2 <mark> placeholders but 1 points"):
+        load_mdvp(write_json(tmp_path / "m.json", [two]), tmp_path)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not JSON"):
+        load_llava(tmp_path / "broken.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_osprey(tmp_path / "missing.json", tmp_path)
+    (tmp_path / "obj.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="list of records"):
+        load_mdvp(tmp_path / "obj.json", tmp_path)
