@@ -61,9 +61,9 @@ ARMS = ("human_only", "mixed_uniform", "mixed_label", "mixed_dwsl")
 
 @dataclass
 class DataConfig:
-    human_scenes: int = 150
-    machine_scenes: int = 900
-    corrupt_prob: float = 0.7
+    human_scenes: int = 250
+    machine_scenes: int = 750
+    corrupt_prob: float = 0.5
     eval_scenes: int = 100
     clutter_scenes: int = 150
     clutter_objects: tuple[int, int] = (4, 6)
@@ -94,9 +94,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     discriminator: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=300, batch_size=32, lr=1e-3, warmup_steps=20, save_steps=100, logging_steps=50))
+        max_steps=600, batch_size=32, lr=1e-3, warmup_steps=20, save_steps=200, logging_steps=50))
     generator: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=400, batch_size=32, lr=1e-3, warmup_steps=20, save_steps=100, logging_steps=50))
+        max_steps=600, batch_size=32, lr=1e-3, warmup_steps=20, save_steps=200, logging_steps=50))
     arms: tuple[str, ...] = ARMS
     threshold: float = 0.5
     """Heatmap threshold for IoU and REC."""
