@@ -23,7 +23,7 @@ case "$action" in
   train|eval|demo)
     if [ "$pkg" = shared ]; then echo "shared has no $action target" >&2; exit 2; fi
     if [ ! -f "$dir/src/groundlab/$pkg/cli.py" ]; then
-      echo "groundlab-$pkg: '$action' is not built yet (see /README.md; its issue is open)." >&2
+      echo "groundlab-$pkg: '$action' is not built yet (see $dir/README.md; its issue is open)." >&2
       exit 1
     fi
     exec "$PY" -m "groundlab.$pkg.cli" "$action" --config "$dir/configs/tiny.yaml" "$@" ;;
