@@ -77,3 +77,29 @@ def parse_overrides(extra: list[str]) -> dict:
             raise SystemExit(f"override {key} has no value") from None
         out[key[2:]] = yaml.safe_load(value)  # "3" -> 3, "false" -> False, "[a, b]" -> list
     return out
+
+
+def add_run_commands(subparsers) -> None:
+    """The ``train`` and ``eval`` sub-commands every package CLI has: ``--config`` and ``--force``."""
+    for name in ("train", "eval"):
+        p = subparsers.add_parser(name, help=f"{name} the run a config describes (finished stages are reused)")
+        p.add_argument("--config", required=True, type=Path)
+        p.add_argument("--force", action="store_true", help="recompute every stage")
+
+
+def iter_jsonl(path: str | Path, what: str = "JSONL file"):
+    """``(line number, record)`` for every non-empty line of a JSONL file; a missing file or a line that
+    is not JSON is an error naming the file (and the line)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err})") from err

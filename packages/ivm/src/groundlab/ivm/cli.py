@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from groundlab.shared.config import add_run_commands
+
 
 def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
     from groundlab.shared.runs import check_complete, runs_root
@@ -32,10 +34,7 @@ def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="groundlab-ivm")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "eval"):
-        p = sub.add_parser(name)
-        p.add_argument("--config", required=True, type=Path)
-        p.add_argument("--force", action="store_true", help="recompute every stage")
+    add_run_commands(sub)
     m = sub.add_parser("mask", help="mask an image to what an instruction needs")
     m.add_argument("--image", required=True, type=Path)
     m.add_argument("--instruction", required=True)

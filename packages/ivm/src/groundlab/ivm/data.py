@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import RandomResizedCrop
 
+from groundlab.shared.config import iter_jsonl
 from groundlab.shared.multimodal import expand_token
 from groundlab.shared.world import Scene, World
 from groundlab.shared.world_io import load_image
@@ -108,8 +109,6 @@ def read_split(split_dir: str | Path, is_human: bool | None = None) -> list[Item
     """The items of one split folder; ``is_human`` defaults from the split's name."""
     split_dir = Path(split_dir)
     meta = split_dir / "meta.jsonl"
-    if not meta.is_file():
-        raise FileNotFoundError(f"IVM split has no meta.jsonl: {meta}")
     name = split_dir.name
     if is_human is None:
         if name not in HUMAN_SPLITS + MACHINE_SPLITS:
@@ -117,29 +116,22 @@ def read_split(split_dir: str | Path, is_human: bool | None = None) -> list[Item
                              f"{HUMAN_SPLITS + MACHINE_SPLITS}")
         is_human = name in HUMAN_SPLITS
     items = []
-    with open(meta) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{n}: not JSON ({err})") from err
-            if "uuid" not in rec or "instruction" not in rec:
-                raise ValueError(f"{meta}:{n}: needs 'uuid' and 'instruction'")
-            ins = rec["instruction"]
-            if isinstance(ins, str):
-                ins = [ins]
-            if not ins or not all(isinstance(x, str) and x.strip() for x in ins):
-                raise ValueError(f"{meta}:{n}: 'instruction' must be a non-empty list of non-empty strings")
-            uuid = str(rec["uuid"])
-            box = rec.get("box")
-            if box is not None and (not isinstance(box, list) or len(box) != 4):
-                raise ValueError(f"{meta}:{n}: 'box' must be [x0, y0, x1, y1], got {box!r}")
-            extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction", "box")}
-            items.append(Item(uuid, split_dir / "images" / rec.get("image", f"img_{uuid}.jpg"),
-                              split_dir / "masks" / f"mask_{uuid}.jpg", list(ins), bool(is_human), name, extra,
-                              tuple(box) if box is not None else None))
+    for n, rec in iter_jsonl(meta, "IVM split's meta.jsonl"):
+        if "uuid" not in rec or "instruction" not in rec:
+            raise ValueError(f"{meta}:{n}: needs 'uuid' and 'instruction'")
+        ins = rec["instruction"]
+        if isinstance(ins, str):
+            ins = [ins]
+        if not ins or not all(isinstance(x, str) and x.strip() for x in ins):
+            raise ValueError(f"{meta}:{n}: 'instruction' must be a non-empty list of non-empty strings")
+        uuid = str(rec["uuid"])
+        box = rec.get("box")
+        if box is not None and (not isinstance(box, list) or len(box) != 4):
+            raise ValueError(f"{meta}:{n}: 'box' must be [x0, y0, x1, y1], got {box!r}")
+        extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction", "box")}
+        items.append(Item(uuid, split_dir / "images" / rec.get("image", f"img_{uuid}.jpg"),
+                          split_dir / "masks" / f"mask_{uuid}.jpg", list(ins), bool(is_human), name, extra,
+                          tuple(box) if box is not None else None))
     return items
 
 

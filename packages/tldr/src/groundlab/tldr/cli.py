@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from groundlab.shared.config import add_run_commands
+
 
 def _find_model(name: str, model: str | None) -> Path:
     from groundlab.shared.runs import check_complete, runs_root
@@ -49,10 +51,7 @@ def _load(model_dir: Path):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="groundlab-tldr")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "eval"):
-        p = sub.add_parser(name)
-        p.add_argument("--config", required=True, type=Path)
-        p.add_argument("--force", action="store_true", help="recompute every stage")
+    add_run_commands(sub)
     s = sub.add_parser("score", help="per-token probabilities of one response, flagged tokens highlighted")
     s.add_argument("--image", required=True, type=Path)
     s.add_argument("--text", required=True)

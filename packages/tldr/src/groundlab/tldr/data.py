@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from groundlab.shared.bases.vlm import VLMCollator
+from groundlab.shared.config import iter_jsonl
 from groundlab.shared.multimodal import pad_batch
 from groundlab.shared.world import Scene, World
 from groundlab.shared.world_io import image_file_name, load_image
@@ -113,34 +114,25 @@ REQUIRED = ("id", "image", "prompt", "response", "taxonomy", "tokens", "labels")
 def read_jsonl(path: str | Path, tokenizer=None) -> list[dict]:
     """Read and validate a TLDR JSONL file; with ``tokenizer``, check that it reproduces ``tokens``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"TLDR dataset not found: {path}")
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON ({err})") from err
-            missing = [k for k in REQUIRED if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing keys {missing}")
-            if len(rec["tokens"]) != len(rec["labels"]) or not rec["labels"]:
-                raise ValueError(f"{path}:{n}: {len(rec['tokens'])} tokens but {len(rec['labels'])} labels")
-            if any(lab not in (0, 1) for lab in rec["labels"]):
-                raise ValueError(f"{path}:{n}: labels must be 0 or 1")
-            if rec["taxonomy"] not in ("original", *TAXONOMIES):
-                raise ValueError(f"{path}:{n}: unknown taxonomy {rec['taxonomy']!r}")
-            if rec["taxonomy"] != "original" and all(rec["labels"]):
-                raise ValueError(f"{path}:{n}: a negative ({rec['taxonomy']}) with every token labelled good")
-            if tokenizer is not None:
-                toks = tokenizer.convert_ids_to_tokens(response_tokens(tokenizer, rec["response"]))
-                if toks != rec["tokens"]:
-                    raise ValueError(f"{path}:{n}: the tokenizer splits the response into {toks[:6]}... but the "
-                                     f"labels were made for {rec['tokens'][:6]}...: labels from another tokenizer")
-            out.append(rec)
+    for n, rec in iter_jsonl(path, "TLDR dataset"):
+        missing = [k for k in REQUIRED if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing keys {missing}")
+        if len(rec["tokens"]) != len(rec["labels"]) or not rec["labels"]:
+            raise ValueError(f"{path}:{n}: {len(rec['tokens'])} tokens but {len(rec['labels'])} labels")
+        if any(lab not in (0, 1) for lab in rec["labels"]):
+            raise ValueError(f"{path}:{n}: labels must be 0 or 1")
+        if rec["taxonomy"] not in ("original", *TAXONOMIES):
+            raise ValueError(f"{path}:{n}: unknown taxonomy {rec['taxonomy']!r}")
+        if rec["taxonomy"] != "original" and all(rec["labels"]):
+            raise ValueError(f"{path}:{n}: a negative ({rec['taxonomy']}) with every token labelled good")
+        if tokenizer is not None:
+            toks = tokenizer.convert_ids_to_tokens(response_tokens(tokenizer, rec["response"]))
+            if toks != rec["tokens"]:
+                raise ValueError(f"{path}:{n}: the tokenizer splits the response into {toks[:6]}... but the "
+                                 f"labels were made for {rec['tokens'][:6]}...: labels from another tokenizer")
+        out.append(rec)
     return out
 
 
