@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_config_parses_and_rejects_unknown_keys_and_arms(tmp_path):
     cfg = RunConfig.from_yaml(CONFIGS / "tiny.yaml")
-    assert cfg.arms == ARMS and (cfg.model.lora_r, cfg.model.lora_alpha) == (8, 16)
+    assert cfg.arms == ARMS[:4] and (cfg.model.lora_r, cfg.model.lora_alpha) == (8, 16)
     assert cfg.generator.bf16 == "auto" and cfg.data.clutter_objects == (4, 6)
     bad = tmp_path / "bad.yaml"
     bad.write_text("generator:\n  max_stepz: 3\n")
@@ -38,7 +38,7 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
         "name": "micro", "model.llava": str(llava_path), "model.sam": str(sam_path),
         "data.human_scenes": 3, "data.machine_scenes": 6, "data.eval_scenes": 3, "data.clutter_scenes": 4,
         "discriminator.max_steps": 4, "discriminator.save_steps": 2, "discriminator.progress_bar": False,
-        "generator.max_steps": 4, "generator.save_steps": 2, "generator.progress_bar": False})
+        "generator.max_steps": 4, "generator.save_steps": 2, "generator.progress_bar": False, "arms": list(ARMS)})
     path = run(cfg)
     m = json.loads(Path(path).read_text())
     for arm in ARMS:
@@ -48,6 +48,8 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
               "vqa/with_ivm/accuracy", "vqa/oracle_mask/accuracy", "discriminator/train_accuracy"):
         assert 0.0 <= m[k] <= 1.0, k
     assert 0.1 <= m["dwsl/mean_weight_human"] <= 0.9 and 0.1 <= m["dwsl/mean_weight_machine"] <= 0.9
+    assert any(k.startswith("mixed_dwsl/mIoU_") and k.endswith("_objects") for k in m)
+    assert -1.0 <= m["mixed_dwsl/condition_cosine"] <= 1.0 and m["vqa/ivm_arm"] != "mixed_oracle"
     run_dir = Path(path).parent
     weights = [json.loads(x) for x in (run_dir / "dwsl_weights.jsonl").read_text().splitlines()]
     assert len(weights) == m["data/human_items"] + m["data/machine_items"]

@@ -35,6 +35,7 @@ class GroundingSample:
     image: np.ndarray
     instruction: str
     mask: np.ndarray  # (H, W) bool
+    n_objects: int = 0
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -52,7 +53,7 @@ def grounding_samples(scenes: Sequence[Scene]) -> list[GroundingSample]:
         for target, instructions in sorted(target_instructions(scene).items()):
             k = (scene.index + target) % len(instructions)
             out.append(GroundingSample(f"{scene.split}-{scene.index}-{target}", scene.image, instructions[k],
-                                       scene.objects[target].mask))
+                                       scene.objects[target].mask, len(scene.objects)))
     return out
 
 
@@ -76,8 +77,40 @@ def _scores(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], thr
         with open(out_path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    return {f"{name}/mIoU": float(np.mean(ious)), f"{name}/pixel_AP": average_precision(np.concatenate(labels),
-            np.concatenate(scores)), f"{name}/rec_acc": float(np.mean(hits)), f"{name}/n": len(samples)}
+    out = {f"{name}/mIoU": float(np.mean(ious)), f"{name}/pixel_AP": average_precision(np.concatenate(labels),
+           np.concatenate(scores)), f"{name}/rec_acc": float(np.mean(hits)), f"{name}/n": len(samples)}
+    for n in sorted({s.n_objects for s in samples if s.n_objects}):  # does the heatmap pick the target?
+        out[f"{name}/mIoU_{n}_objects"] = float(np.mean([i for i, s in zip(ious, samples) if s.n_objects == n]))
+    return out
+
+
+@torch.no_grad()
+def condition_cosine(model, processor, samples: Sequence[GroundingSample]) -> float:
+    """Mean cosine similarity of the condition tokens of different targets' instructions on the same
+    image (1.0: the condition does not depend on the instruction)."""
+    from .data import POLICY_PROMPT, encode_prompt
+
+    tok = processor.tokenizer
+    vision = model.config.lmm_config.vision_config
+    n_img = (vision.image_size // vision.patch_size) ** 2
+    by_image: dict[str, list[GroundingSample]] = {}
+    for s in samples:
+        by_image.setdefault(s.id.rsplit("-", 1)[0], []).append(s)
+    sims = []
+    model.eval()
+    for group in by_image.values():
+        if len(group) < 2:
+            continue
+        ids = [encode_prompt(tok, POLICY_PROMPT.format(instruction=s.instruction), n_img) for s in group]
+        longest = max(map(len, ids))
+        input_ids = torch.tensor([[tok.pad_token_id] * (longest - len(x)) + x for x in ids])
+        att = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in ids])
+        pixels = processor.image_processor([s.image for s in group], return_tensors="pt")["pixel_values"]
+        c = torch.nn.functional.normalize(model.condition(input_ids, att, pixels)[:, 0], dim=-1)
+        sim = c @ c.T
+        k = len(group)
+        sims.append(float((sim.sum() - sim.diagonal().sum()) / (k * (k - 1))))
+    return float(np.mean(sims)) if sims else float("nan")
 
 
 def heatmap_quality(model, processor, samples: Sequence[GroundingSample], threshold: float = 0.5,

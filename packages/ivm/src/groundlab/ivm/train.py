@@ -8,7 +8,9 @@ Stages (each reused on a second run with the same config, recomputed with ``forc
    the label-masked image;
 3. generator arms (stage II), same seed, steps and initialisation: ``human_only`` (uniform weights),
    ``mixed_uniform`` (human + machine, no weighting), ``mixed_label`` (``0.2 + 0.8 * is_human``), and
-   ``mixed_dwsl`` (``clip(sigmoid(D), 0.1, 0.9)`` from stage I, computed once per item on its label);
+   ``mixed_dwsl`` (``clip(sigmoid(D), 0.1, 0.9)`` from stage I, computed once per item on its label),
+   and the diagnostic ``mixed_oracle`` (the world only: 0.9 for every correct label, 0.1 for every
+   corrupted one, i.e. DWSL with a perfect discriminator);
 4. evaluation on clean held-out scenes: heatmap mIoU / pixel AP / REC accuracy of each arm, beside the
    whole-image and untrained baselines; downstream VQA of the tiny LLaVA base on cluttered scenes
    without IVM, with the best arm's masks, and with the true masks (oracle).
@@ -46,6 +48,7 @@ from .configuration import IVMConfig
 from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMCollator, IVMDataset, export_world, read_split
 from .evaluation import (
     chat_completions_answerer,
+    condition_cosine,
     grounding_samples,
     heatmap_quality,
     llava_answerer,
@@ -56,7 +59,7 @@ from .modeling import DiscriminatorForTraining, IVMModel, dwsl_weights, label_we
 
 logger = logging.getLogger("groundlab")
 
-ARMS = ("human_only", "mixed_uniform", "mixed_label", "mixed_dwsl")
+ARMS = ("human_only", "mixed_uniform", "mixed_label", "mixed_dwsl", "mixed_oracle")
 
 
 @dataclass
@@ -165,7 +168,7 @@ class GeneratorForTraining(nn.Module):
         if weighting not in ("uniform", "label", "dwsl"):
             raise ValueError(f"weighting must be uniform, label or dwsl, got {weighting!r}")
         if weighting == "dwsl" and item_weights is None:
-            raise ValueError("dwsl weighting needs the discriminator's per-item weights")
+            raise ValueError("dwsl weighting needs per-item weights (the discriminator's, or the oracle's)")
         self.model, self.weighting = model, weighting
         self.register_buffer("item_weights", item_weights if item_weights is not None else torch.ones(0), persistent=False)
         model.set_trainable("generator")
@@ -179,6 +182,14 @@ class GeneratorForTraining(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                          images=images, masks=masks, weights=w)
         return {"loss": out.loss, "logits": out.logits}
+
+
+def oracle_weights(items: list, low: float = 0.1, high: float = 0.9) -> torch.Tensor:
+    """DWSL's weights from a perfect discriminator: ``high`` for a correct label (human, or a machine
+    label the world export left uncorrupted), ``low`` for a corrupted one."""
+    if any(not it.is_human and "corruption" not in it.extra for it in items):
+        raise ValueError("the oracle arm needs the world export's 'corruption' tags on machine items")
+    return torch.tensor([high if it.is_human or it.extra["corruption"] == "none" else low for it in items])
 
 
 @torch.no_grad()
@@ -278,17 +289,23 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     metrics |= whole_image_baseline(samples)
     untrained = fresh()
     metrics |= heatmap_quality(untrained, processor, samples, cfg.threshold, name="baseline/untrained")
+    metrics["baseline/untrained/condition_cosine"] = condition_cosine(untrained, processor, samples)
     del untrained
     arm_models = {}
     for arm in cfg.arms:
         items = human if arm == "human_only" else mixed
-        weighting = {"human_only": "uniform", "mixed_uniform": "uniform", "mixed_label": "label", "mixed_dwsl": "dwsl"}[arm]
+        weighting = {"human_only": "uniform", "mixed_uniform": "uniform", "mixed_label": "label", "mixed_dwsl": "dwsl",
+                     "mixed_oracle": "dwsl"}[arm]
         gen_key = asdict(cfg.generator) | {"progress_bar": None, "bf16": resolve_bf16(cfg.generator.bf16)}
-        a_dir = root / f"{arm}-{content_hash(stamp, gen_key, arm, str(d_dir) if weighting == 'dwsl' else '')}"
+        a_dir = root / f"{arm}-{content_hash(stamp, gen_key, arm, str(d_dir) if arm == 'mixed_dwsl' else '')}"
         model = fresh()
         if not reuse_or_reset(a_dir, force):
             ds = IVMDataset(items, tok, n_img, size, role="generator", augment=True, seed=cfg.generator.seed)
-            weights = item_weights[: len(items)] if weighting == "dwsl" else None
+            weights = None
+            if arm == "mixed_dwsl":
+                weights = item_weights
+            elif arm == "mixed_oracle":
+                weights = oracle_weights(mixed)
             t0 = time.time()
             train(GeneratorForTraining(model, weighting, weights), ds, IVMCollator(processor), cfg.generator,
                   a_dir / "checkpoints")
@@ -299,10 +316,11 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             load_official(model, a_dir / "ivm.pth")
         metrics |= heatmap_quality(model, processor, samples, cfg.threshold, name=arm,
                                    out_path=root / f"predictions_{arm}.jsonl")
+        metrics[f"{arm}/condition_cosine"] = condition_cosine(model, processor, samples)
         arm_models[arm] = model
 
     # 4. downstream VQA on cluttered scenes: without IVM, with the best arm, with the true masks
-    best = max(arm_models, key=lambda a: metrics[f"{a}/mIoU"])
+    best = max((a for a in arm_models if a != "mixed_oracle"), key=lambda a: metrics[f"{a}/mIoU"])
     metrics["vqa/ivm_arm"] = best
     lo, hi = cfg.data.clutter_objects
     clutter = World(WorldConfig(min_objects=lo, max_objects=hi), seed=cfg.data.world_seed).scenes("test", cfg.data.clutter_scenes)
@@ -324,13 +342,23 @@ def print_table(m: dict, arms=ARMS) -> None:
         v = m.get(key)
         return "  -  " if v is None else f"{100 * v:5.1f}"
 
-    print("\n| training data / weighting | heatmap mIoU | pixel AP | REC acc |\n|---|---|---|---|")
+    def by_count(prefix):
+        return " / ".join(f(f"{prefix}/mIoU_{n}_objects").strip() for n in (1, 2, 3))
+
+    def cos(prefix):
+        v = m.get(f"{prefix}/condition_cosine")
+        return "-" if v is None else f"{v:.4f}"
+
+    print("\n| training data / weighting | heatmap mIoU | pixel AP | REC acc | mIoU, 1 / 2 / 3 objects | condition cosine |"
+          "\n|---|---|---|---|---|---|")
     labels = {"human_only": "human only", "mixed_uniform": "human + machine, no DWSL",
-              "mixed_label": "human + machine, label weights 0.2 + 0.8 h", "mixed_dwsl": "human + machine, DWSL"}
+              "mixed_label": "human + machine, label weights 0.2 + 0.8 h", "mixed_dwsl": "human + machine, DWSL",
+              "mixed_oracle": "human + machine, DWSL with a perfect discriminator (diagnostic)"}
     for a in arms:
-        print(f"| {labels[a]} | {f(a + '/mIoU')} | {f(a + '/pixel_AP')} | {f(a + '/rec_acc')} |")
+        print(f"| {labels[a]} | {f(a + '/mIoU')} | {f(a + '/pixel_AP')} | {f(a + '/rec_acc')} | {by_count(a)} | "
+              f"{cos(a)} |")
     for b, label in (("baseline/untrained", "untrained IVM (baseline)"), ("baseline/whole_image", "whole image (baseline)")):
-        print(f"| {label} | {f(b + '/mIoU')} | {f(b + '/pixel_AP')} | {f(b + '/rec_acc')} |")
+        print(f"| {label} | {f(b + '/mIoU')} | {f(b + '/pixel_AP')} | {f(b + '/rec_acc')} | {by_count(b)} | {cos(b)} |")
     if "dwsl/mean_weight_human" in m:
         print(f"\nDWSL weights: human {m['dwsl/mean_weight_human']:.3f}, machine clean "
               f"{m.get('dwsl/mean_weight_machine_clean', float('nan')):.3f}, machine corrupted "
