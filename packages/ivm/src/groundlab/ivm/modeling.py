@@ -143,7 +143,7 @@ class IVMModel(PreTrainedModel):
     def add_lora_adapters(self) -> None:
         """One LoRA adapter per role on the language model's target projections (not the vision tower)."""
         c = self.config
-        pattern = r".*language_model\.layers\.\d+\.self_attn\.(?:" + "|".join(c.lora_targets) + r")$"
+        pattern = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(c.lora_targets) + r")$"
         for name in ADAPTERS:
             lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, bias="none",
                               target_modules=pattern)

@@ -85,6 +85,8 @@ class ModelConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """The language model's projections that get LoRA (the paper: q and v)."""
     condition_hidden: int = 128
     decoder_mlp: int = 256
     decoder_heads: int = 4
@@ -152,7 +154,7 @@ def build_from_bases(llava_path: str | Path, sam_path: str | Path, m: ModelConfi
                depth=sam_cfg["encoder_depth"], num_heads=sam_cfg["encoder_heads"], window_size=sam_cfg["window_size"],
                global_attn_indexes=tuple(sam_cfg["global_attn_indexes"]), out_chans=sam_cfg["prompt_dim"])
     cfg = IVMConfig(sam=sam, lmm_config=llava.config.to_dict(), lora_r=m.lora_r, lora_alpha=m.lora_alpha,
-                    lora_dropout=m.lora_dropout, condition_hidden=m.condition_hidden, decoder_mlp=m.decoder_mlp,
+                    lora_dropout=m.lora_dropout, lora_targets=tuple(m.lora_targets), condition_hidden=m.condition_hidden, decoder_mlp=m.decoder_mlp,
                     decoder_heads=m.decoder_heads, discriminator_hidden=m.discriminator_hidden)
     model = IVMModel(cfg)
     load_llava_into(model, llava)
