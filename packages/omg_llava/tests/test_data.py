@@ -12,8 +12,10 @@ from groundlab.omg_llava.data import (
     load_llava,
     load_mdvp,
     load_osprey,
+    load_refcocog_gcg,
     mdvp_record,
     osprey_record,
+    refcocog_gcg_record,
     res_samples,
     tag_caption,
     write_json,
@@ -48,6 +50,10 @@ def test_formats_round_trip_through_their_loaders(tmp_path, scenes):
         for mask, ph in zip(sample.seg_masks, sorted(scene.caption_phrases, key=lambda p: p.start)):
             assert np.array_equal(mask, scene.objects[ph.object_id].mask)
         assert answer.replace("<p> ", "").replace(" </p> [SEG]", "") == scene.caption
+    gcg2 = load_refcocog_gcg(write_json(tmp_path / "refcocog_gcg.json", [refcocog_gcg_record(s) for s in scenes]),
+                             tmp_path / "images")
+    assert [g.conversation[1]["value"] for g in gcg2] == [g.conversation[1]["value"] for g in gcg]
+    assert all(np.array_equal(a, b) for x, y in zip(gcg2, gcg) for a, b in zip(x.seg_masks, y.seg_masks))
     osprey = load_osprey(write_json(tmp_path / "osprey.json", [osprey_record(scenes[1], 0, "a small circle.")]),
                          tmp_path / "images")
     assert np.array_equal(osprey[0].regions[0], scenes[1].objects[0].mask)
@@ -66,6 +72,10 @@ def test_count_mismatches_and_bad_files_name_the_record(tmp_path, scenes):
     rec["groundings"][phrase]["token_positives"][0] += 1
     with pytest.raises(ValueError, match="record 0: span"):
         load_grandf(write_json(tmp_path / "g.json", [rec]), tmp_path)
+    missing = refcocog_gcg_record(scenes[0])
+    missing["refs"][0]["sentence"] = "a purple hexagon"
+    with pytest.raises(ValueError, match="not in the caption"):
+        load_refcocog_gcg(write_json(tmp_path / "r.json", [missing]), tmp_path)
     bad = llava_record(scenes[0])
     bad["conversations"][1]["value"] += " [SEG]"
     with pytest.raises(ValueError, match=r"1 \[SEG\] tokens in the answers but 0 masks"):

@@ -131,6 +131,15 @@ def grandf_record(scene: Scene) -> dict:
             "caption": scene.caption, "groundings": groundings}
 
 
+def refcocog_gcg_record(scene: Scene) -> dict:
+    refs = []
+    for ph in scene.caption_phrases:
+        obj = scene.objects[ph.object_id]
+        refs.append({"sentence": ph.text, "bbox": list(obj.bbox), "segmentation": encode_rle(obj.mask)})
+    return {"id": f"{scene.split}-{scene.index}", "img_file_name": image_file_name(scene), "caption": scene.caption,
+            "refs": refs}
+
+
 def osprey_record(scene: Scene, target: int, description: str) -> dict:
     h, w = scene.image.shape[:2]
     obj = scene.objects[target]
@@ -194,6 +203,35 @@ def load_grandf(path: str | Path, image_root: str | Path) -> list[Sample]:
         conv = [{"from": "human", "value": f"{IMAGE}\n{GCG_PROMPT}"}, {"from": "gpt", "value": answer}]
         out.append(check_sample(Sample(str(rec.get("image_id", i)), Path(image_root) / rec["file_name"], conv,
                                        [m for _, m in items], task="gcg"), str(path)))
+    return out
+
+
+def load_refcocog_gcg(path: str | Path, image_root: str | Path) -> list[Sample]:
+    """RefCOCOg-GCG: each ref's sentence is found in the (lower-cased) caption; phrases are ordered by
+    position and a phrase overlapping the next is cut where the next begins. A sentence absent from the
+    caption is an error (the release drops it silently)."""
+    out = []
+    for i, rec in enumerate(_load_json(path)):
+        _require(rec, ("id", "img_file_name", "caption", "refs"), str(path), i)
+        caption = rec["caption"].strip('"').strip().lower()
+        items = []
+        for ref in rec["refs"]:
+            phrase = ref["sentence"].lower()
+            start = caption.find(phrase)
+            if start < 0:
+                raise ValueError(f"{path}: record {i}: phrase {ref['sentence']!r} is not in the caption {caption!r}")
+            seg = ref["segmentation"]
+            if not isinstance(seg, dict) or "size" not in seg:
+                raise ValueError(f"{path}: record {i}: segmentation of {phrase!r} must be an RLE with its size")
+            items.append([start, start + len(phrase), decode_rle(seg)])
+        items.sort(key=lambda t: t[0])
+        for a, b in zip(items, items[1:]):
+            if a[1] > b[0]:
+                a[1] = b[0]
+        answer = tag_caption(caption, [(a, b) for a, b, _ in items])
+        conv = [{"from": "human", "value": f"{IMAGE}\n{GCG_PROMPT}"}, {"from": "gpt", "value": answer}]
+        out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["img_file_name"], conv,
+                                       [m for _, _, m in items], task="gcg"), str(path)))
     return out
 
 
