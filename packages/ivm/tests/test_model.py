@@ -12,6 +12,7 @@ from groundlab.ivm.modeling import (
     sigmoid_bce,
     soft_dice,
 )
+from groundlab.ivm.train import load_llava_into
 from groundlab.shared.bases.vlm import TinyVLMConfig, build_model, build_processor
 from groundlab.shared.tokenizer import load_tokenizer
 
@@ -27,7 +28,7 @@ def tiny_ivm(seed=0):
     cfg = IVMConfig(sam=TINY_SAM, lmm_config=llava.config.to_dict(), condition_hidden=64, decoder_mlp=64,
                     decoder_heads=2, discriminator_hidden=32)
     model = IVMModel(cfg)
-    model.lmm.load_state_dict(llava.state_dict(), strict=False)
+    load_llava_into(model, llava)
     return model, build_processor(vcfg, tok), vcfg
 
 
@@ -197,3 +198,18 @@ def test_sam_encoder_loads_from_an_official_sam_checkpoint(tmp_path):
     load_official(model, to_official(model), sam_checkpoint=path)
     for k, v in sam.image_encoder.state_dict().items():
         assert torch.equal(model.image_encoder.state_dict()[k], v)
+
+
+def test_partial_loads_are_checked():
+    from groundlab.ivm.checkpoint import load_part
+
+    model, _, _ = tiny_ivm()
+    disc = trained_keys(model, "discriminator")
+    assert disc and all(".discriminator." in k or k.startswith("discriminator_head.") for k in disc)
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if k in disc}
+    load_part(model, state, disc, "disc")
+    assert all(model.state_dict()[k].abs().sum() == 0 for k in disc)
+    with pytest.raises(ValueError, match="missing"):
+        load_part(model, {k: v for k, v in state.items() if "lora_B" not in k}, disc, "disc")
+    with pytest.raises(ValueError, match="unexpected"):
+        load_part(model, {**state, "discriminator_head.fc3.weight": torch.zeros(1)}, disc, "disc")

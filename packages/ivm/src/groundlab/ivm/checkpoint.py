@@ -35,6 +35,22 @@ _DECODER_RENAMES = (
 )
 
 
+def load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], required: list[str], what: str) -> None:
+    """Load ``state`` into part of ``module``: every key of ``state`` must be one of the module's (same
+    shape) and every key in ``required`` must be in ``state``; the module's other weights keep their
+    values. Errors name the keys."""
+    own = module.state_dict()
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(required) - set(state))
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if unknown or missing or shapes:
+        raise ValueError(f"{what} does not fit: unexpected {unknown[:6]}, missing {missing[:6]}, "
+                         f"shape mismatches {shapes[:6]}")
+    result = module.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys  # checked above
+
+
 def map_key(key: str) -> str | None:
     """The name of an official key in this model (None: not an IVM key)."""
     if key.startswith(LMM_PREFIX):
@@ -54,11 +70,12 @@ def map_key(key: str) -> str | None:
     return None
 
 
-def trained_keys(model: IVMModel) -> list[str]:
-    """What an IVM checkpoint must provide: the generator LoRA, ``condition_proj`` and ``generator``."""
-    state = model.state_dict()
-    return sorted(k for k in state if k.startswith(("condition_proj.", "generator."))
-                  or ".lora_A.generator." in k or ".lora_B.generator." in k)
+def trained_keys(model: IVMModel, role: str = "generator") -> list[str]:
+    """The weights one role trains (what its checkpoint must provide): ``generator`` (its LoRA,
+    ``condition_proj``, ``generator``) or ``discriminator`` (its LoRA, ``discriminator_head``)."""
+    own = ("condition_proj.", "generator.") if role == "generator" else ("discriminator_head.",)
+    return sorted(k for k in model.state_dict() if k.startswith(own) or f".lora_A.{role}." in k
+                  or f".lora_B.{role}." in k)
 
 
 def convert_official(state: dict[str, torch.Tensor], model: IVMModel) -> dict[str, torch.Tensor]:
@@ -95,8 +112,7 @@ def load_official(model: IVMModel, checkpoint: str | Path | dict, sam_checkpoint
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
-    converted = convert_official(state, model)
-    model.load_state_dict(converted, strict=False)  # a subset, checked key by key above
+    load_part(model, convert_official(state, model), trained_keys(model), "the IVM checkpoint")
     if sam_checkpoint is not None:
         from groundlab.shared.bases.sam import load_sam_checkpoint
 

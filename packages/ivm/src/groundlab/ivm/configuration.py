@@ -68,6 +68,12 @@ class IVMConfig(PretrainedConfig):
         return self.sam["img_size"] // self.sam["patch_size"]
 
     @property
+    def n_image_tokens(self) -> int:
+        """Tokens the LMM's vision tower gives one image (the ``<image>`` placeholder's expansion)."""
+        v = self.lmm_config.vision_config
+        return (v.image_size // v.patch_size) ** 2
+
+    @property
     def lmm_hidden(self) -> int:
         return self.lmm_config.text_config.hidden_size
 

@@ -246,6 +246,20 @@ def encode_prompt(tokenizer, text: str, n_image_tokens: int) -> list[int]:
     return expand_token({"input_ids": ids}, image_id, n_image_tokens)["input_ids"]
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` (B, T) of token lists."""
+    longest = max(len(x) for x in sequences)
+    ids = torch.tensor([[pad_id] * (longest - len(x)) + list(x) for x in sequences])
+    att = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in sequences])
+    return ids, att
+
+
+def policy_inputs(tokenizer, instructions, n_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's prompts for ``instructions``, left padded: (input_ids, attention_mask)."""
+    ids = [encode_prompt(tokenizer, POLICY_PROMPT.format(instruction=x), n_image_tokens) for x in instructions]
+    return left_pad(ids, tokenizer.pad_token_id)
+
+
 def masked_image(image: np.ndarray, heat: np.ndarray, fill: int = 255) -> np.ndarray:
     """The discriminator's view: pixels where the label heatmap is <= 0.5 filled white."""
     keep = (heat > 0.5)[..., None]
@@ -306,10 +320,7 @@ class IVMCollator:
         self.processor, self.role = processor, role
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        pad = self.processor.tokenizer.pad_token_id
-        longest = max(len(s["input_ids"]) for s in samples)
-        ids = torch.tensor([[pad] * (longest - len(s["input_ids"])) + s["input_ids"] for s in samples])
-        att = torch.tensor([[0] * (longest - len(s["input_ids"])) + [1] * len(s["input_ids"]) for s in samples])
+        ids, att = left_pad([s["input_ids"] for s in samples], self.processor.tokenizer.pad_token_id)
         pixels = self.processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
         batch = {"input_ids": ids, "attention_mask": att, "pixel_values": pixels,
                  "is_human": torch.tensor([s["is_human"] for s in samples])}

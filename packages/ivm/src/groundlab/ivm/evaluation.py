@@ -25,7 +25,7 @@ import torch
 from groundlab.shared.metrics import average_precision, box_iou, mask_iou
 from groundlab.shared.world import Scene
 
-from .data import target_instructions
+from .data import policy_inputs, target_instructions
 from .masking import MODES, apply_mask, box_of, heatmaps, soft_mask
 
 
@@ -88,11 +88,6 @@ def _scores(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], thr
 def condition_cosine(model, processor, samples: Sequence[GroundingSample]) -> float:
     """Mean cosine similarity of the condition tokens of different targets' instructions on the same
     image (1.0: the condition does not depend on the instruction)."""
-    from .data import POLICY_PROMPT, encode_prompt
-
-    tok = processor.tokenizer
-    vision = model.config.lmm_config.vision_config
-    n_img = (vision.image_size // vision.patch_size) ** 2
     by_image: dict[str, list[GroundingSample]] = {}
     for s in samples:
         by_image.setdefault(s.id.rsplit("-", 1)[0], []).append(s)
@@ -101,10 +96,7 @@ def condition_cosine(model, processor, samples: Sequence[GroundingSample]) -> fl
     for group in by_image.values():
         if len(group) < 2:
             continue
-        ids = [encode_prompt(tok, POLICY_PROMPT.format(instruction=s.instruction), n_img) for s in group]
-        longest = max(map(len, ids))
-        input_ids = torch.tensor([[tok.pad_token_id] * (longest - len(x)) + x for x in ids])
-        att = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in ids])
+        input_ids, att = policy_inputs(processor.tokenizer, [s.instruction for s in group], model.config.n_image_tokens)
         pixels = processor.image_processor([s.image for s in group], return_tensors="pt")["pixel_values"]
         c = torch.nn.functional.normalize(model.condition(input_ids, att, pixels)[:, 0], dim=-1)
         sim = c @ c.T

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from .data import POLICY_PROMPT, encode_prompt
+from .data import policy_inputs
 
 MODES = ("overlay", "blur", "grayscale", "crop")
 
@@ -87,9 +87,6 @@ def heatmaps(model, processor, images: Sequence[np.ndarray], instructions: Seque
     """Per image, the heatmap probabilities (H, W) at the image's own size."""
     if len(images) != len(instructions):
         raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-    tok = processor.tokenizer
-    n_img = model.config.lmm_config.vision_config.image_size // model.config.lmm_config.vision_config.patch_size
-    n_img = n_img**2
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -97,10 +94,8 @@ def heatmaps(model, processor, images: Sequence[np.ndarray], instructions: Seque
         for j, im in enumerate(ims):
             if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
                 raise ValueError(f"image #{start + j} must be (H, W, 3) uint8, got {im.shape} {im.dtype}")
-        ids = [encode_prompt(tok, POLICY_PROMPT.format(instruction=x), n_img) for x in instructions[start : start + len(ims)]]
-        longest = max(map(len, ids))
-        input_ids = torch.tensor([[tok.pad_token_id] * (longest - len(x)) + x for x in ids])
-        attention = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in ids])
+        input_ids, attention = policy_inputs(processor.tokenizer, instructions[start : start + len(ims)],
+                                             model.config.n_image_tokens)
         pixels = processor.image_processor(ims, return_tensors="pt")["pixel_values"]
         sam_in = torch.stack([model.preprocess(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None])[0]
                               for im in ims])

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from groundlab.shared.bases import ensure_base
 from groundlab.shared.bases.sam import load_sam_checkpoint
@@ -43,7 +43,7 @@ from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, r
 from groundlab.shared.training import TrainConfig, resolve_bf16, train
 from groundlab.shared.world import World, WorldConfig
 
-from .checkpoint import load_official, to_official
+from .checkpoint import load_official, load_part, to_official, trained_keys
 from .configuration import IVMConfig
 from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMCollator, IVMDataset, export_world, read_split
 from .evaluation import (
@@ -141,10 +141,7 @@ def load_llava_into(model: IVMModel, llava: LlavaForConditionalGeneration) -> No
         if own[new].shape != value.shape:
             raise ValueError(f"LLaVA weight {key}: {tuple(value.shape)} vs {tuple(own[new].shape)}")
         mapped[new] = value
-    unfilled = [k for k in own if k not in mapped and ".lora_" not in k]
-    if unfilled:
-        raise KeyError(f"IVM LMM weights the LLaVA checkpoint lacks: {unfilled[:6]}")
-    model.lmm.load_state_dict(mapped, strict=False)
+    load_part(model.lmm, mapped, [k for k in own if ".lora_" not in k], "the LLaVA checkpoint")
 
 
 def build_from_bases(llava_path: str | Path, sam_path: str | Path, m: ModelConfig) -> IVMModel:
@@ -239,14 +236,15 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if machine and "corruption" in machine[0].extra:
         metrics["data/machine_corrupted_share"] = float(np.mean([it.extra["corruption"] != "none" for it in machine]))
 
-    base_cfg = TinyVLMConfig(kind="llava")
-    n_img = base_cfg.n_image_tokens
-    size = json.loads((Path(sam_path).parent / "config.json").read_text())["image_size"]
     stamp = content_hash(asdict(cfg.model), str(llava_path), str(sam_path), str(data_dir))
 
     def fresh() -> IVMModel:
         torch.manual_seed(cfg.generator.seed)  # the same initialisation for every arm
         return build_from_bases(llava_path, sam_path, cfg.model)
+
+    vision = AutoConfig.from_pretrained(llava_path).vision_config  # the LMM's and SAM's input sizes
+    n_img = (vision.image_size // vision.patch_size) ** 2
+    size = json.loads((Path(sam_path).parent / "config.json").read_text())["image_size"]
 
     # 2. discriminator (stage I)
     item_weights, d_dir = None, None
@@ -259,12 +257,12 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             t0 = time.time()
             train(DiscriminatorForTraining(model), disc_ds, collate, cfg.discriminator, d_dir / "checkpoints")
             metrics["time/discriminator_train_s"] = time.time() - t0
-            state = {k: v for k, v in model.state_dict().items()
-                     if ".discriminator." in k or k.startswith("discriminator_head.")}
-            torch.save(state, d_dir / "discriminator.pt")
+            state = model.state_dict()
+            torch.save({k: state[k] for k in trained_keys(model, "discriminator")}, d_dir / "discriminator.pt")
             mark_complete(d_dir, ["discriminator.pt"])
         else:
-            model.load_state_dict(torch.load(d_dir / "discriminator.pt", weights_only=True), strict=False)
+            load_part(model, torch.load(d_dir / "discriminator.pt", weights_only=True),
+                      trained_keys(model, "discriminator"), str(d_dir / "discriminator.pt"))
         plain = IVMDataset(mixed, tok, n_img, size, role="discriminator", augment=False)
         logits = discriminator_scores(model, plain, collate)
         item_weights = dwsl_weights(logits)
@@ -329,7 +327,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if cfg.vqa_url:
         answerer = chat_completions_answerer(cfg.vqa_url, cfg.vqa_model or "default", os.environ.get("IVM_VQA_API_KEY"))
     else:
-        answerer = llava_answerer(LlavaForConditionalGeneration.from_pretrained(llava_path), processor, base_cfg)
+        answerer = llava_answerer(LlavaForConditionalGeneration.from_pretrained(llava_path), processor,
+                                  TinyVLMConfig(kind="llava", image_size=vision.image_size, patch_size=vision.patch_size))
     metrics |= vqa_with_and_without_ivm(answerer, arm_models[best], processor, clutter, cfg.vqa_threshold,
                                         cfg.vqa_mode, out_path=root / "predictions_vqa.jsonl")
     metrics["time/total_s"] = time.time() - t_start
