@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------
@@ -226,18 +227,6 @@ class PixelDecoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Mask2Former transformer decoder
-
-
-class MLP(nn.Module):
-    def __init__(self, dim_in: int, hidden: int, dim_out: int, layers: int):
-        super().__init__()
-        dims = [dim_in] + [hidden] * (layers - 1) + [dim_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
 
 
 class DecoderLayer(nn.Module):
