@@ -109,3 +109,46 @@ def test_release_configs_build_on_meta(llm, total, llm_params):
     assert sum(p.numel() for p in model.llm.parameters()) == llm_params
     assert model.projector.pixel_mlp[0].in_features == 6144 + 512
     assert model.projector.query_proj.weight.shape == (6144, 512) and model.config.grid == 16
+
+
+def test_visual_prompts_fill_their_placeholders_and_counts_must_match():
+    model, tok = tiny()
+    p = model.perceive(torch.randn(1, 3, 64, 64))
+    text = f"{IMAGE_TOKEN}\nPlease give me a short description of region1 <region>. And Mark 1 <mark>?"
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([expand_token({"input_ids": ids}, model.config.token_ids[IMAGE_TOKEN],
+                                     p[0].num_tokens())["input_ids"]])
+    region = torch.zeros(1, 64, 64, dtype=torch.bool)
+    region[0, 10:30, 20:40] = True
+    point = torch.tensor([[12.0, 40.0]])
+    embeds = model.embed(ids, p, [{"<region>": region, "<mark>": point}])
+    r_pos = (ids[0] == model.config.token_ids["<region>"]).nonzero().item()
+    m_pos = (ids[0] == model.config.token_ids["<mark>"]).nonzero().item()
+    expected_r = model.projector.objects(model.prompt_queries(p[0], "mask", region))
+    expected_m = model.projector.objects(model.prompt_queries(p[0], "point", point))
+    assert torch.allclose(embeds[0, r_pos], expected_r[0]) and torch.allclose(embeds[0, m_pos], expected_m[0])
+    assert not torch.allclose(expected_r, expected_m)
+    # text tokens keep their own rows
+    plain = model.llm.get_input_embeddings()(ids[0, :1])
+    assert torch.equal(embeds[0, :1], plain)
+    with pytest.raises(ValueError, match="1 <mark> tokens but 0 point prompts"):
+        model.embed(ids, p, [{"<region>": region}])
+    with pytest.raises(ValueError, match="1 <region> tokens but 2 mask prompts"):
+        model.embed(ids, p, [{"<region>": region.repeat(2, 1, 1), "<mark>": point}])
+
+
+def test_generation_returns_answer_ids_and_one_mask_per_seg_token():
+    model, tok = tiny()
+    seg_id = model.config.token_ids["[SEG]"]
+    # make the LM answer [SEG] at every step
+    model.llm.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([seg_id]), 100.0))
+    perception, ids, _, att = batch(tok, model, ["It is [SEG]."])
+    out = model.generate_with_masks(ids, att, perception, max_new_tokens=3, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id)
+    (answer, masks), = out
+    assert answer == [seg_id] * 3 and masks.shape == (3, 16, 16)
+    # the masks are the decoder's last prediction for the [SEG] hidden states of one pass over prompt + answer
+    full = torch.cat([ids, torch.tensor([answer])], 1)
+    hidden = model.llm(inputs_embeds=model.embed(full, perception), attention_mask=torch.ones_like(full),
+                       output_hidden_states=True).hidden_states[-1][0, ids.shape[1]:]
+    assert torch.allclose(masks, model.decode_seg(hidden, perception[0])[-1].mask_logits[0], atol=1e-5)

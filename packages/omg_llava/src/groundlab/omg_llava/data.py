@@ -271,3 +271,76 @@ def res_samples(refer, split: str) -> list[Sample]:
                 {"from": "gpt", "value": f"It is {SEG}."}]
         out.append(Sample(f"{r.ref_id}-{r.sent_id}", r.image_path, conv, [r.mask], task="res"))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the world in every format (the default run's data)
+
+FILES = {"caption": "llava_pretrain.json", "qa": "llava_instruct.json", "gcg": "grandf_{split}.json",
+         "region": "osprey_{split}.json", "point": "mdvp_{split}.json"}
+
+
+def region_description(scene: Scene, target: int) -> str:
+    """A region's description: the object's full phrase, capitalised, as a sentence."""
+    text = scene.objects[target].phrase
+    return text[0].upper() + text[1:] + "."
+
+
+def export_world(world, out_dir: str | Path, n_train: int, n_val: int) -> dict[str, int]:
+    """Write ``n_train`` train and ``n_val`` val scenes of ``world`` in every format: images under
+    ``images/``, LLaVA captions (stage 1) and questions, REFER (``refcoco/``), GranD-f GCG, Osprey
+    regions and MDVP points (one record per object, with an interior point). Returns record counts."""
+    from groundlab.shared.world_io import save_image, write_refer
+
+    out = Path(out_dir)
+    images = out / "images"
+    splits = {"train": world.scenes("train", n_train), "val": world.scenes("val", n_val)}
+    counts: dict[str, int] = {}
+    for split, scenes in splits.items():
+        for s in scenes:
+            save_image(s, images)
+        gcg = [grandf_record(s) for s in scenes if s.caption_phrases]
+        regions = [osprey_record(s, o.id, region_description(s, o.id)) for s in scenes for o in s.objects]
+        points = []
+        for s in scenes:
+            for o in s.objects:
+                ys, xs = np.nonzero(o.mask)
+                i = len(ys) // 2  # a deterministic interior pixel (the middle one in raster order)
+                points.append(mdvp_record(s, o.id, (int(xs[i]), int(ys[i])), region_description(s, o.id)))
+        write_json(out / FILES["gcg"].format(split=split), gcg)
+        write_json(out / FILES["region"].format(split=split), regions)
+        write_json(out / FILES["point"].format(split=split), points)
+        counts |= {f"{split}/gcg": len(gcg), f"{split}/region": len(regions), f"{split}/point": len(points)}
+    train = splits["train"]
+    write_json(out / FILES["caption"], [caption_record(s) for s in train])
+    write_json(out / FILES["qa"], [llava_record(s, k) for s in train for k in range(len(s.qa))])
+    write_refer(splits, out, images)
+    counts |= {"train/caption": len(train), "train/qa": sum(len(s.qa) for s in train),
+               "train/res_objects": sum(len(s.objects) for s in train),
+               "val/res_objects": sum(len(s.objects) for s in splits["val"])}
+    return counts
+
+
+def load_world_export(out_dir: str | Path, split: str, tasks: tuple[str, ...]) -> list[Sample]:
+    """Read an :func:`export_world` folder back through the real loaders: the samples of ``tasks``
+    (caption, qa, res, gcg, region, point) of ``split``."""
+    from groundlab.shared.world_io import Refer
+
+    out, images = Path(out_dir), Path(out_dir) / "images"
+    samples: list[Sample] = []
+    for task in tasks:
+        if task in ("caption", "qa"):
+            if split != "train":
+                raise ValueError(f"the world export has {task} records for the train split only")
+            samples += load_llava(out / FILES[task], images)
+        elif task == "res":
+            samples += res_samples(Refer(out, images), split)
+        elif task == "gcg":
+            samples += load_grandf(out / FILES["gcg"].format(split=split), images)
+        elif task == "region":
+            samples += load_osprey(out / FILES["region"].format(split=split), images)
+        elif task == "point":
+            samples += load_mdvp(out / FILES["point"].format(split=split), images)
+        else:
+            raise ValueError(f"unknown task {task!r}; known: caption, qa, res, gcg, region, point")
+    return samples

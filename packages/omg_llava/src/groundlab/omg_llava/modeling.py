@@ -37,6 +37,7 @@ from .perception import perception_prior, pixel_unshuffle
 
 SPECIAL_TOKENS = ("[SEG]", "<p>", "</p>", "<region>", "<mark>")
 IMAGE_TOKEN = "<image>"
+PROMPT_KINDS = {"<region>": "mask", "<mark>": "point"}  # placeholder -> the segmenter's prompt kind
 
 
 class OMGLlavaConfig(PretrainedConfig):
@@ -45,7 +46,7 @@ class OMGLlavaConfig(PretrainedConfig):
     def __init__(self, seg_config: dict | PretrainedConfig | None = None, text_config: dict | PretrainedConfig | None = None,
                  shuffle: int = 2, use_prior: bool = True, use_object_tokens: bool = True,
                  token_ids: dict[str, int] | None = None, seg_bce_weight: float = 2.0, seg_dice_weight: float = 0.5,
-                 seg_points: int = 12544, reconstruction_weight: float = 10.0, **kwargs):
+                 seg_points: int = 12544, reconstruction_weight: float = 10.0, template: str = "internlm2", **kwargs):
         """
         Args:
             seg_config: the segmenter (:class:`OMGSegConfig`; the release's OMG-Seg by default).
@@ -56,6 +57,7 @@ class OMGLlavaConfig(PretrainedConfig):
             token_ids: ids of ``<image>`` and the special tokens in the tokenizer.
             seg_bce_weight, seg_dice_weight, seg_points: the ``[SEG]`` mask loss (2.0 / 0.5 / 12544).
             reconstruction_weight: stage 1's ``10 * MSE(text2vision(object token), [Q ; E])``.
+            template: the chat layout the LLM was tuned with (``groundlab.omg_llava.inference.TEMPLATES``).
         """
         if isinstance(seg_config, dict):
             seg_config = OMGSegConfig(**seg_config)
@@ -69,6 +71,7 @@ class OMGLlavaConfig(PretrainedConfig):
         self.token_ids = dict(token_ids or {})
         self.seg_bce_weight, self.seg_dice_weight, self.seg_points = seg_bce_weight, seg_dice_weight, seg_points
         self.reconstruction_weight = reconstruction_weight
+        self.template = template
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict:
@@ -88,6 +91,9 @@ class OMGLlavaConfig(PretrainedConfig):
     @property
     def clip_dim(self) -> int:
         return self.seg_config.dims[-1] * self.shuffle**2
+
+
+AutoConfig.register(OMGLlavaConfig.model_type, OMGLlavaConfig, exist_ok=True)
 
 
 def mlp(dim_in: int, dim: int) -> nn.Sequential:
@@ -194,11 +200,38 @@ class OMGLlavaForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------
 
-    def embed(self, input_ids: torch.Tensor, perception: list[Perception]) -> torch.Tensor:
+    @torch.no_grad()
+    def prompt_queries(self, p: Perception, kind: str, prompts: torch.Tensor) -> torch.Tensor:
+        """One image's visual prompts through the frozen decoder: ``[query ; query_pos]`` (N, 2d) of each
+        prompt query after the last layer. ``kind``: ``mask`` (``<region>``: (N, S, S) bool masks at the
+        segmenter's input resolution) or ``point`` (``<mark>``: (N, 2) input-pixel (x, y))."""
+        seg = self.segmenter
+        _, pos = seg.prompt_queries(kind, prompts[None])
+        enc = {"mask_features": p.mask_features, "memory": p.memory, "pos": p.pos}
+        last = seg.run_prompts(enc, kind, prompts[None])[-1]
+        return torch.cat([last.query[0], pos[0]], -1)
+
+    def embed(self, input_ids: torch.Tensor, perception: list[Perception], prompts: list[dict] | None = None
+              ) -> torch.Tensor:
+        """Token embeddings with the visual tokens spliced in at ``<image>`` and, per sample, the visual
+        prompts (``prompts[b]``: ``{"<region>": (N, S, S) masks, "<mark>": (N, 2) points}``) at their
+        placeholders through the object-centric projector, in order. Counts must match exactly."""
         image_id = self.config.token_ids[IMAGE_TOKEN]
         safe = input_ids.masked_fill(input_ids == image_id, 0)
         embeds = self.llm.get_input_embeddings()(safe)
-        return splice_features(embeds, input_ids, self.visual_embeds(perception), image_id)
+        embeds = splice_features(embeds, input_ids, self.visual_embeds(perception), image_id).clone()
+        for token, kind in PROMPT_KINDS.items():
+            tid = self.config.token_ids[token]
+            for b in range(input_ids.shape[0]):
+                where = (input_ids[b] == tid).nonzero().flatten()
+                given = (prompts[b] or {}).get(token) if prompts is not None else None
+                n_given = 0 if given is None else len(given)
+                if len(where) != n_given:
+                    raise ValueError(f"sample {b}: {len(where)} {token} tokens but {n_given} {kind} prompts")
+                if n_given:
+                    feats = self.projector.objects(self.prompt_queries(perception[b], kind, given))
+                    embeds[b, where] = feats.to(embeds.dtype)
+        return embeds
 
     def decode_seg(self, hidden: torch.Tensor, p: Perception):
         """(n, D) ``[SEG]`` hidden states of one image -> its decoder's ``layers + 1`` predictions."""
@@ -207,8 +240,10 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         return self.segmenter.decoder.run_queries(feat, pos, p.mask_features, p.memory, p.pos)
 
     def forward(self, input_ids, attention_mask=None, labels=None, perception: list[Perception] | None = None,
-                pixel_values=None, seg_masks: list[torch.Tensor] | None = None) -> OMGLlavaOutput:
-        """``perception`` (precomputed, the segmenter being frozen) or ``pixel_values``; ``seg_masks``: per
+                pixel_values=None, seg_masks: list[torch.Tensor] | None = None, prompts: list[dict] | None = None,
+                **unused) -> OMGLlavaOutput:
+        """``perception`` (precomputed, the segmenter being frozen) or ``pixel_values``; ``prompts``: the
+        visual prompts of each sample (see :meth:`embed`); ``seg_masks``: per
         sample the (n_seg, S, S) target masks of its ``[SEG]`` tokens, in reading order. A sample whose
         ``[SEG]`` count differs from its mask count is skipped for the mask loss and counted in
         ``seg_mismatched`` (never silently zeroed)."""
@@ -216,7 +251,7 @@ class OMGLlavaForCausalLM(PreTrainedModel):
             if pixel_values is None:
                 raise ValueError("OMG-LLaVA needs pixel_values or a precomputed perception")
             perception = self.perceive(pixel_values)
-        embeds = self.embed(input_ids, perception)
+        embeds = self.embed(input_ids, perception, prompts)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
                        use_cache=False)
         loss, seg_loss, mismatched, masks_out = out.loss, None, 0, []
@@ -251,3 +286,43 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         if qe.shape[0] == 0:
             return self.text2vision[0].weight.sum() * 0.0
         return self.config.reconstruction_weight * F.mse_loss(self.text2vision(self.projector.objects(qe)), qe)
+
+    # ------------------------------------------------------------------------------------------
+    # inference
+
+    @torch.no_grad()
+    def generate_with_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, perception: list[Perception],
+                            prompts: list[dict] | None = None, max_new_tokens: int = 48,
+                            eos_token_id: int | None = None, pad_token_id: int | None = None
+                            ) -> list[tuple[list[int], torch.Tensor]]:
+        """Greedy answers to left-padded prompts; per sample (answer ids up to and excluding the end
+        token, the last decoder prediction's mask logits (n_seg, S/4, S/4) of its ``[SEG]`` tokens in
+        order). The ``[SEG]`` hidden states come from one forward pass over prompt + answer."""
+        self.eval()
+        eos = self.config.text_config.eos_token_id if eos_token_id is None else eos_token_id
+        embeds = self.embed(input_ids, perception, prompts)
+        gen = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=eos, pad_token_id=pad_token_id)
+        answers = []
+        for row in gen.tolist():
+            answers.append(row[: row.index(eos)] if eos in row else row)
+        width = max(1, max(len(a) for a in answers))
+        new = torch.tensor([a + [eos] * (width - len(a)) for a in answers], dtype=torch.long)
+        new_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], dtype=attention_mask.dtype)
+        table = self.llm.get_input_embeddings()
+        # generated placeholder ids carry no visual input: they are embedded as plain tokens
+        full = torch.cat([embeds, table(new.clamp(max=table.num_embeddings - 1))], 1)
+        mask = torch.cat([attention_mask, new_mask], 1)
+        hidden = self.llm(inputs_embeds=full, attention_mask=mask, output_hidden_states=True,
+                          use_cache=False).hidden_states[-1][:, input_ids.shape[1]:]
+        seg_id = self.config.token_ids["[SEG]"]
+        out = []
+        for b, a in enumerate(answers):
+            where = [i for i, t in enumerate(a) if t == seg_id]
+            if where:
+                masks = self.decode_seg(hidden[b, where], perception[b])[-1].mask_logits[0]
+            else:
+                s = perception[b].mask_features.shape[-1]
+                masks = torch.zeros(0, s, s)
+            out.append((a, masks))
+        return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .segmenter import (
     ConvNeXtBackbone,
@@ -45,6 +45,9 @@ class OMGSegConfig(PretrainedConfig):
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.prompt_radius = prompt_radius
         super().__init__(**kwargs)
+
+
+AutoConfig.register(OMGSegConfig.model_type, OMGSegConfig, exist_ok=True)
 
 
 class OMGSegModel(PreTrainedModel):

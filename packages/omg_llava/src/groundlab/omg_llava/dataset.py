@@ -1,0 +1,140 @@
+"""Samples (:class:`groundlab.omg_llava.data.Sample`) -> training batches of :class:`OMGLlavaForCausalLM`.
+
+The segmenter is frozen and sees each image un-augmented, so its perception of every image is
+computed once (:class:`PerceptionCache`) and shared by all samples of that image. Masks and visual
+prompts are brought to the segmenter's input frame: padded to a square (bottom / right) and
+resized to ``image_size``; points are scaled the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from groundlab.shared.multimodal import (
+    ChatTemplate,
+    expand_token,
+    pad_batch,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from groundlab.shared.world_io import load_image
+
+from .data import MARK, REGION, Sample
+from .modeling import IMAGE_TOKEN, OMGLlavaForCausalLM, Perception
+
+
+def to_input_frame(masks: list[np.ndarray] | np.ndarray, size: int) -> torch.Tensor:
+    """(N, H, W) bool masks -> (N, size, size) bool in the segmenter's frame (pad bottom / right to a
+    square, nearest resize)."""
+    if len(masks) == 0:
+        return torch.zeros(0, size, size, dtype=torch.bool)
+    m = torch.from_numpy(np.stack([np.asarray(x, bool) for x in masks]))
+    h, w = m.shape[-2:]
+    side = max(h, w)
+    m = F.pad(m.float(), (0, side - w, 0, side - h))
+    return F.interpolate(m[None], size=(size, size), mode="nearest")[0] > 0.5
+
+
+def from_input_frame(logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(N, s, s) mask logits in the segmenter's frame -> (N, H, W) logits of the original image (resize to
+    the padded square, then crop the padding away)."""
+    h, w = hw
+    side = max(h, w)
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, h, w)
+    up = F.interpolate(logits[None].float(), size=(side, side), mode="bilinear", align_corners=False)[0]
+    return up[:, :h, :w]
+
+
+class PerceptionCache:
+    """The frozen segmenter's :class:`Perception` of each image path, computed once in batches."""
+
+    def __init__(self, model: OMGLlavaForCausalLM, paths, batch_size: int = 64):
+        self.items: dict[str, tuple[Perception, tuple[int, int]]] = {}
+        self.model = model
+        self.add(paths, batch_size)
+
+    def add(self, paths, batch_size: int = 64) -> None:
+        todo = sorted({str(p) for p in paths} - set(self.items))
+        seg = self.model.segmenter
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            images = [np.asarray(load_image(p)) for p in chunk]
+            for path, im, p in zip(chunk, images, self.model.perceive(seg.preprocess(images))):
+                self.items[path] = (p, im.shape[:2])
+
+    def __getitem__(self, path) -> tuple[Perception, tuple[int, int]]:
+        key = str(path)
+        if key not in self.items:
+            raise KeyError(f"no perception cached for image {key}")
+        return self.items[key]
+
+
+class OMGDataset(Dataset):
+    """Tokenized conversations with their image's visual-token count, ``[SEG]`` target masks and visual
+    prompts in the segmenter's frame."""
+
+    def __init__(self, samples: list[Sample], tokenizer, template: ChatTemplate, model: OMGLlavaForCausalLM,
+                 cache: PerceptionCache, max_length: int | None = None):
+        self.samples, self.tok, self.template, self.cache = samples, tokenizer, template, cache
+        self.max_length = max_length
+        cfg = model.config
+        self.image_id = cfg.token_ids[IMAGE_TOKEN]
+        self.use_objects = cfg.use_object_tokens
+        self.size = cfg.seg_config.image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def prompts(self, s: Sample, hw: tuple[int, int]) -> dict:
+        side = max(hw)
+        out = {}
+        if s.regions:
+            out[REGION] = to_input_frame(s.regions, self.size)
+        if s.points:
+            out[MARK] = torch.tensor(s.points, dtype=torch.float32) * (self.size / side)
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        p, hw = self.cache[s.image]
+        try:
+            ids = tokenize_conversation(self.tok, s.conversation, self.template, self.max_length)
+        except ValueError as err:
+            raise ValueError(f"sample {s.id} ({s.image}): {err}") from err
+        ids = expand_token(ids, self.image_id, p.num_tokens(self.use_objects))
+        return {**ids, "perception": p, "seg_masks": to_input_frame(s.seg_masks, self.size),
+                "prompts": self.prompts(s, hw)}
+
+    def prompt(self, i: int) -> dict:
+        """The generation prompt of sample ``i`` (its conversation without the last answer)."""
+        s = self.samples[i]
+        p, hw = self.cache[s.image]
+        ids = expand_token({"input_ids": tokenize_prompt(self.tok, s.conversation[:-1], self.template)},
+                           self.image_id, p.num_tokens(self.use_objects))
+        return {**ids, "perception": p, "prompts": self.prompts(s, hw), "hw": hw}
+
+
+class OMGCollator:
+    """Pads the token side (right for training, left for generation); the rest stays per sample."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        self.pad, self.side = pad_token_id, padding_side
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = pad_batch([{k: s[k] for k in ("input_ids", "labels") if k in s} for s in samples], self.pad,
+                          self.side)
+        batch["perception"] = [s["perception"] for s in samples]
+        batch["prompts"] = [s["prompts"] for s in samples]
+        if "seg_masks" in samples[0]:
+            batch["seg_masks"] = [s["seg_masks"] for s in samples]
+        return batch
+
+
+def image_paths(samples: list[Sample]) -> list[Path]:
+    return sorted({s.image for s in samples})

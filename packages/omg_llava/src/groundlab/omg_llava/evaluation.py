@@ -1,0 +1,227 @@
+"""Evaluation in two steps, as the paper's scripts: predictions to JSONL, then scores from the JSONL.
+
+- RES (referring segmentation): prompt ``"Please segment {sent} in this image."``, greedy answer, the
+  first ``[SEG]``'s last-layer mask, padding undone, ``sigmoid > 0.5``; cIoU (sum of intersections over
+  sum of unions) and gIoU (mean per-sample IoU).
+- GCG (grounded captioning): the caption (tags removed) against the reference by METEOR and CIDEr;
+  masks by class-agnostic mask AP50 (COCOeval), mIoU after greedy one-to-one IoU matching of predicted
+  to reference masks (unmatched references count 0), and recall: a reference phrase is recalled when
+  its matched mask has IoU > 0.5 and the phrases' similarity > 0.5. The paper's similarity is a
+  sentence-embedding cosine; here it is the F1 of word overlap (no embedding model offline).
+- Region captioning (``<region>`` prompts): METEOR and CIDEr against the reference description.
+
+Each prediction record: ``{"id", "task", "answer", "masks": [RLE], "scores": [float]}`` (masks in the
+original image's frame, in ``[SEG]`` order; scores = mean probability inside each mask).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from groundlab.shared.config import iter_jsonl
+from groundlab.shared.metrics import caption_metrics, mask_ap, mask_iou, res_metrics
+from groundlab.shared.world_io import decode_rle, encode_rle
+
+from .data import BOP, EOP, SEG, Sample
+from .dataset import OMGCollator, OMGDataset, from_input_frame
+
+TAG = re.compile(rf"{re.escape(BOP)}\s*(.*?)\s*{re.escape(EOP)}")
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False).strip()
+
+
+def plain_caption(answer: str) -> str:
+    """A GCG answer without its tags: ``<p> a red circle </p> [SEG] and ...`` -> ``a red circle and ...``."""
+    text = TAG.sub(r"\1", answer).replace(SEG, "")
+    return re.sub(r"\s+([.,])", r"\1", re.sub(r"\s+", " ", text)).strip()
+
+
+def seg_phrases(answer: str) -> list[str]:
+    """The phrase each ``[SEG]`` of an answer grounds, in order: the ``<p> ... </p>`` just before it
+    (empty when there is none)."""
+    out, last = [], 0
+    for m in re.finditer(re.escape(SEG), answer):
+        tags = list(TAG.finditer(answer, last, m.start()))
+        out.append(tags[-1].group(1) if tags else "")
+        last = m.end()
+    return out
+
+
+@torch.no_grad()
+def predict(model, dataset: OMGDataset, tokenizer, out_path: str | Path, batch_size: int = 32,
+            max_new_tokens: int = 48) -> Path:
+    """Greedy answers and masks for every sample of ``dataset`` -> JSONL at ``out_path``."""
+    collate = OMGCollator(tokenizer.pad_token_id, padding_side="left")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w") as f:
+        for start in range(0, len(dataset), batch_size):
+            idx = list(range(start, min(start + batch_size, len(dataset))))
+            items = [dataset.prompt(i) for i in idx]
+            batch = collate(items)
+            results = model.generate_with_masks(batch["input_ids"], batch["attention_mask"], batch["perception"],
+                                                batch["prompts"], max_new_tokens=max_new_tokens,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id)
+            for i, item, (ids, logits) in zip(idx, items, results):
+                prob = from_input_frame(logits, item["hw"]).sigmoid()
+                masks = (prob > 0.5).numpy()
+                scores = [float(p[m].mean()) if m.any() else 0.0 for p, m in zip(prob.numpy(), masks)]
+                s = dataset.samples[i]
+                f.write(json.dumps({"id": s.id, "task": s.task, "image": str(s.image),
+                                    "answer": answer_text(tokenizer, ids),
+                                    "masks": [encode_rle(m) for m in masks], "scores": scores}) + "\n")
+    return out_path
+
+
+def read_predictions(path: str | Path, samples: list[Sample]) -> list[dict]:
+    """Predictions in the order of ``samples``; a missing or extra id is an error."""
+    recs = {}
+    for n, r in iter_jsonl(path, "predictions"):
+        if "id" not in r or "masks" not in r or "answer" not in r:
+            raise ValueError(f"{path}:{n}: a prediction needs id, answer and masks")
+        recs[r["id"]] = r
+    ids = [s.id for s in samples]
+    missing = [i for i in ids if i not in recs]
+    if missing or len(recs) != len(ids):
+        raise ValueError(f"{path}: predictions do not match the samples (missing {missing[:5]}, "
+                         f"{len(recs)} records for {len(ids)} samples)")
+    out = []
+    for i in ids:
+        r = dict(recs[i])
+        r["masks"] = [decode_rle(m) for m in r["masks"]]
+        out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# scores
+
+
+def score_res(predictions: list[dict], samples: list[Sample]) -> dict[str, float]:
+    """cIoU / gIoU of the first ``[SEG]``'s mask (an answer without one predicts an empty mask)."""
+    preds = [p["masks"][0] if p["masks"] else np.zeros_like(s.seg_masks[0]) for p, s in zip(predictions, samples)]
+    out = res_metrics(preds, [s.seg_masks[0] for s in samples])
+    out["no_seg_rate"] = float(np.mean([not p["masks"] for p in predictions]))
+    return out
+
+
+def phrase_similarity(a: str, b: str) -> float:
+    """F1 of the two phrases' word multisets (lower-cased)."""
+    wa, wb = a.lower().split(), b.lower().split()
+    if not wa or not wb:
+        return 0.0
+    common = sum(min(wa.count(w), wb.count(w)) for w in set(wa))
+    if common == 0:
+        return 0.0
+    p, r = common / len(wa), common / len(wb)
+    return 2 * p * r / (p + r)
+
+
+def greedy_match(ious: np.ndarray) -> list[tuple[int, int]]:
+    """One-to-one (reference, prediction) pairs, highest IoU first (pairs with IoU 0 are not made)."""
+    pairs, used_r, used_p = [], set(), set()
+    order = np.dstack(np.unravel_index(np.argsort(-ious, axis=None), ious.shape))[0] if ious.size else []
+    for r, p in order:
+        if r in used_r or p in used_p or ious[r, p] <= 0:
+            continue
+        pairs.append((int(r), int(p)))
+        used_r.add(r)
+        used_p.add(p)
+    return pairs
+
+
+def reference_phrases(s: Sample) -> list[str]:
+    return seg_phrases(s.conversation[-1]["value"])
+
+
+def score_gcg(predictions: list[dict], samples: list[Sample]) -> dict[str, float]:
+    caps = {s.id: plain_caption(p["answer"]) or "." for p, s in zip(predictions, samples)}
+    refs = {s.id: [plain_caption(s.conversation[-1]["value"])] for s in samples}
+    out = {k: v for k, v in caption_metrics(caps, refs, ("METEOR", "CIDEr")).items()}
+    ious_all, recalled, n_ref = [], 0, 0
+    images, anns, dets = [], [], []
+    for k, (p, s) in enumerate(zip(predictions, samples)):
+        h, w = s.seg_masks[0].shape
+        images.append({"id": k, "height": h, "width": w})
+        for m in s.seg_masks:
+            anns.append({"id": len(anns) + 1, "image_id": k, "category_id": 1, "segmentation": encode_rle(m),
+                         "area": float(m.sum()), "bbox": _bbox(m), "iscrowd": 0})
+        for m, sc in zip(p["masks"], p["scores"]):
+            if m.any():
+                dets.append({"image_id": k, "category_id": 1, "segmentation": encode_rle(m), "score": sc})
+        ious = np.array([[mask_iou(pm, gm) for pm in p["masks"]] for gm in s.seg_masks]).reshape(
+            len(s.seg_masks), len(p["masks"]))
+        matched = dict(greedy_match(ious))
+        pred_phr, ref_phr = seg_phrases(p["answer"]), reference_phrases(s)
+        for r in range(len(s.seg_masks)):
+            n_ref += 1
+            iou = ious[r, matched[r]] if r in matched else 0.0
+            ious_all.append(iou)
+            if r in matched and iou > 0.5 and matched[r] < len(pred_phr) and \
+                    phrase_similarity(pred_phr[matched[r]], ref_phr[r]) > 0.5:
+                recalled += 1
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+    out["AP50"] = mask_ap(gt, dets, use_categories=False)["AP50"]
+    out["mIoU"] = float(np.mean(ious_all)) if ious_all else 0.0
+    out["recall"] = recalled / max(1, n_ref)
+    return out
+
+
+def _bbox(m: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(m)
+    if len(ys) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def score_region(predictions: list[dict], samples: list[Sample]) -> dict[str, float]:
+    caps = {s.id: p["answer"] or "." for p, s in zip(predictions, samples)}
+    refs = {s.id: [s.conversation[-1]["value"]] for s in samples}
+    return caption_metrics(caps, refs, ("METEOR", "CIDEr"))
+
+
+SCORERS = {"res": score_res, "gcg": score_gcg, "region": score_region}
+
+
+def score(task: str, predictions_path: str | Path, samples: list[Sample]) -> dict[str, float]:
+    if task not in SCORERS:
+        raise ValueError(f"no scorer for task {task!r}; known: {sorted(SCORERS)}")
+    return SCORERS[task](read_predictions(predictions_path, samples), samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# trivial baselines (written as predictions, scored by the same code)
+
+
+def baseline_predictions(samples: list[Sample], kind: str, out_path: str | Path, seed: int = 0,
+                         instance_masks: dict | None = None, answer: str = "") -> Path:
+    """``whole`` (every pixel), ``random_object`` (a uniformly drawn instance of the same image from
+    ``instance_masks``: image path -> list of masks) or ``constant`` (the same ``answer`` text for every
+    sample, with whole-image masks for its ``[SEG]`` tokens)."""
+    rng = np.random.default_rng(seed)
+    with open(out_path, "w") as f:
+        for s in samples:
+            h, w = s.seg_masks[0].shape if s.seg_masks else (1, 1)
+            text = answer
+            if kind == "whole":
+                masks = [np.ones((h, w), bool)]
+                text = f"It is {SEG}."
+            elif kind == "random_object":
+                pool = instance_masks[str(s.image)]
+                masks = [pool[rng.integers(len(pool))]]
+                text = f"It is {SEG}."
+            elif kind == "constant":
+                masks = [np.ones((h, w), bool) for _ in range(answer.count(SEG))]
+            else:
+                raise ValueError(f"unknown baseline {kind!r}")
+            f.write(json.dumps({"id": s.id, "task": s.task, "image": str(s.image), "answer": text,
+                                "masks": [encode_rle(m) for m in masks], "scores": [1.0] * len(masks)}) + "\n")
+    return Path(out_path)

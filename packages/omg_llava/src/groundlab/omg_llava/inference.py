@@ -1,0 +1,106 @@
+"""Running a trained OMG-LLaVA: text and masks for an image and a prompt.
+
+    from groundlab.omg_llava.inference import OMGLlavaPipeline
+    pipe = OMGLlavaPipeline.from_pretrained("runs/omg_llava/tiny/stage2-.../model")
+    answer = pipe(image, "Please segment the red circle in this image.")
+    answer.text, answer.masks            # masks: (n_seg, H, W) bool, in [SEG] order
+    pipe(image, "Please give me a short description of region1 <region>.", regions=[mask])
+    pipe(image, "What is the object at Mark 1 <mark>?", points=[(x, y)])
+
+``overlay`` draws the masks over the image (one colour per ``[SEG]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from groundlab.shared.multimodal import ChatTemplate, expand_token, tokenize_prompt
+
+from .data import IMAGE, MARK, REGION, RES_PROMPT
+from .dataset import from_input_frame, to_input_frame
+from .evaluation import answer_text
+from .modeling import IMAGE_TOKEN, OMGLlavaForCausalLM
+
+TEMPLATES = {
+    # the world tokenizer's Vicuna-style layout (the tiny LLaVA base was trained with it)
+    "vicuna": ChatTemplate(),
+    # InternLM2-chat, as the release formats its conversations
+    "internlm2": ChatTemplate(user_prefix="<|im_start|>user\n", assistant_prefix="<|im_end|>\n<|im_start|>assistant\n",
+                              answer_lead="", turn_end="<|im_end|>", sep="\n"),
+}
+
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                    (240, 50, 230), (210, 245, 60)], np.uint8)
+
+
+@dataclass
+class Answer:
+    text: str
+    masks: np.ndarray  # (n_seg, H, W) bool
+    scores: list[float]
+
+
+class OMGLlavaPipeline:
+    def __init__(self, model: OMGLlavaForCausalLM, tokenizer, template: str | None = None):
+        name = template or model.config.template
+        if name not in TEMPLATES:
+            raise ValueError(f"unknown chat template {name!r}; known: {sorted(TEMPLATES)}")
+        model.check_tokenizer(tokenizer)
+        self.model, self.tok, self.template = model.eval(), tokenizer, TEMPLATES[name]
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, template: str | None = None) -> OMGLlavaPipeline:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no OMG-LLaVA model at {path} (config.json missing)")
+        return cls(OMGLlavaForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), template)
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, prompt: str, regions: list[np.ndarray] | None = None,
+                 points: list[tuple[float, float]] | None = None, max_new_tokens: int = 64) -> Answer:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
+        hw = image.shape[:2]
+        regions, points = list(regions or []), list(points or [])
+        for token, given in ((REGION, regions), (MARK, points)):
+            if prompt.count(token) != len(given):
+                raise ValueError(f"the prompt has {prompt.count(token)} {token} but {len(given)} were given")
+        for i, m in enumerate(regions):
+            if np.asarray(m).shape != hw:
+                raise ValueError(f"region {i} mask is {np.asarray(m).shape}, the image {hw}")
+        seg = self.model.segmenter
+        p = self.model.perceive(seg.preprocess([image]))[0]
+        text = prompt if IMAGE in prompt else f"{IMAGE}\n{prompt}"
+        ids = tokenize_prompt(self.tok, [{"from": "human", "value": text}], self.template)
+        ids = expand_token({"input_ids": ids}, self.model.config.token_ids[IMAGE_TOKEN],
+                           p.num_tokens(self.model.config.use_object_tokens))["input_ids"]
+        size = seg.config.image_size
+        prompts = {}
+        if regions:
+            prompts[REGION] = to_input_frame(regions, size)
+        if points:
+            prompts[MARK] = torch.tensor(points, dtype=torch.float32) * (size / max(hw))
+        (answer, logits), = self.model.generate_with_masks(
+            torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [p], [prompts],
+            max_new_tokens=max_new_tokens, eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
+        prob = from_input_frame(logits, hw).sigmoid()
+        masks = (prob > 0.5).numpy()
+        scores = [float(pr[m].mean()) if m.any() else 0.0 for pr, m in zip(prob.numpy(), masks)]
+        return Answer(answer_text(self.tok, answer), masks, scores)
+
+    def segment(self, image: np.ndarray, expression: str) -> Answer:
+        return self(image, RES_PROMPT.format(sent=expression))
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with each mask tinted in its own colour (``PALETTE`` in order)."""
+    out = np.asarray(image, np.float32).copy()
+    for i, m in enumerate(masks):
+        out[m] = (1 - alpha) * out[m] + alpha * PALETTE[i % len(PALETTE)]
+    return out.round().astype(np.uint8)

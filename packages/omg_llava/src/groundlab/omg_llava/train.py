@@ -1,0 +1,391 @@
+"""The OMG-LLaVA run: world data -> segmenter -> stage 1 -> stage 2 -> evaluation.
+
+Stages (each reused on a second run with the same config, recomputed with ``force``):
+
+1. data: the synthetic world exported in every format the model trains on (LLaVA captions and
+   questions, REFER, GranD-f GCG, Osprey regions, MDVP points) and read back by the real loaders;
+2. segmenter: the tiny OMG-Seg pre-trained on the world (panoptic + point / box / mask prompts), then
+   frozen; PQ and prompted mIoU on held-out scenes beside an untrained one (or a given pretrained
+   OMG-Seg directory, ``segmenter.pretrained``);
+3. stage 1: projector + ``text2vision`` on captions (LLM and segmenter frozen), CE + the
+   reconstruction loss;
+4. stage 2: LoRA on every Linear of the LLM, token embeddings + LM head + projector + ``text2vision``
+   trainable, on the instruction mix (RES, GCG, regions, points, questions); CE + the ``[SEG]`` mask
+   loss. The LoRA is merged and the whole model saved with ``save_pretrained``;
+5. evaluation on held-out scenes: predictions JSONL then scores, for RES, GCG and region captioning,
+   beside the baselines (whole-image mask, random object, constant answer, untrained model).
+
+The LLM is the tiny LLaVA base's language model (``make bases``) with its tokenizer, or any causal LM
+directory (``model.llm``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from groundlab.shared.bases import ensure_base
+from groundlab.shared.config import load_config
+from groundlab.shared.distributed import seed_everything, setup_logging
+from groundlab.shared.lora import apply_lora, linear_names
+from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
+from groundlab.shared.training import TrainConfig, resolve_bf16, train
+from groundlab.shared.world import World, WorldConfig
+from groundlab.shared.world_io import Refer
+
+from .data import export_world, load_world_export
+from .dataset import OMGCollator, OMGDataset, PerceptionCache, image_paths
+from .evaluation import baseline_predictions, predict, score
+from .inference import TEMPLATES
+from .modeling import IMAGE_TOKEN, SPECIAL_TOKENS, OMGLlavaConfig, OMGLlavaForCausalLM
+from .omg_seg import OMGSegConfig, OMGSegModel
+from .seg_pretrain import PanopticCollator, SegmenterForTraining, WorldPanopticDataset
+from .seg_pretrain import evaluate as evaluate_segmenter
+
+logger = logging.getLogger("groundlab")
+
+TASKS = ("caption", "qa", "res", "gcg", "region", "point")
+EVAL_TASKS = ("res", "gcg", "region")
+
+
+@dataclass
+class DataConfig:
+    train_scenes: int = 1500
+    val_scenes: int = 100
+    world_seed: int = 0
+    root: str | None = None
+    """A folder in the export's layout (see ``groundlab.omg_llava.data.export_world``) instead of the world."""
+    stage1_tasks: tuple[str, ...] = ("caption",)
+    stage2_tasks: tuple[str, ...] = ("res", "gcg", "region", "point", "qa")
+    eval_tasks: tuple[str, ...] = EVAL_TASKS
+    max_length: int = 256
+
+
+@dataclass
+class SegmenterConfig:
+    pretrained: str | None = None
+    """An OMG-Seg ``from_pretrained`` directory; None = pre-train the tiny one below on the world."""
+    config: dict = field(default_factory=dict)
+    """``OMGSegConfig`` arguments of the tiny segmenter."""
+    scenes: int = 2000
+    eval_scenes: int = 100
+    num_points: int = 256
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=600, batch_size=16, lr=1e-3,
+                                                                   warmup_steps=20))
+
+
+@dataclass
+class ModelConfig:
+    llm: str | None = None
+    """A causal LM ``from_pretrained`` directory with its tokenizer; None = the tiny LLaVA base's LM."""
+    template: str = "vicuna"
+    use_prior: bool = True
+    use_object_tokens: bool = True
+    shuffle: int = 1
+    seg_points: int = 256
+    lora_r: int = 64
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, batch_size=32, lr=1e-3))
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=16, lr=2e-4))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
+        cfg = load_config(cls, path, overrides)
+        for key in ("stage1_tasks", "stage2_tasks", "eval_tasks"):
+            unknown = set(getattr(cfg.data, key)) - set(TASKS)
+            if unknown:
+                raise ValueError(f"{path}: data.{key}: unknown tasks {sorted(unknown)}; known: {TASKS}")
+        if set(cfg.data.eval_tasks) - set(EVAL_TASKS):
+            raise ValueError(f"{path}: data.eval_tasks must be among {EVAL_TASKS}")
+        if cfg.model.template not in TEMPLATES:
+            raise ValueError(f"{path}: model.template must be one of {sorted(TEMPLATES)}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _train_key(cfg: TrainConfig) -> dict:
+    return asdict(cfg) | {"progress_bar": None, "bf16": resolve_bf16(cfg.bf16)}
+
+
+# ----------------------------------------------------------------------------------------------
+# building the model
+
+
+def llm_from_llava(path: str | Path) -> LlamaForCausalLM:
+    """The language model of a saved ``LlavaForConditionalGeneration`` as a causal LM, copied strictly."""
+    from transformers import LlavaForConditionalGeneration
+
+    llava = LlavaForConditionalGeneration.from_pretrained(path)
+    llm = LlamaForCausalLM(llava.config.text_config)
+    src = {}
+    for key, value in llava.state_dict().items():
+        if key.startswith("model.language_model."):
+            src["model." + key[len("model.language_model."):]] = value
+        elif key.startswith("lm_head."):
+            src[key] = value
+    llm.load_state_dict(src, strict=True)
+    return llm
+
+
+def add_special_tokens(tokenizer, llm) -> dict[str, int]:
+    """Add ``<image>`` (if absent) and the five special tokens; new embedding rows start at the mean
+    of the existing ones. Returns their ids."""
+    new = [t for t in (IMAGE_TOKEN, *SPECIAL_TOKENS) if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    old = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+                emb.weight[old:] = emb.weight[:old].mean(0)
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, *SPECIAL_TOKENS)}
+
+
+def build_model(segmenter: OMGSegModel, llm, tokenizer, m: ModelConfig) -> OMGLlavaForCausalLM:
+    ids = add_special_tokens(tokenizer, llm)
+    llm.config.pad_token_id = tokenizer.pad_token_id
+    cfg = OMGLlavaConfig(seg_config=segmenter.config, text_config=llm.config.to_dict(), shuffle=m.shuffle,
+                         use_prior=m.use_prior, use_object_tokens=m.use_object_tokens, token_ids=ids,
+                         seg_points=m.seg_points, template=m.template)
+    model = OMGLlavaForCausalLM(cfg)
+    model.segmenter.load_state_dict(segmenter.state_dict(), strict=True)
+    model.llm.load_state_dict(llm.state_dict(), strict=True)
+    model.check_tokenizer(tokenizer)
+    return model
+
+
+class Stage1(nn.Module):
+    """Projector + ``text2vision`` train; CE on the answers + the reconstruction loss."""
+
+    def __init__(self, model: OMGLlavaForCausalLM):
+        super().__init__()
+        self.model = model
+        model.requires_grad_(False)
+        model.projector.requires_grad_(True)
+        model.text2vision.requires_grad_(True)
+
+    def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, perception=perception,
+                         prompts=prompts)
+        return {"loss": out.loss + self.model.reconstruction_loss(perception)}
+
+
+class Stage2(nn.Module):
+    """LoRA on every Linear of the LLM; embeddings, LM head, projector and ``text2vision`` train; CE +
+    the ``[SEG]`` mask loss. ``[SEG]`` / mask mismatches are counted in ``self.mismatched``."""
+
+    def __init__(self, model: OMGLlavaForCausalLM, r: int, alpha: int, dropout: float):
+        super().__init__()
+        model.requires_grad_(False)
+        targets = linear_names(model.llm, exclude=r"lm_head$")
+        model.llm = apply_lora(model.llm, targets, r=r, alpha=alpha, dropout=dropout)
+        for module in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings(), model.projector,
+                       model.text2vision):
+            module.requires_grad_(True)
+        self.model, self.mismatched = model, 0
+
+    def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, perception=perception,
+                         prompts=prompts, seg_masks=seg_masks)
+        if out.seg_mismatched:
+            self.mismatched += out.seg_mismatched
+            logger.warning("%d sample(s) of this batch have a [SEG] / mask count mismatch: skipped for the mask "
+                           "loss (%d so far)", out.seg_mismatched, self.mismatched)
+        return {"loss": out.loss}
+
+    def merged(self) -> OMGLlavaForCausalLM:
+        self.model.llm = self.model.llm.merge_and_unload()
+        return self.model
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def run(cfg: RunConfig, force: bool = False) -> Path:
+    setup_logging()
+    t_start = time.time()
+    root = runs_root() / "omg_llava" / cfg.name
+    root.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.stage2.seed)
+    metrics: dict[str, float] = {}
+
+    # 1. data
+    if cfg.data.root:
+        data_dir = Path(cfg.data.root)
+    else:
+        world = World(WorldConfig(), seed=cfg.data.world_seed)
+        data_dir = root / f"data-{content_hash(asdict(cfg.data), world.config.key())}"
+        if not reuse_or_reset(data_dir, force):
+            counts = export_world(world, data_dir, cfg.data.train_scenes, cfg.data.val_scenes)
+            write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
+            mark_complete(data_dir, [str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()])
+    stage1_samples = load_world_export(data_dir, "train", cfg.data.stage1_tasks)
+    stage2_samples = load_world_export(data_dir, "train", cfg.data.stage2_tasks)
+    eval_samples = {t: load_world_export(data_dir, "val", (t,)) for t in cfg.data.eval_tasks}
+    metrics |= {"data/stage1_samples": len(stage1_samples), "data/stage2_samples": len(stage2_samples)}
+    metrics |= {f"data/stage2/{k}": v for k, v in Counter(s.task for s in stage2_samples).items()}
+    metrics |= {f"data/eval/{t}": len(v) for t, v in eval_samples.items()}
+
+    # 2. segmenter
+    s_cfg = cfg.segmenter
+    if s_cfg.pretrained:
+        seg_path = Path(s_cfg.pretrained)
+    else:
+        seg_dir = root / f"segmenter-{content_hash(s_cfg.config, s_cfg.scenes, s_cfg.num_points, _train_key(s_cfg.train), cfg.data.world_seed)}"
+        seg_path = seg_dir / "model"
+        world = World(WorldConfig(), seed=cfg.data.world_seed)
+        if not reuse_or_reset(seg_dir, force):
+            torch.manual_seed(s_cfg.train.seed)
+            segmenter = OMGSegModel(OMGSegConfig(**s_cfg.config))
+            untrained = evaluate_segmenter(segmenter, world, "val", s_cfg.eval_scenes)
+            t0 = time.time()
+            train(SegmenterForTraining(segmenter, s_cfg.num_points),
+                  WorldPanopticDataset(world, "train", s_cfg.scenes, seed=s_cfg.train.seed),
+                  PanopticCollator(segmenter, seed=s_cfg.train.seed), s_cfg.train, seg_dir / "checkpoints")
+            seg_metrics = {"time/train_s": time.time() - t0}
+            seg_metrics |= evaluate_segmenter(segmenter, world, "val", s_cfg.eval_scenes)
+            seg_metrics |= {f"baseline/untrained/{k}": v for k, v in untrained.items()}
+            segmenter.save_pretrained(seg_path)
+            write_metrics(seg_dir / "metrics.json", seg_metrics, config=asdict(s_cfg))
+            mark_complete(seg_dir, ["model/config.json", "metrics.json"])
+        metrics |= {f"segmenter/{k}": v for k, v in json.loads((seg_dir / "metrics.json").read_text()).items()
+                    if k not in ("config", "git_commit")}
+    segmenter = OMGSegModel.from_pretrained(seg_path)
+
+    # the LLM and its tokenizer
+    if cfg.model.llm:
+        llm_path = Path(cfg.model.llm)
+
+        def fresh_llm():
+            return AutoModelForCausalLM.from_pretrained(llm_path)
+    else:
+        llm_path = ensure_base("llava")
+
+        def fresh_llm():
+            return llm_from_llava(llm_path)
+    template = TEMPLATES[cfg.model.template]
+
+    def fresh_model(seed: int) -> tuple[OMGLlavaForCausalLM, object]:
+        tok = AutoTokenizer.from_pretrained(llm_path)
+        torch.manual_seed(seed)
+        return build_model(segmenter, fresh_llm(), tok, cfg.model), tok
+
+    model, tok = fresh_model(cfg.stage1.seed)
+    all_samples = stage1_samples + stage2_samples + [s for v in eval_samples.values() for s in v]
+    t0 = time.time()
+    cache = PerceptionCache(model, image_paths(all_samples))
+    metrics["time/perception_s"] = time.time() - t0
+    stamp = content_hash(asdict(cfg.model), str(llm_path), str(seg_path), str(data_dir), cfg.data.max_length)
+
+    def dataset(samples):
+        return OMGDataset(samples, tok, template, model, cache, cfg.data.max_length)
+
+    # 3. stage 1
+    s1_dir = root / f"stage1-{content_hash(stamp, _train_key(cfg.stage1), cfg.data.stage1_tasks)}"
+    if not reuse_or_reset(s1_dir, force):
+        t0 = time.time()
+        wrapper = Stage1(model)
+        train(wrapper, dataset(stage1_samples), OMGCollator(tok.pad_token_id), cfg.stage1, s1_dir / "checkpoints")
+        metrics["time/stage1_s"] = time.time() - t0
+        torch.save({"projector": model.projector.state_dict(), "text2vision": model.text2vision.state_dict()},
+                   s1_dir / "stage1.pt")
+        mark_complete(s1_dir, ["stage1.pt"])
+    stage1 = torch.load(s1_dir / "stage1.pt", weights_only=True)
+    model.projector.load_state_dict(stage1["projector"], strict=True)
+    model.text2vision.load_state_dict(stage1["text2vision"], strict=True)
+
+    # 4. stage 2
+    s2_dir = root / f"stage2-{content_hash(stamp, str(s1_dir), _train_key(cfg.stage2), cfg.data.stage2_tasks)}"
+    if not reuse_or_reset(s2_dir, force):
+        t0 = time.time()
+        wrapper = Stage2(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+        train(wrapper, dataset(stage2_samples), OMGCollator(tok.pad_token_id), cfg.stage2, s2_dir / "checkpoints")
+        metrics["time/stage2_s"] = time.time() - t0
+        metrics["stage2/seg_mismatched"] = wrapper.mismatched
+        model = wrapper.merged()
+        model.save_pretrained(s2_dir / "model")
+        tok.save_pretrained(s2_dir / "model")
+        mark_complete(s2_dir, ["model/config.json", "model/tokenizer.json"])
+    model = OMGLlavaForCausalLM.from_pretrained(s2_dir / "model")
+    tok = AutoTokenizer.from_pretrained(s2_dir / "model")
+    model.check_tokenizer(tok)
+    cache.model = model
+
+    # 5. evaluation
+    untrained, _ = fresh_model(cfg.stage1.seed + 1)
+    refer = Refer(data_dir, data_dir / "images")
+    instances = {}
+    for s in eval_samples.get("res", []):
+        if str(s.image) not in instances:
+            img_id = next(r.image_id for r in refer.samples("val") if r.image_path == s.image)
+            instances[str(s.image)] = [refer.coco.annToMask(a).astype(bool)
+                                       for a in refer.coco.loadAnns(refer.coco.getAnnIds(imgIds=[img_id]))]
+    t0 = time.time()
+    for task, samples in eval_samples.items():
+        ds = dataset(samples)
+        for name, m in (("", model), ("baseline/untrained/", untrained)):
+            path = predict(m, ds, tok, root / f"predictions_{name.replace('/', '_')}{task}.jsonl",
+                           cfg.eval.batch_size, cfg.eval.max_new_tokens)
+            metrics |= {f"{name}{task}/{k}": v for k, v in score(task, path, samples).items()}
+        if task == "res":
+            for kind in ("whole", "random_object"):
+                path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",
+                                            instance_masks=instances)
+                metrics |= {f"baseline/{kind}/res/{k}": v for k, v in score(task, path, samples).items()}
+        else:
+            train_answers = Counter(s.conversation[-1]["value"] for s in stage2_samples if s.task == task)
+            const = train_answers.most_common(1)[0][0] if train_answers else ""
+            path = baseline_predictions(samples, "constant", root / f"predictions_baseline_constant_{task}.jsonl",
+                                        answer=const)
+            metrics |= {f"baseline/constant/{task}/{k}": v for k, v in score(task, path, samples).items()}
+    metrics["time/eval_s"] = time.time() - t0
+    metrics["time/total_s"] = time.time() - t_start
+    path = write_metrics(root / "metrics.json", metrics, config=cfg.to_dict())
+    print_table(metrics, cfg.data.eval_tasks)
+    print(path)
+    return path
+
+
+def print_table(m: dict, tasks) -> None:
+    seg = {k: m.get(f"segmenter/{k}") for k in ("panoptic/PQ", "prompt_point/mIoU", "prompt_box/mIoU", "prompt_mask/mIoU")}
+    if seg["panoptic/PQ"] is not None:
+        print("segmenter (held-out)      " + "  ".join(f"{k} {v:.3f}" for k, v in seg.items()))
+        print("  untrained               " + "  ".join(
+            f"{k} {m.get(f'segmenter/baseline/untrained/{k}', float('nan')):.3f}" for k in seg))
+    cols = {"res": ("cIoU", "gIoU"), "gcg": ("METEOR", "CIDEr", "AP50", "mIoU", "recall"), "region": ("METEOR", "CIDEr")}
+    rows = [("OMG-LLaVA", ""), ("untrained", "baseline/untrained/"), ("whole image", "baseline/whole/"),
+            ("random object", "baseline/random_object/"), ("constant answer", "baseline/constant/")]
+    for task in tasks:
+        print(f"{task:8s} " + "".join(f"{c:>9s}" for c in cols[task]))
+        for label, prefix in rows:
+            if f"{prefix}{task}/{cols[task][0]}" in m:
+                print(f"  {label:16s}" + "".join(f"{m[f'{prefix}{task}/{c}']:9.3f}" for c in cols[task]))
+

@@ -1,0 +1,111 @@
+"""The data -> batches path, evaluation scoring, inference API and the whole run on tiny parts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from groundlab.omg_llava.data import export_world, load_world_export
+from groundlab.omg_llava.dataset import from_input_frame, to_input_frame
+from groundlab.omg_llava.evaluation import (
+    greedy_match,
+    phrase_similarity,
+    plain_caption,
+    read_predictions,
+    score_gcg,
+    score_res,
+    seg_phrases,
+)
+from groundlab.omg_llava.inference import overlay
+from groundlab.shared.world import World, WorldConfig
+from groundlab.shared.world_io import encode_rle
+
+
+def test_input_frame_round_trip_on_a_non_square_image():
+    m = np.zeros((40, 64), bool)
+    m[5:20, 30:50] = True
+    sq = to_input_frame([m], 32)
+    assert sq.shape == (1, 32, 32) and not sq[0, 20:].any()  # the padding (bottom) stays empty
+    logits = sq.float() * 20 - 10
+    back = from_input_frame(logits, (40, 64)) > 0
+    assert back.shape == (1, 40, 64)
+    assert (back[0].numpy() == m).mean() > 0.97
+    assert from_input_frame(torch.zeros(0, 16, 16), (40, 64)).shape == (0, 40, 64)
+
+
+def test_answer_parsing():
+    a = "<p> a red circle </p> [SEG] and <p> a blue square </p> [SEG] ."
+    assert plain_caption(a) == "a red circle and a blue square."
+    assert seg_phrases(a) == ["a red circle", "a blue square"]
+    assert seg_phrases("It is [SEG].") == [""]
+    assert phrase_similarity("a red circle", "the red circle") == pytest.approx(2 / 3)
+    assert greedy_match(np.array([[0.2, 0.9], [0.8, 0.1]])) == [(0, 1), (1, 0)]
+    assert greedy_match(np.array([[0.0, 0.0]])) == []
+
+
+def _pred(i, answer, masks, scores=None):
+    return {"id": i, "task": "x", "answer": answer, "masks": masks, "scores": scores or [1.0] * len(masks)}
+
+
+def test_res_scores_by_hand():
+    from groundlab.omg_llava.data import Sample
+
+    t1, t2 = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    t1[:2] = True  # 8 px
+    t2[:, :1] = True  # 4 px
+    samples = [Sample("a", None, [], [t1]), Sample("b", None, [], [t2])]
+    p1 = np.zeros((4, 4), bool)
+    p1[:1] = True  # 4 of 8 -> IoU 0.5
+    out = score_res([_pred("a", "It is [SEG].", [p1]), _pred("b", "no mask", [])], samples)
+    assert out["cIoU"] == pytest.approx(4 / (8 + 4)) and out["gIoU"] == pytest.approx(0.25)
+    assert out["no_seg_rate"] == 0.5
+
+
+def test_gcg_scores_by_hand():
+    from groundlab.omg_llava.data import Sample
+
+    a, b = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    a[:4, :4] = True
+    b[4:, 4:] = True
+    ref = "<p> a red circle </p> [SEG] and <p> a blue square </p> [SEG]."
+    conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": ref}]
+    samples = [Sample("s", None, conv, [a, b])]
+    half = np.zeros((8, 8), bool)
+    half[4:, 4:5] = True  # IoU 0.25 with b
+    pred = _pred("s", "<p> a red circle </p> [SEG] and <p> a green square </p> [SEG].", [a, half], [0.9, 0.8])
+    out = score_gcg([pred], samples)
+    assert out["mIoU"] == pytest.approx((1.0 + 0.25) / 2)
+    assert out["recall"] == pytest.approx(0.5)  # the circle: IoU 1, same phrase; the square fails IoU > 0.5
+    assert out["AP50"] == pytest.approx(0.5, abs=0.02)  # one of two references found, at the top score
+    assert out["METEOR"] > 0.3 and out["CIDEr"] >= 0
+
+
+def test_read_predictions_checks_ids(tmp_path):
+    from groundlab.omg_llava.data import Sample
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(_pred("a", "x", [encode_rle(np.ones((2, 2), bool))])) + "\n")
+    assert read_predictions(path, [Sample("a", None, [])])[0]["masks"][0].all()
+    with pytest.raises(ValueError, match="do not match"):
+        read_predictions(path, [Sample("b", None, [])])
+
+
+def test_overlay_pixels():
+    im = np.full((2, 2, 3), 100, np.uint8)
+    m = np.zeros((1, 2, 2), bool)
+    m[0, 0, 0] = True
+    out = overlay(im, m, alpha=0.5)
+    assert tuple(out[0, 0]) == (165, 62, 88) and tuple(out[1, 1]) == (100, 100, 100)
+
+
+def test_world_export_reads_back_every_task(tmp_path):
+    world = World(WorldConfig(), seed=0)
+    counts = export_world(world, tmp_path, n_train=6, n_val=3)
+    for task in ("caption", "qa", "res", "gcg", "region", "point"):
+        samples = load_world_export(tmp_path, "train", (task,))
+        assert samples and all(s.task in (task, "llava") for s in samples)
+    res = load_world_export(tmp_path, "val", ("res",))
+    assert len({(s.image, s.seg_masks[0].tobytes()) for s in res}) == counts["val/res_objects"]
+    with pytest.raises(ValueError, match="train split only"):
+        load_world_export(tmp_path, "val", ("caption",))

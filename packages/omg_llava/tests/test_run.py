@@ -1,0 +1,77 @@
+"""The whole default pipeline on tiny parts: world export -> segmenter -> stage 1 -> stage 2 -> evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from groundlab.omg_llava.inference import OMGLlavaPipeline
+from groundlab.omg_llava.train import RunConfig, run
+from groundlab.shared.tokenizer import load_tokenizer
+from groundlab.shared.world import World, WorldConfig
+
+SEG = dict(image_size=64, dims=[16, 32, 64, 32], depths=[1, 1, 1, 1], dim=16, mask_dim=16, encoder_layers=1,
+           encoder_heads=2, encoder_points=2, encoder_ffn=32, groups=8, num_queries=6, decoder_layers=2,
+           decoder_heads=2, decoder_ffn=32, num_classes=12)
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llm")
+    tok = load_tokenizer()
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def config(llm_dir, overrides=None):
+    steps = dict(max_steps=3, batch_size=4, lr=1e-3, save_steps=2, progress_bar=False)
+    raw = {"name": "t", "data": {"train_scenes": 12, "val_scenes": 3},
+           "segmenter": {"config": SEG, "scenes": 12, "eval_scenes": 3, "train": steps},
+           "model": {"llm": str(llm_dir), "lora_r": 4, "lora_alpha": 2}, "stage1": steps, "stage2": steps,
+           "eval": {"max_new_tokens": 6}}
+    path = llm_dir.parent / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return RunConfig.from_yaml(path, overrides)
+
+
+def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
+    monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path))
+    path = run(config(llm_dir))
+    m = json.loads(path.read_text())
+    for task, cols in (("res", ("cIoU", "gIoU")), ("gcg", ("METEOR", "CIDEr", "AP50", "mIoU", "recall")),
+                       ("region", ("METEOR", "CIDEr"))):
+        for prefix in ("", "baseline/untrained/"):
+            assert all(0.0 <= m[f"{prefix}{task}/{c}"] for c in cols)
+    assert 0 < m["baseline/whole/res/cIoU"] < 1 and 0 < m["baseline/random_object/res/gIoU"] <= 1
+    assert {"segmenter/panoptic/PQ", "segmenter/baseline/untrained/panoptic/PQ", "stage2/seg_mismatched",
+            "time/stage1_s", "time/stage2_s"} <= set(m)
+    assert m["stage2/seg_mismatched"] == 0
+    preds = [json.loads(line) for line in (tmp_path / "omg_llava" / "t" / "predictions_res.jsonl").open()]
+    assert len(preds) == m["data/eval/res"] and {"id", "answer", "masks", "scores"} <= set(preds[0])
+    # a second run reuses every stage (nothing retrained) and scores the same
+    again = json.loads(run(config(llm_dir)).read_text())
+    assert "time/stage2_s" not in again and again["res/cIoU"] == m["res/cIoU"]
+    # the saved model answers through the inference API
+    model_dir = next((tmp_path / "omg_llava" / "t").glob("stage2-*/model"))
+    pipe = OMGLlavaPipeline.from_pretrained(model_dir)
+    scene = World(WorldConfig(), seed=3).scene("test", 0)
+    ans = pipe.segment(scene.image, "the red circle")
+    assert isinstance(ans.text, str) and ans.masks.shape[1:] == scene.image.shape[:2]
+    with pytest.raises(ValueError, match="1 <region> but 0 were given"):
+        pipe(scene.image, "Please give me a short description of region1 <region>.")
+    with pytest.raises(ValueError, match="region 0 mask is"):
+        pipe(scene.image, "region1 <region>", regions=[np.ones((3, 3), bool)])
+
+
+def test_unknown_tasks_are_refused(llm_dir):
+    with pytest.raises(ValueError, match="unknown tasks"):
+        config(llm_dir, {"data.stage2_tasks": ["res", "vqa"]})
