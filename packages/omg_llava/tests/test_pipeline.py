@@ -109,3 +109,17 @@ def test_world_export_reads_back_every_task(tmp_path):
     assert len({(s.image, s.seg_masks[0].tobytes()) for s in res}) == counts["val/res_objects"]
     with pytest.raises(ValueError, match="train split only"):
         load_world_export(tmp_path, "val", ("caption",))
+
+
+def test_res_breakdown_separates_wrong_objects_from_poor_masks():
+    from groundlab.omg_llava.data import Sample
+    from groundlab.omg_llava.evaluation import res_breakdown
+
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[:2], b[2:] = True, True
+    samples = [Sample(str(i), "img", [], [a]) for i in range(3)]
+    small = np.zeros((4, 4), bool)
+    small[0, 0] = True
+    preds = [_pred("0", "", [a]), _pred("1", "", [b]), _pred("2", "", [small])]
+    out = res_breakdown(preds, samples, {"img": [a, b]})
+    assert out == {"right_rate": 1 / 3, "wrong_object_rate": 1 / 3, "poor_mask_rate": 1 / 3}

@@ -37,7 +37,7 @@ def config(llm_dir, overrides=None):
     raw = {"name": "t", "data": {"train_scenes": 12, "val_scenes": 3},
            "segmenter": {"config": SEG, "scenes": 12, "eval_scenes": 3, "train": steps},
            "model": {"llm": str(llm_dir), "lora_r": 4, "lora_alpha": 2}, "stage1": steps, "stage2": steps,
-           "eval": {"max_new_tokens": 6}}
+           "eval": {"max_new_tokens": {"res": 4, "gcg": 6, "region": 6}}}
     path = llm_dir.parent / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     return RunConfig.from_yaml(path, overrides)
@@ -75,3 +75,12 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
 def test_unknown_tasks_are_refused(llm_dir):
     with pytest.raises(ValueError, match="unknown tasks"):
         config(llm_dir, {"data.stage2_tasks": ["res", "vqa"]})
+
+
+def test_release_config_parses_with_the_papers_settings():
+    from pathlib import Path
+
+    cfg = RunConfig.from_yaml(Path(__file__).parents[1] / "configs" / "release_8gpu.yaml")
+    assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout) == (512, 256, 0.05)
+    assert cfg.stage1.lr == 1e-3 and cfg.stage2.lr == 2e-4 and cfg.stage1.batch_size * 8 == 256
+    assert cfg.stage2.batch_size * 8 == 128 and cfg.stage2.deepspeed == "zero2" and cfg.model.template == "internlm2"

@@ -286,10 +286,11 @@ def region_description(scene: Scene, target: int) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def export_world(world, out_dir: str | Path, n_train: int, n_val: int) -> dict[str, int]:
+def export_world(world, out_dir: str | Path, n_train: int, n_val: int, qa_per_scene: int | None = None) -> dict[str, int]:
     """Write ``n_train`` train and ``n_val`` val scenes of ``world`` in every format: images under
-    ``images/``, LLaVA captions (stage 1) and questions, REFER (``refcoco/``), GranD-f GCG, Osprey
-    regions and MDVP points (one record per object, with an interior point). Returns record counts."""
+    ``images/``, LLaVA captions (stage 1) and questions (the first ``qa_per_scene`` of each scene, all by
+    default), REFER (``refcoco/``), GranD-f GCG, Osprey regions and MDVP points (one record per object,
+    with an interior point). Returns record counts."""
     from groundlab.shared.world_io import save_image, write_refer
 
     out = Path(out_dir)
@@ -313,9 +314,10 @@ def export_world(world, out_dir: str | Path, n_train: int, n_val: int) -> dict[s
         counts |= {f"{split}/gcg": len(gcg), f"{split}/region": len(regions), f"{split}/point": len(points)}
     train = splits["train"]
     write_json(out / FILES["caption"], [caption_record(s) for s in train])
-    write_json(out / FILES["qa"], [llava_record(s, k) for s in train for k in range(len(s.qa))])
+    qa = [llava_record(s, k) for s in train for k in range(min(len(s.qa), qa_per_scene or len(s.qa)))]
+    write_json(out / FILES["qa"], qa)
     write_refer(splits, out, images)
-    counts |= {"train/caption": len(train), "train/qa": sum(len(s.qa) for s in train),
+    counts |= {"train/caption": len(train), "train/qa": len(qa),
                "train/res_objects": sum(len(s.objects) for s in train),
                "val/res_objects": sum(len(s.objects) for s in splits["val"])}
     return counts

@@ -113,6 +113,24 @@ def score_res(predictions: list[dict], samples: list[Sample]) -> dict[str, float
     return out
 
 
+def res_breakdown(predictions: list[dict], samples: list[Sample], instance_masks: dict) -> dict[str, float]:
+    """Where RES goes wrong: the share of answers whose first mask overlaps its object at IoU >= 0.5
+    (``right``), overlaps another object of the image at IoU >= 0.5 instead (``wrong_object``), or
+    neither (``poor_mask``). ``instance_masks``: image path -> every object's mask."""
+    counts = {"right": 0, "wrong_object": 0, "poor_mask": 0}
+    for p, s in zip(predictions, samples):
+        target = s.seg_masks[0]
+        pred = p["masks"][0] if p["masks"] else np.zeros_like(target)
+        others = [mask_iou(pred, m) for m in instance_masks[str(s.image)] if not np.array_equal(m, target)]
+        if mask_iou(pred, target) >= 0.5:
+            counts["right"] += 1
+        elif others and max(others) >= 0.5:
+            counts["wrong_object"] += 1
+        else:
+            counts["poor_mask"] += 1
+    return {f"{k}_rate": v / max(1, len(samples)) for k, v in counts.items()}
+
+
 def phrase_similarity(a: str, b: str) -> float:
     """F1 of the two phrases' word multisets (lower-cased)."""
     wa, wb = a.lower().split(), b.lower().split()

@@ -43,7 +43,7 @@ from groundlab.shared.world_io import Refer
 
 from .data import export_world, load_world_export
 from .dataset import OMGCollator, OMGDataset, PerceptionCache, image_paths
-from .evaluation import baseline_predictions, predict, score
+from .evaluation import baseline_predictions, predict, read_predictions, res_breakdown, score
 from .inference import TEMPLATES
 from .modeling import IMAGE_TOKEN, SPECIAL_TOKENS, OMGLlavaConfig, OMGLlavaForCausalLM
 from .omg_seg import OMGSegConfig, OMGSegModel
@@ -65,6 +65,8 @@ class DataConfig:
     """A folder in the export's layout (see ``groundlab.omg_llava.data.export_world``) instead of the world."""
     stage1_tasks: tuple[str, ...] = ("caption",)
     stage2_tasks: tuple[str, ...] = ("res", "gcg", "region", "point", "qa")
+    qa_per_scene: int | None = None
+    """Questions exported per training scene (None: all of them)."""
     eval_tasks: tuple[str, ...] = EVAL_TASKS
     max_length: int = 256
 
@@ -98,8 +100,11 @@ class ModelConfig:
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 48
+    max_new_tokens: dict = field(default_factory=lambda: {"res": 8, "gcg": 48, "region": 16})
+    """Greedy answer length per task (RES answers are ``It is [SEG].``)."""
     batch_size: int = 32
+    res_all_sentences: bool = False
+    """Every expression of every object (RefCOCO's protocol), or the first expression of each object."""
 
 
 @dataclass
@@ -244,12 +249,17 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         world = World(WorldConfig(), seed=cfg.data.world_seed)
         data_dir = root / f"data-{content_hash(asdict(cfg.data), world.config.key())}"
         if not reuse_or_reset(data_dir, force):
-            counts = export_world(world, data_dir, cfg.data.train_scenes, cfg.data.val_scenes)
+            counts = export_world(world, data_dir, cfg.data.train_scenes, cfg.data.val_scenes, cfg.data.qa_per_scene)
             write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
             mark_complete(data_dir, [str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()])
     stage1_samples = load_world_export(data_dir, "train", cfg.data.stage1_tasks)
     stage2_samples = load_world_export(data_dir, "train", cfg.data.stage2_tasks)
     eval_samples = {t: load_world_export(data_dir, "val", (t,)) for t in cfg.data.eval_tasks}
+    if "res" in eval_samples and not cfg.eval.res_all_sentences:
+        first = {}
+        for s in eval_samples["res"]:  # ids are "<ref_id>-<sent_id>"
+            first.setdefault(s.id.split("-")[0], s)
+        eval_samples["res"] = list(first.values())
     metrics |= {"data/stage1_samples": len(stage1_samples), "data/stage2_samples": len(stage2_samples)}
     metrics |= {f"data/stage2/{k}": v for k, v in Counter(s.task for s in stage2_samples).items()}
     metrics |= {f"data/eval/{t}": len(v) for t, v in eval_samples.items()}
@@ -353,8 +363,11 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         ds = dataset(samples)
         for name, m in (("", model), ("baseline/untrained/", untrained)):
             path = predict(m, ds, tok, root / f"predictions_{name.replace('/', '_')}{task}.jsonl",
-                           cfg.eval.batch_size, cfg.eval.max_new_tokens)
+                           cfg.eval.batch_size, cfg.eval.max_new_tokens.get(task, 48))
             metrics |= {f"{name}{task}/{k}": v for k, v in score(task, path, samples).items()}
+            if task == "res":
+                metrics |= {f"{name}res/{k}": v
+                            for k, v in res_breakdown(read_predictions(path, samples), samples, instances).items()}
         if task == "res":
             for kind in ("whole", "random_object"):
                 path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",
@@ -388,4 +401,7 @@ def print_table(m: dict, tasks) -> None:
         for label, prefix in rows:
             if f"{prefix}{task}/{cols[task][0]}" in m:
                 print(f"  {label:16s}" + "".join(f"{m[f'{prefix}{task}/{c}']:9.3f}" for c in cols[task]))
+        if task == "res" and "res/right_rate" in m:
+            print("  OMG-LLaVA answers: right object {:.3f}, wrong object {:.3f}, poor mask {:.3f}".format(
+                m["res/right_rate"], m["res/wrong_object_rate"], m["res/poor_mask_rate"]))
 
