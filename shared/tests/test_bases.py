@@ -15,7 +15,7 @@ from transformers import (
 from groundlab.shared.bases import base_dir, default_spec, ensure_base, load_tiny_sam, vlm
 from groundlab.shared.bases import sam as sam_mod
 from groundlab.shared.runs import check_complete
-from groundlab.shared.world import World
+from groundlab.shared.world import World, WorldConfig
 
 
 def micro(name, steps=12, save_steps=4, **kw):
@@ -151,3 +151,23 @@ def test_sam_base_official_layout_strict_loads_and_learning(tmp_path):
     metrics = json.loads((base_dir(spec, tmp_path) / "metrics.json").read_text())
     # 60 steps already lift the masks well above the untrained model
     assert metrics["sam/box/mIoU"] > metrics["baseline/untrained/sam/box/mIoU"] + 0.2
+    # the training-only class head: reported, never saved into the SAM checkpoint
+    assert 0.0 <= metrics["sam/semantic_head/pixel_accuracy"] <= 1.0
+    assert not any("semantic" in k for k in state)
+
+
+def test_sam_semantic_head_targets_and_gradients():
+    world = World(WorldConfig(min_objects=2), seed=0)
+    item = sam_mod.WorldSamDataset(world, "train", 2)[0]
+    p = item["prompts"]
+    cmap = sam_mod.class_map(p["masks"], p["classes"])
+    for m, c in zip(p["masks"], p["classes"]):
+        assert (cmap[m > 0.5] == c).all()
+    assert (cmap[(p["masks"].sum(0) == 0)] == 0).all() and sam_mod.num_semantic_classes(world) == 13
+    sam = sam_mod.build_tiny_sam()
+    wrapper = sam_mod.SamForTraining(sam, sam_mod.num_semantic_classes(world), semantic_weight=1.0)
+    wrapper(**sam_mod.collate_sam([item]))["loss"].backward()
+    assert wrapper.semantic_head.weight.grad.abs().sum() > 0
+    assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="num_classes"):
+        sam_mod.SamForTraining(sam, 0, semantic_weight=1.0)

@@ -151,9 +151,11 @@ def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> tuple[dict
     metrics["baseline/filled_box/sam/box/mIoU"] = before["filled_box/mIoU"]
     data = sam_mod.WorldSamDataset(world, "train", spec.train_scenes, seed=spec.train.seed)
     t0 = time.time()
-    wrapper = sam_mod.SamForTraining(sam)
+    wrapper = sam_mod.SamForTraining(sam, sam_mod.num_semantic_classes(world), cfg.semantic_weight)
     train(wrapper, data, sam_mod.collate_sam, spec.train, out / "checkpoints", callbacks=callbacks)
     metrics["time/train_s"] = time.time() - t0
+    if wrapper.semantic_head is not None:
+        metrics["sam/semantic_head/pixel_accuracy"] = sam_mod.semantic_accuracy(wrapper, world, "val", spec.eval_scenes)
     after = sam_mod.evaluate(sam, world, "val", spec.eval_scenes)
     metrics |= {f"sam/{k}": v for k, v in after.items() if k in ("point/mIoU", "box/mIoU", "n_objects")}
     sam_mod.save_sam_checkpoint(sam, out / "model" / "sam_vit_tiny.pth")

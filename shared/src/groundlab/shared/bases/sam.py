@@ -47,6 +47,12 @@ class TinySamConfig:
     decoder_mlp: int = 256
     decoder_heads: int = 4
     iou_head_hidden: int = 64
+    semantic_weight: float = 1.0
+    """Weight of a training-only dense class head (1x1 conv on the image embedding, per-pixel colour x
+    kind or background; not part of the saved SAM). The released SAM's encoder carries semantics from
+    MAE pre-training on natural images; SAM's own mask losses alone do not make the tiny encoder keep
+    them (an oracle colour x kind condition cannot select an object from its embeddings), so the base
+    learns them this way. 0: SAM's losses only."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +151,7 @@ class WorldSamDataset(Dataset):
         rng = np.random.default_rng([self.seed, idx])
         size = scene.size
         points, boxes, use_box = [], [], []
+        classes = [semantic_class(self.world, o) for o in scene.objects]
         for obj in scene.objects:
             ys, xs = np.nonzero(obj.mask)
             k = int(rng.integers(len(xs)))
@@ -160,8 +167,28 @@ class WorldSamDataset(Dataset):
                 "boxes": torch.tensor(np.array(boxes), dtype=torch.float),
                 "use_box": torch.tensor(use_box),
                 "masks": torch.from_numpy(np.stack([o.mask for o in scene.objects])).float(),
+                "classes": torch.tensor(classes),
             },
         }
+
+
+def num_semantic_classes(world: World) -> int:
+    """Background + one class per (colour, kind) of the world."""
+    return 1 + len(world.config.colours) * len(world.config.kinds)
+
+
+def semantic_class(world: World, obj) -> int:
+    """An object's class id: 1 + its (colour, kind) index; 0 is background."""
+    kinds, colours = world.config.kinds, world.config.colours
+    return 1 + colours.index(obj.colour) * len(kinds) + kinds.index(obj.kind)
+
+
+def class_map(masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(n, H, W) visible-pixel masks and (n,) class ids -> (H, W) ids, 0 where no object is."""
+    out = torch.zeros(masks.shape[-2:], dtype=torch.long)
+    for m, c in zip(masks, classes):
+        out[m > 0.5] = c
+    return out
 
 
 def collate_sam(samples: list[dict]) -> dict:
@@ -193,11 +220,20 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 
 class SamForTraining(nn.Module):
     """Trainer-facing wrapper: ``forward(images, prompts) -> {"loss"}`` with SAM's losses (mask BCE +
-    Dice, and MSE of the IoU head against the achieved IoU)."""
+    Dice, and MSE of the IoU head against the achieved IoU), plus ``semantic_weight`` x the per-pixel
+    cross-entropy of a training-only 1x1 class head on the image embedding (see ``TinySamConfig``)."""
 
-    def __init__(self, sam: Sam):
+    def __init__(self, sam: Sam, num_classes: int = 0, semantic_weight: float = 0.0):
         super().__init__()
-        self.sam = sam
+        self.sam, self.semantic_weight = sam, semantic_weight
+        if semantic_weight > 0 and num_classes < 2:
+            raise ValueError("a semantic loss needs num_classes >= 2 (background + object classes)")
+        channels = sam.prompt_encoder.embed_dim
+        self.semantic_head = nn.Conv2d(channels, num_classes, 1) if semantic_weight > 0 else None
+
+    def semantic_logits(self, embeddings: torch.Tensor, size: int) -> torch.Tensor:
+        """(B, C, h, w) embeddings -> (B, classes, size, size) per-pixel class logits."""
+        return F.interpolate(self.semantic_head(embeddings), size=(size, size), mode="bilinear", align_corners=False)
 
     def forward(self, images: torch.Tensor, prompts: list[dict]) -> dict:
         size = images.shape[-1]
@@ -221,7 +257,27 @@ class SamForTraining(nn.Module):
                         + F.mse_loss(iou_pred, iou.float()))
                 losses.append(loss * sel.sum())
         n = sum(int(p["use_box"].numel()) for p in prompts)
-        return {"loss": torch.stack(losses).sum() / n}
+        loss = torch.stack(losses).sum() / n
+        if self.semantic_head is not None:
+            target = torch.stack([class_map(p["masks"], p["classes"]) for p in prompts]).to(images.device)
+            loss = loss + self.semantic_weight * F.cross_entropy(self.semantic_logits(embeddings, size), target)
+        return {"loss": loss}
+
+
+@torch.no_grad()
+def semantic_accuracy(wrapper: SamForTraining, world: World, split: str = "val", n_scenes: int = 200) -> float:
+    """Pixel accuracy of the training-only class head on held-out scenes, over object pixels."""
+    right = total = 0
+    for scene in world.scenes(split, n_scenes):
+        image = torch.from_numpy(scene.image).permute(2, 0, 1).float()[None]
+        emb = wrapper.sam.image_encoder(wrapper.sam.preprocess(image))
+        pred = wrapper.semantic_logits(emb, scene.size).argmax(1)[0]
+        target = class_map(torch.from_numpy(np.stack([o.mask for o in scene.objects])).float(),
+                           torch.tensor([semantic_class(world, o) for o in scene.objects]))
+        fg = target > 0
+        right += int((pred[fg] == target[fg]).sum())
+        total += int(fg.sum())
+    return right / max(1, total)
 
 
 @torch.no_grad()
