@@ -6,7 +6,7 @@ from groundlab.omg_llava.segmenter import farthest_interior_point
 
 TINY = dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), dim=32, mask_dim=32, encoder_layers=2,
             encoder_heads=4, encoder_points=2, encoder_ffn=64, groups=8, num_queries=12, decoder_layers=3,
-            decoder_heads=4, decoder_ffn=64, num_classes=12)
+            decoder_heads=4, decoder_ffn=64, num_classes=12, classifier="linear")
 
 
 def test_release_config_builds_on_meta():

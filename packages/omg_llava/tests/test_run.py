@@ -15,7 +15,7 @@ from groundlab.shared.world import World, WorldConfig
 
 SEG = dict(image_size=64, dims=[16, 32, 64, 32], depths=[1, 1, 1, 1], dim=16, mask_dim=16, encoder_layers=1,
            encoder_heads=2, encoder_points=2, encoder_ffn=32, groups=8, num_queries=6, decoder_layers=2,
-           decoder_heads=2, decoder_ffn=32, num_classes=12)
+           decoder_heads=2, decoder_ffn=32, num_classes=12, classifier="linear")
 
 
 @pytest.fixture(scope="module")

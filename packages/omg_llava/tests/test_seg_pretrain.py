@@ -13,7 +13,7 @@ from groundlab.shared.world import World, WorldConfig
 
 TINY = dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), dim=32, mask_dim=32, encoder_layers=1,
             encoder_heads=4, encoder_points=2, encoder_ffn=64, groups=8, num_queries=8, decoder_layers=3,
-            decoder_heads=4, decoder_ffn=64, num_classes=12)
+            decoder_heads=4, decoder_ffn=64, num_classes=12, classifier="linear")
 
 
 def test_panoptic_quality_by_hand():

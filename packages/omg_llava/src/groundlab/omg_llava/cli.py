@@ -3,13 +3,16 @@
     groundlab-omg-llava train --config packages/omg_llava/configs/tiny.yaml [--force] [--key.sub value ...]
     groundlab-omg-llava chat --image X.png --prompt "Could you please give me a detailed description ..."
     groundlab-omg-llava segment --image X.png --prompt "the small red circle" [--out answer.png]
+    groundlab-omg-llava convert-seg --checkpoint omg_seg_convl.pth \
+        --class-embeddings convnext_large_d_320_CocoPanopticOVDataset.pth --out checkpoints/omg_seg
 
 ``eval`` runs the same pipeline as ``train``; finished stages are reused, so it only re-scores.
 ``chat`` and ``segment`` (which asks the RES question for an expression) print the answer and, when it
 has ``[SEG]`` masks, write an overlay PNG next to the image (or at ``--out``) and each mask as
 ``<out>.mask<i>.png``. The model is the newest complete stage-2 model of ``runs/omg_llava/<run>/``
 unless ``--model`` names a directory. ``--region x0,y0,x1,y1`` (a box region, repeatable) and
-``--point x,y`` (repeatable) fill the prompt's ``<region>`` / ``<mark>`` placeholders.
+``--point x,y`` (repeatable) fill the prompt's ``<region>`` / ``<mark>`` placeholders. ``convert-seg``
+writes the release's OMG-Seg as an ``OMGSegModel`` directory (see ``convert.load_omg_seg``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,21 @@ def main(argv: list[str] | None = None) -> None:
         c.add_argument("--region", action="append", default=[], help="x0,y0,x1,y1 box region for a <region>")
         c.add_argument("--point", action="append", default=[], help="x,y for a <mark>")
         c.add_argument("--max-new-tokens", type=int, default=64)
+    c = sub.add_parser("convert-seg", help="the release's OMG-Seg checkpoint -> an OMGSegModel directory")
+    c.add_argument("--checkpoint", required=True, type=Path, help="omg_seg_convl.pth (mmdet state_dict)")
+    c.add_argument("--class-embeddings", required=True, type=Path, help="the CLIP text embeddings of the classes")
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--prefix", default="", help="a prefix of every checkpoint key to strip, e.g. visual_encoder.")
     args, extra = parser.parse_known_args(argv)
+
+    if args.cmd == "convert-seg":
+        from .convert import convert_omg_seg_to_dir
+
+        for path in (args.checkpoint, args.class_embeddings):
+            if not path.is_file():
+                raise SystemExit(f"no such file: {path}")
+        convert_omg_seg_to_dir(args.checkpoint, args.class_embeddings, args.out, prefix=args.prefix)
+        return
 
     if args.cmd in ("train", "eval"):
         from groundlab.shared.config import parse_overrides

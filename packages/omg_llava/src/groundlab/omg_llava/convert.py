@@ -173,3 +173,131 @@ def load_official(model: OMGLlavaForCausalLM, official: str | Path | dict, inter
         full[k] = v
     model.load_state_dict(full, strict=True)
     return filled
+
+
+# ----------------------------------------------------------------------------------------------
+# the segmenter: the release's OMG-Seg checkpoint (mmdet names) + its CLIP class embeddings
+
+# ``omg_seg_convl.pth`` (``state_dict``): ``backbone.*`` (open_clip's ConvNeXt-L trunk: ``stem``, stages
+# as ``layer1``..``layer4``, and the CLIP image head ``head.*``) and ``panoptic_head.*`` (mmdet's
+# MSDeformAttnPixelDecoder and Mask2Former decoder, the open-vocabulary classifier, the prompt
+# embeddings). A backbone saved by open_clip itself (``visual.trunk.stem``, ``visual.trunk.stages.N``)
+# is accepted too. ``(pattern, replacement)``, matched in full, first match wins.
+_PD = r"panoptic_head\.pixel_decoder\."
+_TD = r"panoptic_head\.transformer_decoder\."
+_W = r"(weight|bias)"
+SEG_KEY_MAP = [
+    (r"(?:backbone|visual\.trunk)\.stem\.([01])\." + _W, r"backbone.stem.\1.\2"),
+    (r"backbone\.layer([1-4])\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
+    (r"visual\.trunk\.stages\.([0-3])\.(.+)", r"backbone.stages.\1.\2"),
+    (_PD + r"input_convs\.(\d)\.conv\." + _W, r"pixel_decoder.input_proj.\1.0.\2"),
+    (_PD + r"input_convs\.(\d)\.gn\." + _W, r"pixel_decoder.input_proj.\1.1.\2"),
+    (_PD + r"level_encoding\.weight", r"pixel_decoder.level_embed"),
+    (_PD + r"encoder\.layers\.(\d+)\.self_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)\." + _W,
+     r"pixel_decoder.layers.\1.self_attn.\2.\3"),
+    (_PD + r"encoder\.layers\.(\d+)\.ffn\.layers\.0\.0\." + _W, r"pixel_decoder.layers.\1.linear1.\2"),
+    (_PD + r"encoder\.layers\.(\d+)\.ffn\.layers\.1\." + _W, r"pixel_decoder.layers.\1.linear2.\2"),
+    (_PD + r"encoder\.layers\.(\d+)\.norms\.([01])\." + _W, lambda m: f"pixel_decoder.layers.{m[1]}.norm{int(m[2]) + 1}.{m[3]}"),
+    (_PD + r"lateral_convs\.0\.conv\.weight", r"pixel_decoder.lateral_conv.0.weight"),
+    (_PD + r"lateral_convs\.0\.gn\." + _W, r"pixel_decoder.lateral_conv.1.\1"),
+    (_PD + r"output_convs\.0\.conv\.weight", r"pixel_decoder.output_conv.0.weight"),
+    (_PD + r"output_convs\.0\.gn\." + _W, r"pixel_decoder.output_conv.1.\1"),
+    (_PD + r"mask_feature\." + _W, r"pixel_decoder.mask_features.\1"),
+    (_TD + r"layers\.(\d+)\.(self_attn|cross_attn)\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+     r"decoder.layers.\1.\2.\3"),
+    (_TD + r"layers\.(\d+)\.ffn\.layers\.0\.0\." + _W, r"decoder.layers.\1.linear1.\2"),
+    (_TD + r"layers\.(\d+)\.ffn\.layers\.1\." + _W, r"decoder.layers.\1.linear2.\2"),
+    (_TD + r"layers\.(\d+)\.norms\.([012])\." + _W,
+     lambda m: f"decoder.layers.{m[1]}.{('norm_cross', 'norm_self', 'norm_ffn')[int(m[2])]}.{m[3]}"),
+    (_TD + r"post_norm\." + _W, r"decoder.decoder_norm.\1"),
+    (r"panoptic_head\.(query_feat|query_embed|level_embed)\.weight", r"decoder.\1.weight"),
+    (r"panoptic_head\.(mask_embed|iou_embed|cls_proj)\.([024])\." + _W,
+     lambda m: f"decoder.{m[1]}.layers.{int(m[2]) // 2}.{m[3]}"),
+    (r"panoptic_head\.mask_pooling_proj\.([01])\." + _W, r"decoder.mask_pooling_proj.\1.\2"),
+    (r"panoptic_head\.mask_tokens\.weight", r"prompt_encoder.mask_token.weight"),
+    (r"panoptic_head\.pb_embedding\.weight", r"prompt_encoder.prompt_embed.weight"),
+    (r"panoptic_head\.pos_linear\." + _W, r"prompt_encoder.pos_proj.\1"),
+]
+# in the checkpoint, not in this model, on purpose: CLIP's image-embedding head (global pool, norm, MLP
+# into the joint space) - OMG-LLaVA uses the stage features only; open_clip's text tower and logit scale
+SEG_UNUSED = (r"backbone\.head\..+", r"visual\.trunk\.head\..+", r"visual\.head\..+", r"(text|transformer|token_embedding|"
+              r"positional_embedding|ln_final|text_projection|logit_scale).*")
+
+
+def convert_omg_seg(checkpoint: dict[str, torch.Tensor], class_embeddings: torch.Tensor | None = None,
+                    prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The release's OMG-Seg ``state_dict`` (optionally under ``prefix``, e.g. ``"visual_encoder."``) ->
+    ``OMGSegModel`` keys. ``class_embeddings``: the release's CLIP text embeddings of the class names
+    (``convnext_large_d_320_CocoPanopticOVDataset.pth``: (classes, prototypes, E), unit norm); a zero
+    background row is appended, as the release does. Returns (state dict, the keys left out on purpose).
+    A key that matches neither the map nor ``SEG_UNUSED`` raises."""
+    out, unused, unknown = {}, [], []
+    for key, value in checkpoint.items():
+        if prefix:
+            if not key.startswith(prefix):
+                unknown.append(key)
+                continue
+            key = key[len(prefix):]
+        for pattern, repl in SEG_KEY_MAP:
+            m = re.fullmatch(pattern, key)
+            if m:
+                out[m.expand(repl) if isinstance(repl, str) else repl(m)] = value
+                break
+        else:
+            (unused if any(re.fullmatch(p, key) for p in SEG_UNUSED) else unknown).append(key)
+    if unknown:
+        raise KeyError(f"{len(unknown)} OMG-Seg checkpoint keys have no place in this model, e.g. {sorted(unknown)[:6]}")
+    if class_embeddings is not None:
+        if class_embeddings.dim() != 3:
+            raise ValueError(f"class embeddings must be (classes, prototypes, dim), got {tuple(class_embeddings.shape)}")
+        norms = class_embeddings.norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            raise ValueError("class embeddings must have unit norm (the release's text embeddings do)")
+        background = class_embeddings.new_zeros(1, *class_embeddings.shape[1:])
+        out["decoder.class_embeddings"] = torch.cat([class_embeddings, background]).float()
+    return out, unused
+
+
+def load_omg_seg(model, checkpoint: str | Path | dict, class_embeddings: str | Path | torch.Tensor | None = None,
+                 prefix: str = "") -> list[str]:
+    """Convert the release's OMG-Seg checkpoint and load it into ``model`` (an ``OMGSegModel``) with
+    ``strict=True``: every parameter and buffer of the model must come from the checkpoint (the class
+    embeddings too, when its classifier is ``"clip"``). Returns the checkpoint keys left out on purpose."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = checkpoint.get("state_dict", checkpoint)
+    if class_embeddings is not None and not isinstance(class_embeddings, torch.Tensor):
+        class_embeddings = torch.load(class_embeddings, map_location="cpu", weights_only=True)
+    converted, unused = convert_omg_seg(checkpoint, class_embeddings, prefix)
+    own = model.state_dict()
+    for k, v in converted.items():
+        if k not in own:
+            raise KeyError(f"converted key {k} is not in this segmenter (its config does not match the checkpoint)")
+        if own[k].shape != v.shape:
+            raise ValueError(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}: the segmenter config "
+                             "does not match the checkpoint")
+    missing = sorted(set(own) - set(converted))
+    if missing:
+        raise KeyError(f"{len(missing)} segmenter weights are not in the checkpoint, e.g. {missing[:6]}"
+                       + (" (pass the class embeddings file)" if "decoder.class_embeddings" in missing else ""))
+    model.load_state_dict(converted, strict=True)
+    return unused
+
+
+def convert_omg_seg_to_dir(checkpoint: str | Path | dict, class_embeddings: str | Path | torch.Tensor, out: str | Path,
+                           config=None, prefix: str = "") -> Path:
+    """The release's OMG-Seg checkpoint + class embeddings -> an ``OMGSegModel`` directory (what
+    ``segmenter.pretrained`` of a run config names). ``config``: an ``OMGSegConfig`` (the release's by
+    default; its number of prototypes is taken from the embeddings)."""
+    from .omg_seg import OMGSegConfig, OMGSegModel
+
+    if not isinstance(class_embeddings, torch.Tensor):
+        class_embeddings = torch.load(class_embeddings, map_location="cpu", weights_only=True)
+    config = config or OMGSegConfig()
+    if class_embeddings.dim() == 3:
+        config.num_classes, config.class_prototypes, config.class_embed_dim = class_embeddings.shape
+    model = OMGSegModel(config)
+    unused = load_omg_seg(model, checkpoint, class_embeddings, prefix)
+    model.save_pretrained(out)
+    print(f"OMG-Seg -> {out} ({len(unused)} checkpoint keys not used: CLIP's image head)")
+    return Path(out)

@@ -45,17 +45,19 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor, num_points: int = 12544, oversample: float = 3.0,
-              importance: float = 0.75, bce_weight: float = 2.0, dice_weight: float = 0.5) -> torch.Tensor:
+              importance: float = 0.75, bce_weight: float = 2.0, dice_weight: float = 0.5,
+              reduce: bool = True) -> torch.Tensor:
     """Point-sampled ``bce_weight * BCE + dice_weight * Dice`` of (N, h, w) logits against (N, H, W)
-    targets, mean over the N masks (0 when N = 0)."""
+    targets, mean over the N masks (0 when N = 0); ``reduce=False``: the (N,) per-mask losses."""
     if logits.shape[0] == 0:
-        return logits.sum() * 0.0
+        return logits.sum() * 0.0 if reduce else logits.new_zeros(0)
     if logits.shape[0] != targets.shape[0]:
         raise ValueError(f"{logits.shape[0]} predicted masks for {targets.shape[0]} targets")
     coords = uncertain_points(logits[:, None], num_points, oversample, importance)
     p = point_sample(logits[:, None], coords)[:, 0]
     t = point_sample(targets[:, None].float(), coords)[:, 0]
-    return (bce_weight * bce_loss(p, t) + dice_weight * dice_loss(p, t)).mean()
+    per_mask = bce_weight * bce_loss(p, t) + dice_weight * dice_loss(p, t)
+    return per_mask.mean() if reduce else per_mask
 
 
 @torch.no_grad()

@@ -239,6 +239,26 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         feat, pos = q.split(self.config.seg_config.dim, dim=-1)
         return self.segmenter.decoder.run_queries(feat, pos, p.mask_features, p.memory, p.pos)
 
+    def decode_segs(self, hiddens: list[torch.Tensor], perception: list[Perception]) -> tuple[list[torch.Tensor], list[int]]:
+        """The ``[SEG]`` hidden states of several images, (n_i, D) each, decoded in one batch: the
+        queries of an image padded to the longest and kept out of the others' self-attention. Returns
+        the ``layers + 1`` mask logits, each (images, max n_i, S/4, S/4), and the n_i."""
+        counts = [h.shape[0] for h in hiddens]
+        width = max(counts)
+        q = self.text2vision(torch.cat(hiddens))
+        padded = q.new_zeros(len(counts), width, q.shape[-1])
+        keys = torch.ones(len(counts), width, dtype=torch.bool)  # True = a padding query
+        for i, chunk in enumerate(q.split(counts)):
+            padded[i, : counts[i]] = chunk
+            keys[i, : counts[i]] = False
+        feat, pos = padded.split(self.config.seg_config.dim, dim=-1)
+        self_mask = keys[:, None, :].expand(-1, width, -1) if width > min(counts) else None
+        preds = self.segmenter.decoder.run_queries(
+            feat, pos, torch.cat([p.mask_features for p in perception]),
+            [torch.cat(m) for m in zip(*(p.memory for p in perception))],
+            [torch.cat(m) for m in zip(*(p.pos for p in perception))], self_mask=self_mask)
+        return [pr.mask_logits for pr in preds], counts
+
     def forward(self, input_ids, attention_mask=None, labels=None, perception: list[Perception] | None = None,
                 pixel_values=None, seg_masks: list[torch.Tensor] | None = None, prompts: list[dict] | None = None,
                 **unused) -> OMGLlavaOutput:
@@ -258,23 +278,28 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         if seg_masks is not None:
             seg_id = self.config.token_ids["[SEG]"]
             hidden = out.hidden_states[-1]
-            terms = []
+            queries, percs, targets = [], [], []
             for b, (p, target) in enumerate(zip(perception, seg_masks)):
                 where = (input_ids[b] == seg_id).nonzero().flatten()
                 if len(where) != len(target):
                     mismatched += 1
-                    continue
-                if len(where) == 0:
-                    continue
-                preds = self.decode_seg(hidden[b, where], p)
-                masks_out.append(preds[-1].mask_logits[0])
-                tgt = target.float()
-                for pred in preds:
-                    logits = pred.mask_logits[0]
+                elif len(where):
+                    queries.append(hidden[b, where])
+                    percs.append(p)
+                    targets.append(target.float())
+            if queries:
+                preds, counts = self.decode_segs(queries, percs)
+                sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+                tgt = torch.cat(targets)
+                terms = []
+                for pred in preds:  # every prediction (deep supervision): per-mask losses, mean per sample
+                    logits = torch.cat([pred[i, :n] for i, n in enumerate(counts)])
                     t = F.interpolate(tgt[None], size=logits.shape[-2:], mode="bilinear", align_corners=False)[0]
-                    terms.append(mask_loss(logits, t, self.config.seg_points, bce_weight=self.config.seg_bce_weight,
-                                           dice_weight=self.config.seg_dice_weight))
-            if terms:
+                    per_mask = mask_loss(logits, t, self.config.seg_points, bce_weight=self.config.seg_bce_weight,
+                                         dice_weight=self.config.seg_dice_weight, reduce=False)
+                    terms.append(torch.zeros(len(counts), dtype=per_mask.dtype).index_add(0, sample, per_mask)
+                                 / torch.tensor(counts, dtype=per_mask.dtype))
+                masks_out = [preds[-1][i, :n] for i, n in enumerate(counts)]
                 seg_loss = torch.stack(terms).sum() / max(1, len(seg_masks) - mismatched)
                 loss = seg_loss if loss is None else loss + seg_loss
         return OMGLlavaOutput(loss=loss, logits=out.logits, ce_loss=out.loss, seg_loss=seg_loss, seg_masks=masks_out,

@@ -32,9 +32,11 @@ class OMGSegConfig(PretrainedConfig):
                  encoder_ffn: int = 1024, groups: int = 32, num_queries: int = 300, decoder_layers: int = 9,
                  decoder_heads: int = 8, decoder_ffn: int = 2048, num_classes: int = 133,
                  pixel_mean=(0.48145466, 0.4578275, 0.40821073), pixel_std=(0.26862954, 0.26130258, 0.27577711),
-                 prompt_radius: int = 3, **kwargs):
+                 prompt_radius: int = 3, classifier: str = "clip", class_embed_dim: int = 768,
+                 class_prototypes: int = 1, **kwargs):
         """The release (ConvNeXt-L CLIP, 6-layer deformable encoder, 9-layer decoder, 300 queries, 256-d,
-        COCO panoptic's 133 classes, CLIP normalisation) by default."""
+        COCO panoptic's 133 classes classified against CLIP text embeddings, CLIP normalisation) by
+        default. ``classifier="linear"``: a Linear class head instead (the tiny default)."""
         self.image_size = image_size
         self.dims, self.depths = tuple(dims), tuple(depths)
         self.dim, self.mask_dim = dim, mask_dim
@@ -44,6 +46,7 @@ class OMGSegConfig(PretrainedConfig):
         self.decoder_ffn, self.num_classes = decoder_ffn, num_classes
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.prompt_radius = prompt_radius
+        self.classifier, self.class_embed_dim, self.class_prototypes = classifier, class_embed_dim, class_prototypes
         super().__init__(**kwargs)
 
 
@@ -62,7 +65,8 @@ class OMGSegModel(PreTrainedModel):
         self.pixel_decoder = PixelDecoder(c.dims, c.dim, c.mask_dim, c.encoder_layers, c.encoder_heads,
                                           c.encoder_points, c.encoder_ffn, c.groups)
         self.decoder = MaskDecoder(c.dim, c.num_queries, c.decoder_layers, c.decoder_heads, c.decoder_ffn,
-                                   c.num_classes, c.mask_dim)
+                                   c.num_classes, c.mask_dim, classifier=c.classifier,
+                                   class_embed_dim=c.class_embed_dim, class_prototypes=c.class_prototypes)
         self.prompt_encoder = PromptEncoder(c.dim, c.prompt_radius)
         self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(1, 3, 1, 1), persistent=False)
@@ -111,20 +115,18 @@ class OMGSegModel(PreTrainedModel):
 
     def prompt_queries(self, kind: str, prompts: torch.Tensor, size: int | None = None):
         """Queries for a batch of prompts of one kind, each (B, N, ...): points (x, y) or boxes (x0, y0,
-        x1, y1) in input pixels, or masks (H, W) bool at input resolution. Returns (feat, pos, extra)
-        where extra is the box restriction or the fixed masks' source."""
+        x1, y1) in input pixels, or masks (H, W) bool at input resolution. Returns (feat, pos). Each
+        prompt becomes a point query (a box its centre, a mask its farthest interior pixel)."""
         s = size or self.config.image_size
         if kind == "point":
-            boxes = self.prompt_encoder.point_boxes(prompts, (s, s))
+            points = prompts.float()
         elif kind == "box":
-            boxes = prompts.float() / s
+            points = (prompts[..., :2].float() + prompts[..., 2:].float()) / 2
         elif kind == "mask":
-            pts = torch.tensor([[farthest_interior_point(m) for m in row] for row in prompts], dtype=torch.float32)
-            boxes = self.prompt_encoder.point_boxes(pts, (s, s))
+            points = torch.tensor([[farthest_interior_point(m) for m in row] for row in prompts], dtype=torch.float32)
         else:
             raise ValueError(f"prompt kind must be point, box or mask, got {kind!r}")
-        feat, pos = self.prompt_encoder.from_boxes(boxes, kind)
-        return feat, pos
+        return self.prompt_encoder.from_boxes(self.prompt_encoder.point_boxes(points, (s, s)))
 
     def run_prompts(self, enc: dict, kind: str, prompts: torch.Tensor) -> list[Prediction]:
         """Masks for prompts (see :meth:`prompt_queries`) through the frozen decoder: a box restricts

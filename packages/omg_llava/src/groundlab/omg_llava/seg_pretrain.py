@@ -94,6 +94,10 @@ class PanopticCollator:
 class SegmenterForTraining(nn.Module):
     def __init__(self, model: OMGSegModel, num_points: int = 1024, prompt_weight: float = 1.0):
         super().__init__()
+        dec = model.decoder
+        if dec.classifier == "clip" and not bool(dec.class_embeddings.abs().sum() > 0):
+            raise ValueError("the 'clip' classifier has no class text embeddings (decoder.class_embeddings is all "
+                             "zero): load them (convert.convert_omg_seg) or use classifier='linear'")
         self.model, self.num_points, self.prompt_weight = model, num_points, prompt_weight
 
     def forward(self, pixel_values, labels, masks, prompts, prompt_kind, prompt_target):

@@ -267,27 +267,61 @@ def unmask_full_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask & ~full
 
 
+def mask_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean of ``features`` (B, C, h, w) over each mask's positive-logit pixels: masks (B, N, H, W) ->
+    (B, N, C). Masks are resized to the features and detached; an empty mask pools to zero."""
+    if masks.shape[-2:] != features.shape[-2:]:
+        masks = F.interpolate(masks, size=features.shape[-2:], mode="bilinear", align_corners=False)
+    m = (masks.detach() > 0).to(features.dtype)
+    return torch.einsum("bchw,bnhw->bnc", features, m / (m.sum((-2, -1), keepdim=True) + 1e-8))
+
+
 class MaskDecoder(nn.Module):
+    """``classifier``: ``"linear"`` (a Linear over the normed query) or ``"clip"``, the release's
+    open-vocabulary classifier: the mask-pooled ``mask_features`` (LayerNorm + Linear) plus the normed
+    query, through an MLP into the CLIP text space; logits = 100 x the cosine to each class's text
+    embeddings (``class_embeddings`` (classes + 1, prototypes, E), max over prototypes; the background
+    row is zero, so its logit is 0)."""
+
+    LOGIT_SCALE = 4.6052  # log(100), fixed
+
     def __init__(self, dim: int = 256, num_queries: int = 300, layers: int = 9, heads: int = 8, ffn: int = 2048,
-                 num_classes: int = 133, mask_dim: int = 256, levels: int = 3):
+                 num_classes: int = 133, mask_dim: int = 256, levels: int = 3, classifier: str = "linear",
+                 class_embed_dim: int = 768, class_prototypes: int = 1):
         super().__init__()
-        self.levels, self.num_layers = levels, layers
+        if classifier not in ("linear", "clip"):
+            raise ValueError(f"classifier must be 'linear' or 'clip', got {classifier!r}")
+        self.levels, self.num_layers, self.classifier = levels, layers, classifier
         self.query_feat = nn.Embedding(num_queries, dim)
         self.query_embed = nn.Embedding(num_queries, dim)
         self.level_embed = nn.Embedding(levels, dim)
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn) for _ in range(layers))
         self.decoder_norm = nn.LayerNorm(dim)
-        self.class_embed = nn.Linear(dim, num_classes + 1)
+        if classifier == "linear":
+            self.class_embed = nn.Linear(dim, num_classes + 1)
+        else:
+            self.cls_proj = MLP(dim, dim, class_embed_dim, 3)
+            self.mask_pooling_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+            self.register_buffer("class_embeddings", torch.zeros(num_classes + 1, class_prototypes, class_embed_dim))
         self.mask_embed = MLP(dim, dim, mask_dim, 3)
         self.iou_embed = MLP(dim, dim, 1, 3)
+
+    def classify(self, normed: torch.Tensor, masks: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        if self.classifier == "linear":
+            return self.class_embed(normed)
+        pooled = self.mask_pooling_proj(mask_pool(mask_features, masks))
+        emb = F.normalize(self.cls_proj(pooled + normed), dim=-1)
+        cos = torch.einsum("bne,kpe->bnkp", emb, self.class_embeddings).amax(-1)
+        return math.exp(self.LOGIT_SCALE) * cos
 
     def head(self, q, mask_features, box=None) -> tuple[Prediction, torch.Tensor]:
         """A prediction from queries ``q`` and the attention mask it implies at full mask resolution."""
         normed = self.decoder_norm(q)
         masks = torch.einsum("bnd,bdhw->bnhw", self.mask_embed(normed), mask_features)
+        logits = self.classify(normed, masks, mask_features)
         if box is not None:
             masks = masks.masked_fill(~box, -100.0)
-        return Prediction(self.class_embed(normed), masks, self.iou_embed(normed).squeeze(-1), q), masks
+        return Prediction(logits, masks, self.iou_embed(normed).squeeze(-1), q), masks
 
     @staticmethod
     def attention_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -331,15 +365,16 @@ class MaskDecoder(nn.Module):
 # visual-prompt queries
 
 
-def box_sine(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(..., 4) normalised xyxy boxes -> (..., dim) sine encoding (dim / 4 per coordinate)."""
-    if dim % 8:
-        raise ValueError(f"box encoding dim must be a multiple of 8, got {dim}")
-    quarter = dim // 4
-    t = temperature ** (2 * (torch.arange(quarter, dtype=torch.float32, device=boxes.device) // 2) / quarter)
-    x = boxes[..., None].float() * 2 * math.pi / t  # (..., 4, quarter)
+def box_encoding(boxes: torch.Tensor, feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(..., 4) normalised cxcywh boxes -> (..., 4 * feats): per coordinate ``feats`` sines / cosines
+    (interleaved: sin of the even frequencies, cos of the odd), concatenated in the order y, x, w, h
+    (the DETR-family box encoding the release's prompt queries use)."""
+    if feats % 2:
+        raise ValueError(f"box encoding features per coordinate must be even, got {feats}")
+    t = temperature ** (2 * (torch.arange(feats, dtype=torch.float32, device=boxes.device) // 2) / feats)
+    x = boxes[..., None].float() * 2 * math.pi / t  # (..., 4, feats)
     x = torch.stack([x[..., 0::2].sin(), x[..., 1::2].cos()], -1).flatten(-2)
-    return x.flatten(-2)
+    return torch.cat([x[..., 1, :], x[..., 0, :], x[..., 2, :], x[..., 3, :]], -1)
 
 
 def farthest_interior_point(mask: torch.Tensor) -> tuple[int, int]:
@@ -358,30 +393,36 @@ def farthest_interior_point(mask: torch.Tensor) -> tuple[int, int]:
 
 
 class PromptEncoder(nn.Module):
-    """Queries for point / box / mask prompts: positional query = Linear(sine(box)); content query =
-    the learned embedding of the prompt kind + the mask token. A point is the box of +-``radius`` px
-    around it; a mask is a point at its farthest interior pixel (and confines cross-attention)."""
+    """Queries for point / box / mask prompts, as the release builds them: every prompt is a point (a
+    box prompt its centre, a mask prompt its farthest interior pixel), taken as the box of
+    +-``radius`` px around it; positional query = Linear(box encoding of its normalised cxcywh, 2 x dim
+    features); content query = the learned label embedding + the mask token. The label embedding has
+    OMG-Seg's two rows (0: point, 1: box); OMG-LLaVA's prompts all use row 0. A box prompt also
+    restricts the predicted masks to the box, a mask prompt the cross-attention to the mask."""
 
     KINDS = ("point", "box", "mask")
 
     def __init__(self, dim: int, radius: int = 3):
         super().__init__()
         self.radius = radius
-        self.pos_proj = nn.Linear(dim, dim)
-        self.prompt_embed = nn.Embedding(len(self.KINDS), dim)
+        self.pos_proj = nn.Linear(2 * dim, dim)
+        self.prompt_embed = nn.Embedding(2, dim)
         self.mask_token = nn.Embedding(1, dim)
         self.dim = dim
 
-    def from_boxes(self, boxes: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_boxes(self, boxes: torch.Tensor, label: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, 4) normalised xyxy -> (query_feat, query_pos), each (B, N, dim)."""
-        pos = self.pos_proj(box_sine(boxes, self.dim))
-        feat = (self.prompt_embed.weight[self.KINDS.index(kind)] + self.mask_token.weight[0]).expand_as(pos)
+        b = boxes.float()
+        cxcywh = torch.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
+                              b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], -1).clamp(0, 1)
+        pos = self.pos_proj(box_encoding(cxcywh, self.dim // 2))
+        feat = (self.prompt_embed.weight[label] + self.mask_token.weight[0]).expand_as(pos)
         return feat, pos
 
     def point_boxes(self, points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, N, 2) pixel (x, y) points of an image of ``size`` (H, W) -> normalised +-radius boxes."""
+        """(B, N, 2) pixel (x, y) points of an image of ``size`` (H, W) -> normalised +-radius xyxy boxes
+        (not clipped at the border: the centre stays the point)."""
         h, w = size
         r = self.radius
         x, y = points[..., 0].float(), points[..., 1].float()
-        return torch.stack([(x - r).clamp(0, w) / w, (y - r).clamp(0, h) / h, (x + r).clamp(0, w) / w,
-                            (y + r).clamp(0, h) / h], -1)
+        return torch.stack([(x - r) / w, (y - r) / h, (x + r) / w, (y + r) / h], -1)
