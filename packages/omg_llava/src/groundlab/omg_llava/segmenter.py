@@ -10,7 +10,8 @@
 - ``MaskDecoder``: Mask2Former's transformer decoder: learned queries (``query_feat``) and their
   positional embeddings (``query_embed``); per layer masked cross-attention to one memory level
   (cycling ``i % levels``), self-attention, FFN, each post-norm; a prediction head (shared norm,
-  class Linear, mask-embedding MLP, IoU MLP) before the first layer and after each, giving
+  classifier - the release's CLIP-text cosine one or a Linear -, mask-embedding MLP, IoU MLP) before
+  the first layer and after each, giving
   ``num_layers + 1`` predictions. The cross-attention mask of a layer is the previous prediction,
   ``sigmoid < 0.5`` masked, resized to that level; a row masked everywhere is unmasked.
   ``run_queries`` runs any queries (the ``[SEG]`` and visual-prompt queries of OMG-LLaVA) through the
