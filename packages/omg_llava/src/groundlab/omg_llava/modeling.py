@@ -341,13 +341,14 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         hidden = self.llm(inputs_embeds=full, attention_mask=mask, output_hidden_states=True,
                           use_cache=False).hidden_states[-1][:, input_ids.shape[1]:]
         seg_id = self.config.token_ids["[SEG]"]
+        wheres = [[i for i, t in enumerate(a) if t == seg_id] for a in answers]
+        with_seg = [b for b, w in enumerate(wheres) if w]
+        decoded = {}
+        if with_seg:
+            preds, counts = self.decode_segs([hidden[b, wheres[b]] for b in with_seg], [perception[b] for b in with_seg])
+            decoded = {b: preds[-1][i, :n] for i, (b, n) in enumerate(zip(with_seg, counts))}
         out = []
         for b, a in enumerate(answers):
-            where = [i for i, t in enumerate(a) if t == seg_id]
-            if where:
-                masks = self.decode_seg(hidden[b, where], perception[b])[-1].mask_logits[0]
-            else:
-                s = perception[b].mask_features.shape[-1]
-                masks = torch.zeros(0, s, s)
-            out.append((a, masks))
+            s = perception[b].mask_features.shape[-1]
+            out.append((a, decoded.get(b, torch.zeros(0, s, s))))
         return out
