@@ -126,7 +126,7 @@ class OMGSegModel(PreTrainedModel):
             points = torch.tensor([[farthest_interior_point(m) for m in row] for row in prompts], dtype=torch.float32)
         else:
             raise ValueError(f"prompt kind must be point, box or mask, got {kind!r}")
-        return self.prompt_encoder.from_boxes(self.prompt_encoder.point_boxes(points, (s, s)))
+        return self.prompt_encoder.from_points(points, (s, s))
 
     def run_prompts(self, enc: dict, kind: str, prompts: torch.Tensor) -> list[Prediction]:
         """Masks for prompts (see :meth:`prompt_queries`) through the frozen decoder: a box restricts

@@ -401,8 +401,6 @@ class PromptEncoder(nn.Module):
     OMG-Seg's two rows (0: point, 1: box); OMG-LLaVA's prompts all use row 0. A box prompt also
     restricts the predicted masks to the box, a mask prompt the cross-attention to the mask."""
 
-    KINDS = ("point", "box", "mask")
-
     def __init__(self, dim: int, radius: int = 3):
         super().__init__()
         self.radius = radius
@@ -411,19 +409,14 @@ class PromptEncoder(nn.Module):
         self.mask_token = nn.Embedding(1, dim)
         self.dim = dim
 
-    def from_boxes(self, boxes: torch.Tensor, label: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, 4) normalised xyxy -> (query_feat, query_pos), each (B, N, dim)."""
-        b = boxes.float()
-        cxcywh = torch.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
-                              b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], -1).clamp(0, 1)
+    def from_points(self, points: torch.Tensor, size: tuple[int, int], label: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, 2) pixel (x, y) points of an image of ``size`` (H, W) -> (query_feat, query_pos), each
+        (B, N, dim): the +-``radius`` px box around each point as normalised cxcywh (not clipped at the
+        border, so the centre stays the point; the whole box kept in [0, 1] as the release's sigmoid does)."""
+        h, w = size
+        x, y = points[..., 0].float(), points[..., 1].float()
+        cxcywh = torch.stack([x / w, y / h, torch.full_like(x, 2 * self.radius / w),
+                              torch.full_like(y, 2 * self.radius / h)], -1).clamp(0, 1)
         pos = self.pos_proj(box_encoding(cxcywh, self.dim // 2))
         feat = (self.prompt_embed.weight[label] + self.mask_token.weight[0]).expand_as(pos)
         return feat, pos
-
-    def point_boxes(self, points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, N, 2) pixel (x, y) points of an image of ``size`` (H, W) -> normalised +-radius xyxy boxes
-        (not clipped at the border: the centre stays the point)."""
-        h, w = size
-        r = self.radius
-        x, y = points[..., 0].float(), points[..., 1].float()
-        return torch.stack([(x - r) / w, (y - r) / h, (x + r) / w, (y + r) / h], -1)
