@@ -42,3 +42,37 @@ def test_hungarian_matching_recovers_the_permutation_and_set_loss_prefers_it():
     bad = Prediction(class_logits[None].roll(1, -1), -mask_logits[None], torch.zeros(1, 5), torch.zeros(1, 5, 8))
     tgt = [{"labels": labels, "masks": masks}]
     assert set_loss([good], tgt, 3, num_points=256)["loss"] < set_loss([bad], tgt, 3, num_points=256)["loss"]
+
+
+def test_set_loss_batches_images_with_mask2former_normalisation():
+    """Images with 3, 1 and 0 targets in one batch: each is matched on its own, the class term is the
+    weighted CE over every query of the batch (no-object weight 0.1), the mask term is finite."""
+    torch.manual_seed(0)
+    masks = torch.zeros(3, 16, 16)
+    masks[0, :5], masks[1, 6:11], masks[2, 12:] = 1, 1, 1
+    labels = torch.tensor([2, 0, 1])
+    q_per_img, n_cls = 4, 3
+    class_logits = torch.full((3, q_per_img, n_cls + 1), -4.0)
+    mask_logits = torch.full((3, q_per_img, 16, 16), -10.0)
+    # image 0: query q predicts target perm[q] (query 3 no object); image 1: query 2 predicts its one target
+    perm = [1, 2, 0]
+    for q, t in enumerate(perm):
+        class_logits[0, q, labels[t]] = 4.0
+        mask_logits[0, q] = (masks[t] * 2 - 1) * 10
+    class_logits[0, 3, n_cls] = 4.0
+    class_logits[1, :, n_cls] = 4.0
+    class_logits[1, 2, n_cls], class_logits[1, 2, 0] = -4.0, 1.0
+    mask_logits[1, 2] = (masks[2] * 2 - 1) * 10
+    class_logits[2, :, n_cls] = 4.0
+    targets = [{"labels": labels, "masks": masks}, {"labels": torch.tensor([0]), "masks": masks[2:]},
+               {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 16, 16)}]
+    pred = Prediction(class_logits, mask_logits, torch.zeros(3, q_per_img), torch.zeros(3, q_per_img, 8))
+    out = set_loss([pred, pred], targets, n_cls, num_points=256)
+    cls_target = torch.full((3, q_per_img), n_cls)
+    cls_target[0, :3] = labels[perm]
+    cls_target[1, 2] = 0
+    weight = torch.tensor([1.0] * n_cls + [0.1])
+    expected = 2.0 * torch.nn.functional.cross_entropy(class_logits.flatten(0, 1), cls_target.flatten(), weight=weight)
+    assert torch.isclose(out["class"], 2 * expected, rtol=1e-5)  # two predictions, summed
+    inverted = set_loss([Prediction(class_logits, -mask_logits, pred.iou, pred.query)], targets, n_cls, num_points=256)
+    assert inverted["mask"] > 2 * out["mask"] / 2  # one prediction against the two above

@@ -152,6 +152,27 @@ def test_visual_prompts_fill_their_placeholders_and_counts_must_match():
         model.embed(ids, p, [{"<region>": region.repeat(2, 1, 1), "<mark>": point}])
 
 
+def test_prompts_of_several_images_batched_equal_one_image_at_a_time():
+    model, _ = tiny()
+    model.eval()
+    torch.manual_seed(1)
+    p = model.perceive(torch.randn(3, 3, 64, 64))
+    regions = [torch.zeros(n, 64, 64, dtype=torch.bool) for n in (1, 3, 2)]
+    for i, r in enumerate(regions):
+        for j in range(len(r)):
+            r[j, 5 + 10 * j : 20 + 10 * j, 8 * i : 8 * i + 20] = True
+    points = [torch.tensor([[12.0, 40.0], [50.0, 9.0]]), torch.tensor([[30.0, 30.0]]), torch.tensor([[1.0, 60.0]])]
+    for kind, prompts in (("mask", regions), ("point", points)):
+        batched = model.batch_prompt_queries(p, kind, prompts)
+        alone = [model.prompt_queries(pi, kind, x) for pi, x in zip(p, prompts)]
+        assert [b.shape for b in batched] == [a.shape for a in alone]
+        for b, a in zip(batched, alone):
+            assert torch.allclose(b, a, atol=1e-5)
+        # the prompts of one image attend to each other: its first query changes with the second prompt
+        if len(prompts[0]) > 1:
+            assert not torch.allclose(alone[0][0], model.prompt_queries(p[0], kind, prompts[0][:1])[0], atol=1e-4)
+
+
 def test_generation_returns_answer_ids_and_one_mask_per_seg_token():
     model, tok = tiny()
     seg_id = model.config.token_ids["[SEG]"]

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
-from groundlab.omg_llava.segmenter import farthest_interior_point
+from groundlab.omg_llava.segmenter import farthest_interior_point, farthest_interior_points
 
 TINY = dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), dim=32, mask_dim=32, encoder_layers=2,
             encoder_heads=4, encoder_points=2, encoder_ffn=64, groups=8, num_queries=12, decoder_layers=3,
@@ -49,6 +50,12 @@ def test_farthest_interior_point_is_the_centre_of_a_square():
     m = torch.zeros(20, 20, dtype=torch.bool)
     m[4:11, 6:13] = True  # 7 x 7: the centre pixel (9, 7) is the only one at distance 4
     assert farthest_interior_point(m) == (9, 7)
+    # several masks at once, of different depths: each its own centre; an empty one is refused
+    other = torch.zeros(20, 20, dtype=torch.bool)
+    other[15:18, 0:20] = True  # 3 rows: distance 2 along row 16, the first in raster order is (1, 16)
+    assert farthest_interior_points(torch.stack([m, other])).tolist() == [[9.0, 7.0], [1.0, 16.0]]
+    with pytest.raises(ValueError, match="mask prompt 1 is empty"):
+        farthest_interior_points(torch.stack([m, torch.zeros_like(m)]))
 
 
 def test_perception_prior_by_hand():

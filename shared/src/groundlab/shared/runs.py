@@ -33,6 +33,24 @@ def content_hash(*parts: object, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def file_hash(path: str | Path, length: int = 12) -> str:
+    """A short hash of a file's bytes: keys a stage on the weights it starts from, not on their path
+    (a rebuilt upstream stage keeps its directory but changes its weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """``file_hash`` over a saved model directory's weight files (``*.safetensors``, ``*.bin``)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {model_dir}")
+    return content_hash([(f.name, file_hash(f)) for f in files])
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,

@@ -7,7 +7,7 @@
   ``[SEG]``; 5.0 / 5.0 for Mask2Former's panoptic training), mean over masks;
 - panoptic set loss: Hungarian matching (class + mask + dice cost on shared random points), CE over
   classes with ``no_object_weight`` (0.1) for the unmatched queries, mask losses on matched pairs,
-  summed over every prediction (deep supervision).
+  each normalised over the whole batch, summed over every prediction (deep supervision).
 """
 
 from __future__ import annotations
@@ -61,6 +61,25 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor, num_points: int = 125
 
 
 @torch.no_grad()
+def matching_costs(class_logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                   num_points: int = 12544, class_weight: float = 2.0, mask_weight: float = 5.0,
+                   dice_weight: float = 5.0) -> torch.Tensor:
+    """Matching costs of N images at once: (N, Q, C+1) class logits and (N, Q, h, w) mask logits against
+    (N, T) labels and (N, T, H, W) masks -> (N, Q, T) ``class_weight * -p(class) + mask_weight * BCE +
+    dice_weight * Dice``, masks compared on ``num_points`` random points per image shared by its queries
+    and targets (targets padded past an image's own count give columns to ignore)."""
+    coords = torch.rand(mask_logits.shape[0], num_points, 2, device=mask_logits.device)
+    p = point_sample(mask_logits, coords)  # (N, Q, P)
+    t = point_sample(masks.float(), coords)  # (N, T, P)
+    cost_class = -torch.gather(class_logits.softmax(-1), 2, labels[:, None].expand(-1, class_logits.shape[1], -1))
+    pos = F.binary_cross_entropy_with_logits(p, torch.ones_like(p), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(p, torch.zeros_like(p), reduction="none")
+    cost_mask = (pos @ t.transpose(1, 2) + neg @ (1 - t).transpose(1, 2)) / num_points
+    sig = p.sigmoid()
+    cost_dice = 1 - (2 * sig @ t.transpose(1, 2) + 1) / (sig.sum(-1)[..., None] + t.sum(-1)[:, None] + 1)
+    return class_weight * cost_class + mask_weight * cost_mask + dice_weight * cost_dice
+
+
 def hungarian_match(class_logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.Tensor,
                     masks: torch.Tensor, num_points: int = 12544, class_weight: float = 2.0,
                     mask_weight: float = 5.0, dice_weight: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,16 +88,8 @@ def hungarian_match(class_logits: torch.Tensor, mask_logits: torch.Tensor, label
     if len(labels) == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
-    coords = torch.rand(1, num_points, 2, device=mask_logits.device)
-    p = point_sample(mask_logits[None], coords)[0]  # (Q, P)
-    t = point_sample(masks[None].float(), coords)[0]  # (T, P)
-    cost_class = -class_logits.softmax(-1)[:, labels]
-    pos = F.binary_cross_entropy_with_logits(p, torch.ones_like(p), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(p, torch.zeros_like(p), reduction="none")
-    cost_mask = (pos @ t.T + neg @ (1 - t).T) / num_points
-    sig = p.sigmoid()
-    cost_dice = 1 - (2 * sig @ t.T + 1) / (sig.sum(-1)[:, None] + t.sum(-1)[None] + 1)
-    cost = class_weight * cost_class + mask_weight * cost_mask + dice_weight * cost_dice
+    cost = matching_costs(class_logits[None], mask_logits[None], labels[None], masks[None], num_points,
+                          class_weight, mask_weight, dice_weight)[0]
     q, tgt = linear_sum_assignment(cost.cpu().numpy())
     return torch.as_tensor(q, dtype=torch.long), torch.as_tensor(tgt, dtype=torch.long)
 
@@ -87,24 +98,50 @@ def set_loss(predictions, targets: list[dict], num_classes: int, no_object_weigh
              class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
              num_points: int = 12544) -> dict[str, torch.Tensor]:
     """Panoptic set loss summed over every prediction (deep supervision). ``targets``: per image
-    ``{"labels": (T,), "masks": (T, H, W)}`` with masks at the predictions' resolution or larger."""
-    weight = torch.ones(num_classes + 1, device=predictions[0].class_logits.device)
+    ``{"labels": (T,), "masks": (T, H, W)}`` with masks at the predictions' resolution or larger.
+
+    As Mask2Former normalises it: per prediction, the class CE is the weighted mean over every query
+    of the batch and the mask loss the mean over every matched mask of the batch. The matching costs
+    of all predictions and images are computed in one batch; only the assignments run per image."""
+    class_logits = torch.stack([p.class_logits for p in predictions])  # (L, B, Q, C+1)
+    mask_logits = torch.stack([p.mask_logits for p in predictions])  # (L, B, Q, h, w)
+    n_pred, n_img, n_q = class_logits.shape[:3]
+    device = class_logits.device
+    counts = [len(t["labels"]) for t in targets]
+    if len(targets) != n_img:
+        raise ValueError(f"{len(targets)} targets for a batch of {n_img} predictions")
+    width = max(counts + [1])
+    labels = torch.zeros(n_img, width, dtype=torch.long, device=device)
+    masks = torch.zeros(n_img, width, *targets[0]["masks"].shape[-2:], device=device)
+    for b, t in enumerate(targets):
+        labels[b, :counts[b]] = t["labels"]
+        masks[b, :counts[b]] = t["masks"].float()
+    cost = matching_costs(class_logits.flatten(0, 1), mask_logits.flatten(0, 1), labels.repeat(n_pred, 1),
+                          masks.repeat(n_pred, 1, 1, 1), num_points, class_weight, mask_weight,
+                          dice_weight).view(n_pred, n_img, n_q, width).cpu().numpy()
+    cls_target = torch.full((n_pred, n_img, n_q), num_classes, dtype=torch.long, device=device)
+    index = []  # (prediction, image, query, target) of every match
+    for lvl in range(n_pred):
+        for b, n in enumerate(counts):
+            if n == 0:
+                continue
+            q, t = linear_sum_assignment(cost[lvl, b, :, :n])
+            q, t = torch.as_tensor(q, device=device), torch.as_tensor(t, device=device)
+            cls_target[lvl, b, q] = labels[b, t]
+            index.append(torch.stack([torch.full_like(q, lvl), torch.full_like(q, b), q, t], 1))
+    weight = torch.ones(num_classes + 1, device=device)
     weight[-1] = no_object_weight
-    total_ce, total_mask = 0.0, 0.0
-    for pred in predictions:
-        ce, mk = [], []
-        for b, tgt in enumerate(targets):
-            qi, ti = hungarian_match(pred.class_logits[b], pred.mask_logits[b], tgt["labels"], tgt["masks"],
-                                     num_points, class_weight, mask_weight, dice_weight)
-            cls_target = torch.full((pred.class_logits.shape[1],), num_classes, dtype=torch.long,
-                                    device=pred.class_logits.device)
-            cls_target[qi] = tgt["labels"][ti]
-            ce.append(F.cross_entropy(pred.class_logits[b], cls_target, weight=weight))
-            masks = tgt["masks"][ti].float()
-            logits = pred.mask_logits[b][qi]
-            if masks.shape[-2:] != logits.shape[-2:]:
-                masks = F.interpolate(masks[None], size=logits.shape[-2:], mode="nearest")[0]
-            mk.append(mask_loss(logits, masks, num_points, bce_weight=mask_weight, dice_weight=dice_weight))
-        total_ce = total_ce + class_weight * torch.stack(ce).mean()
-        total_mask = total_mask + torch.stack(mk).mean()
+    ce = F.cross_entropy(class_logits.flatten(0, 2), cls_target.flatten(), reduction="none")
+    w = weight[cls_target].view(n_pred, -1)
+    total_ce = class_weight * ((ce.view(n_pred, -1) * w).sum(1) / w.sum(1)).sum()
+    if index:
+        lvl, b, q, t = torch.cat(index).unbind(1)
+        logits, tgt = mask_logits[lvl, b, q], masks[b, t]
+        if tgt.shape[-2:] != logits.shape[-2:]:
+            tgt = F.interpolate(tgt[None], size=logits.shape[-2:], mode="nearest")[0]
+        per_mask = mask_loss(logits, tgt, num_points, bce_weight=mask_weight, dice_weight=dice_weight, reduce=False)
+        per_level = torch.zeros(n_pred, device=device).index_add(0, lvl, per_mask)
+        total_mask = (per_level / torch.bincount(lvl, minlength=n_pred).clamp(min=1)).sum()
+    else:
+        total_mask = mask_logits.sum() * 0.0
     return {"loss": total_ce + total_mask, "class": total_ce.detach(), "mask": total_mask.detach()}

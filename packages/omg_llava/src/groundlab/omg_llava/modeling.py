@@ -200,16 +200,33 @@ class OMGLlavaForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def prompt_queries(self, p: Perception, kind: str, prompts: torch.Tensor) -> torch.Tensor:
         """One image's visual prompts through the frozen decoder: ``[query ; query_pos]`` (N, 2d) of each
         prompt query after the last layer. ``kind``: ``mask`` (``<region>``: (N, S, S) bool masks at the
         segmenter's input resolution) or ``point`` (``<mark>``: (N, 2) input-pixel (x, y))."""
+        return self.batch_prompt_queries([p], kind, [prompts])[0]
+
+    @torch.no_grad()
+    def batch_prompt_queries(self, perception: list[Perception], kind: str, prompts: list[torch.Tensor]
+                             ) -> list[torch.Tensor]:
+        """:meth:`prompt_queries` of several images in one decoder call: each image's prompts padded
+        (with copies of its first) to the longest, the padding kept out of self-attention, so every
+        image's queries see only its own prompts, as when run alone."""
+        counts = [len(x) for x in prompts]
+        width = max(counts)
+        padded = torch.stack([torch.cat([x, x[:1].expand(width - len(x), *x.shape[1:])]) for x in prompts])
+        self_mask = None
+        if width > min(counts):
+            pad = torch.arange(width)[None] >= torch.tensor(counts)[:, None]  # (B, N) True = padding
+            self_mask = pad[:, None, :].expand(-1, width, -1)
         seg = self.segmenter
-        _, pos = seg.prompt_queries(kind, prompts[None])
-        enc = {"mask_features": p.mask_features, "memory": p.memory, "pos": p.pos}
-        last = seg.run_prompts(enc, kind, prompts[None])[-1]
-        return torch.cat([last.query[0], pos[0]], -1)
+        feat, pos = seg.prompt_queries(kind, padded)
+        enc = {"mask_features": torch.cat([p.mask_features for p in perception]),
+               "memory": [torch.cat(m) for m in zip(*(p.memory for p in perception))],
+               "pos": [torch.cat(m) for m in zip(*(p.pos for p in perception))]}
+        last = seg.run_prompts(enc, kind, padded, queries=(feat, pos), self_mask=self_mask)[-1]
+        out = torch.cat([last.query, pos], -1)
+        return [out[i, :n] for i, n in enumerate(counts)]
 
     def embed(self, input_ids: torch.Tensor, perception: list[Perception], prompts: list[dict] | None = None
               ) -> torch.Tensor:
@@ -222,6 +239,7 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         embeds = splice_features(embeds, input_ids, self.visual_embeds(perception), image_id).clone()
         for token, kind in PROMPT_KINDS.items():
             tid = self.config.token_ids[token]
+            rows, given_prompts = [], []
             for b in range(input_ids.shape[0]):
                 where = (input_ids[b] == tid).nonzero().flatten()
                 given = (prompts[b] or {}).get(token) if prompts is not None else None
@@ -229,8 +247,13 @@ class OMGLlavaForCausalLM(PreTrainedModel):
                 if len(where) != n_given:
                     raise ValueError(f"sample {b}: {len(where)} {token} tokens but {n_given} {kind} prompts")
                 if n_given:
-                    feats = self.projector.objects(self.prompt_queries(perception[b], kind, given))
-                    embeds[b, where] = feats.to(embeds.dtype)
+                    rows.append((b, where))
+                    given_prompts.append(given)
+            if rows:  # every image's prompts of this kind in one decoder call
+                queries = self.batch_prompt_queries([perception[b] for b, _ in rows], kind, given_prompts)
+                feats = self.projector.objects(torch.cat(queries)).to(embeds.dtype)
+                for (b, where), f in zip(rows, feats.split([len(q) for q in queries])):
+                    embeds[b, where] = f
         return embeds
 
     def decode_seg(self, hidden: torch.Tensor, p: Perception):

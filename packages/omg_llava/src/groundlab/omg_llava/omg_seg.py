@@ -20,7 +20,7 @@ from .segmenter import (
     PixelDecoder,
     Prediction,
     PromptEncoder,
-    farthest_interior_point,
+    farthest_interior_points,
 )
 
 
@@ -123,16 +123,18 @@ class OMGSegModel(PreTrainedModel):
         elif kind == "box":
             points = (prompts[..., :2].float() + prompts[..., 2:].float()) / 2
         elif kind == "mask":
-            points = torch.tensor([[farthest_interior_point(m) for m in row] for row in prompts], dtype=torch.float32)
+            points = farthest_interior_points(prompts.flatten(0, 1)).view(*prompts.shape[:2], 2)
         else:
             raise ValueError(f"prompt kind must be point, box or mask, got {kind!r}")
         return self.prompt_encoder.from_points(points, (s, s))
 
-    def run_prompts(self, enc: dict, kind: str, prompts: torch.Tensor) -> list[Prediction]:
+    def run_prompts(self, enc: dict, kind: str, prompts: torch.Tensor, queries: tuple | None = None,
+                    self_mask: torch.Tensor | None = None) -> list[Prediction]:
         """Masks for prompts (see :meth:`prompt_queries`) through the frozen decoder: a box restricts
         the predicted masks (logits outside it -100); a mask confines cross-attention at every layer to
-        the region, resized (nearest) to each memory level."""
-        feat, pos = self.prompt_queries(kind, prompts)
+        the region, resized (nearest) to each memory level. ``queries``: the prompts' ``(feat, pos)``
+        when already computed; ``self_mask`` (B, N, N), True = a query another must not attend to."""
+        feat, pos = queries if queries is not None else self.prompt_queries(kind, prompts)
         mf = enc["mask_features"]
         box = fixed = None
         if kind == "box":
@@ -148,4 +150,5 @@ class OMGSegModel(PreTrainedModel):
             for m in enc["memory"]:
                 r = F.interpolate(prompts.float(), size=m.shape[-2:], mode="nearest")  # (B, N, h, w)
                 fixed.append(r.flatten(2) < 0.5)
-        return self.decoder.run_queries(feat, pos, mf, enc["memory"], enc["pos"], fixed_masks=fixed, box=box)
+        return self.decoder.run_queries(feat, pos, mf, enc["memory"], enc["pos"], fixed_masks=fixed, box=box,
+                                        self_mask=self_mask)

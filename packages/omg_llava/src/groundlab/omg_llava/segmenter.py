@@ -378,19 +378,31 @@ def box_encoding(boxes: torch.Tensor, feats: int, temperature: float = 10000.0) 
     return torch.cat([x[..., 1, :], x[..., 0, :], x[..., 2, :], x[..., 3, :]], -1)
 
 
+def farthest_interior_points(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, 2) float (x, y): for each mask a pixel farthest from its boundary
+    (chessboard distance, by repeated 3x3 erosion of all masks at once; the first such pixel in raster
+    order)."""
+    n, h, w = masks.shape
+    if n and not bool(masks.flatten(1).any(1).all()):
+        raise ValueError(f"mask prompt {int((~masks.flatten(1).any(1)).nonzero()[0])} is empty")
+    m = masks.float()[:, None]
+    last = m
+    while True:
+        m = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=0.0), 3, stride=1)
+        alive = m.flatten(1).any(1)
+        if not bool(alive.any()):
+            break
+        last = torch.where(alive[:, None, None, None], m, last)
+    first = (last.flatten(1) > 0).float().argmax(1)  # the first maximum: raster order
+    return torch.stack([first % w, first // w], 1).float()
+
+
 def farthest_interior_point(mask: torch.Tensor) -> tuple[int, int]:
-    """(x, y) of a pixel of ``mask`` (H, W) farthest from its boundary (chessboard distance, by
-    repeated 3x3 erosion; the first such pixel in raster order)."""
+    """:func:`farthest_interior_points` of one (H, W) mask, as (x, y) ints."""
     if not bool(mask.any()):
         raise ValueError("a mask prompt is empty")
-    m = mask.float()[None, None]
-    while True:
-        eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=0.0), 3, stride=1)
-        if not bool(eroded.any()):
-            break
-        m = eroded
-    ys, xs = torch.nonzero(m[0, 0] > 0, as_tuple=True)
-    return int(xs[0]), int(ys[0])
+    x, y = farthest_interior_points(mask[None])[0].tolist()
+    return int(x), int(y)
 
 
 class PromptEncoder(nn.Module):

@@ -36,7 +36,14 @@ from groundlab.shared.bases import ensure_base
 from groundlab.shared.config import load_config
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import apply_lora, linear_names
-from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
+from groundlab.shared.runs import (
+    content_hash,
+    mark_complete,
+    reuse_or_reset,
+    runs_root,
+    weights_hash,
+    write_metrics,
+)
 from groundlab.shared.training import TrainConfig, resolve_bf16, train
 from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import Refer
@@ -313,7 +320,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     t0 = time.time()
     cache = PerceptionCache(model, image_paths(all_samples))
     metrics["time/perception_s"] = time.time() - t0
-    stamp = content_hash(asdict(cfg.model), str(llm_path), str(seg_path), str(data_dir), cfg.data.max_length)
+    stamp = content_hash(asdict(cfg.model), str(llm_path), str(seg_path), weights_hash(seg_path),
+                         str(data_dir), cfg.data.max_length)
 
     def dataset(samples):
         return OMGDataset(samples, tok, template, model, cache, cfg.data.max_length)
