@@ -46,7 +46,7 @@ def test_hungarian_matching_recovers_the_permutation_and_set_loss_prefers_it():
 
 def test_set_loss_batches_images_with_mask2former_normalisation():
     """Images with 3, 1 and 0 targets in one batch: each is matched on its own, the class term is the
-    weighted CE over every query of the batch (no-object weight 0.1), the mask term is finite."""
+    weighted CE over every query of the batch (no-object weight 0.1); inverted masks cost more."""
     torch.manual_seed(0)
     masks = torch.zeros(3, 16, 16)
     masks[0, :5], masks[1, 6:11], masks[2, 12:] = 1, 1, 1
@@ -75,4 +75,4 @@ def test_set_loss_batches_images_with_mask2former_normalisation():
     expected = 2.0 * torch.nn.functional.cross_entropy(class_logits.flatten(0, 1), cls_target.flatten(), weight=weight)
     assert torch.isclose(out["class"], 2 * expected, rtol=1e-5)  # two predictions, summed
     inverted = set_loss([Prediction(class_logits, -mask_logits, pred.iou, pred.query)], targets, n_cls, num_points=256)
-    assert inverted["mask"] > 2 * out["mask"] / 2  # one prediction against the two above
+    assert inverted["mask"] > out["mask"]  # one inverted prediction costs more than both right ones

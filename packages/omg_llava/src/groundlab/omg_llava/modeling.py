@@ -143,6 +143,23 @@ class OMGLlavaOutput(ModelOutput):
     seg_mismatched: int | None = None
 
 
+def stack_perception(perception: list[Perception]) -> dict:
+    """Several images' cached segmenter features as one batch: ``{"mask_features", "memory", "pos"}``."""
+    return {"mask_features": torch.cat([p.mask_features for p in perception]),
+            "memory": [torch.cat(m) for m in zip(*(p.memory for p in perception))],
+            "pos": [torch.cat(m) for m in zip(*(p.pos for p in perception))]}
+
+
+def padding_self_mask(counts: list[int]) -> torch.Tensor | None:
+    """(B, N, N) self-attention mask for queries padded to N = max(counts), True = a padding query no
+    other may attend to; None when nothing is padded."""
+    width = max(counts)
+    if width == min(counts):
+        return None
+    pad = torch.arange(width)[None] >= torch.tensor(counts)[:, None]  # (B, N)
+    return pad[:, None, :].expand(-1, width, -1)
+
+
 class OMGLlavaForCausalLM(PreTrainedModel):
     config_class = OMGLlavaConfig
     base_model_prefix = "omg_llava"
@@ -215,16 +232,10 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         counts = [len(x) for x in prompts]
         width = max(counts)
         padded = torch.stack([torch.cat([x, x[:1].expand(width - len(x), *x.shape[1:])]) for x in prompts])
-        self_mask = None
-        if width > min(counts):
-            pad = torch.arange(width)[None] >= torch.tensor(counts)[:, None]  # (B, N) True = padding
-            self_mask = pad[:, None, :].expand(-1, width, -1)
         seg = self.segmenter
         feat, pos = seg.prompt_queries(kind, padded)
-        enc = {"mask_features": torch.cat([p.mask_features for p in perception]),
-               "memory": [torch.cat(m) for m in zip(*(p.memory for p in perception))],
-               "pos": [torch.cat(m) for m in zip(*(p.pos for p in perception))]}
-        last = seg.run_prompts(enc, kind, padded, queries=(feat, pos), self_mask=self_mask)[-1]
+        last = seg.run_prompts(stack_perception(perception), kind, padded, queries=(feat, pos),
+                               self_mask=padding_self_mask(counts))[-1]
         out = torch.cat([last.query, pos], -1)
         return [out[i, :n] for i, n in enumerate(counts)]
 
@@ -267,19 +278,14 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         queries of an image padded to the longest and kept out of the others' self-attention. Returns
         the ``layers + 1`` mask logits, each (images, max n_i, S/4, S/4), and the n_i."""
         counts = [h.shape[0] for h in hiddens]
-        width = max(counts)
         q = self.text2vision(torch.cat(hiddens))
-        padded = q.new_zeros(len(counts), width, q.shape[-1])
-        keys = torch.ones(len(counts), width, dtype=torch.bool)  # True = a padding query
+        padded = q.new_zeros(len(counts), max(counts), q.shape[-1])
         for i, chunk in enumerate(q.split(counts)):
             padded[i, : counts[i]] = chunk
-            keys[i, : counts[i]] = False
         feat, pos = padded.split(self.config.seg_config.dim, dim=-1)
-        self_mask = keys[:, None, :].expand(-1, width, -1) if width > min(counts) else None
-        preds = self.segmenter.decoder.run_queries(
-            feat, pos, torch.cat([p.mask_features for p in perception]),
-            [torch.cat(m) for m in zip(*(p.memory for p in perception))],
-            [torch.cat(m) for m in zip(*(p.pos for p in perception))], self_mask=self_mask)
+        enc = stack_perception(perception)
+        preds = self.segmenter.decoder.run_queries(feat, pos, enc["mask_features"], enc["memory"], enc["pos"],
+                                                   self_mask=padding_self_mask(counts))
         return [pr.mask_logits for pr in preds], counts
 
     def forward(self, input_ids, attention_mask=None, labels=None, perception: list[Perception] | None = None,

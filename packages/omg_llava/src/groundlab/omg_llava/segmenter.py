@@ -399,8 +399,6 @@ def farthest_interior_points(masks: torch.Tensor) -> torch.Tensor:
 
 def farthest_interior_point(mask: torch.Tensor) -> tuple[int, int]:
     """:func:`farthest_interior_points` of one (H, W) mask, as (x, y) ints."""
-    if not bool(mask.any()):
-        raise ValueError("a mask prompt is empty")
     x, y = farthest_interior_points(mask[None])[0].tolist()
     return int(x), int(y)
 
