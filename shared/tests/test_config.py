@@ -46,7 +46,57 @@ def test_errors_name_the_file_and_section(tmp_path):
 def test_cli_overrides_parse_as_yaml():
     assert parse_overrides(["--train.max_steps", "3", "--arms", "[a, b]", "--x", "false"]) == {
         "train.max_steps": 3, "arms": ["a", "b"], "x": False}
-    with pytest.raises(SystemExit, match="no value"):
+    with pytest.raises(ValueError, match="no value"):
         parse_overrides(["--train.lr"])
-    with pytest.raises(SystemExit, match="unexpected argument"):
+    with pytest.raises(ValueError, match="unexpected argument"):
         parse_overrides(["train.lr", "1"])
+
+
+def test_values_are_checked_against_the_annotations(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string; a float field takes it
+    assert load_config(Outer, path).train.lr == 1e-4
+    for text, match in (("train:\n  max_steps: abc\n", r"c.yaml:train: 'max_steps' must be an integer, got 'abc'"),
+                        ("train:\n  lr: fast\n", r"'lr' must be a number, got 'fast'"),
+                        ("train:\n  batch_size: -2\n", r"'batch_size' must be > 0, got -2"),
+                        ("train:\n  max_steps: 2.5\n", r"'max_steps' must be an integer"),
+                        ("train:\n  bf16: maybe\n", r"'bf16' must be true, false or 'auto'"),
+                        ("train:\n  lr_scheduler: wobbly\n", r"'wobbly' not among"),
+                        ("inner:\n  b: xyz\n", r"'b' must be a list of strings, got 'xyz'"),
+                        ("inner:\n  a: true\n", r"'a' must be an integer, got True"),
+                        ("sizes: [1, 2, 3]\n", r"'sizes' must be a list of 2"),
+                        ("name: [1]\n", r"'name' must be a string")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_config(Outer, path)
+    path.write_text("train:\n  bf16: auto\n")
+    assert load_config(Outer, path).train.bf16 == "auto"
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: run\ninner:\n  a: [1, 2\n")
+    with pytest.raises(ValueError, match=r"c.yaml:\d+:\d+: invalid YAML"):
+        load_config(Outer, path)
+    path.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ValueError, match="c.yaml: not UTF-8"):
+        load_config(Outer, path)
+
+
+def test_jsonl_and_json_readers_name_file_and_line(tmp_path):
+    from groundlab.shared.config import iter_jsonl, read_json
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n{"a": 2}\n')  # a byte-order mark is fine
+    assert [r for _, r in iter_jsonl(path)] == [{"a": 1}, {"a": 2}]
+    for data, match in ((b'{"a": 1}\n{"a": \xff}\n', "a.jsonl:2: not UTF-8"), (b'{"a": 1}\n{oops}\n', "a.jsonl:2: not JSON"),
+                        (b'{"a": 1}\n[1, 2]\n', "a.jsonl:2: expected a JSON object")):
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=match):
+            list(iter_jsonl(path))
+    j = tmp_path / "a.json"
+    j.write_text('{"a": [1,\n 2,,]}')
+    with pytest.raises(ValueError, match=r"a.json:2:\d+: not JSON"):
+        read_json(j)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        read_json(tmp_path / "nope.json")

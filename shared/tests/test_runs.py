@@ -1,6 +1,17 @@
+import json
+
 import pytest
 
-from groundlab.shared.runs import check_complete, content_hash, mark_complete, reuse_or_reset, weights_hash
+from groundlab.shared.runs import (
+    MARKER,
+    check_complete,
+    content_hash,
+    mark_complete,
+    newest_complete,
+    reuse_or_reset,
+    run_stage,
+    weights_hash,
+)
 
 
 def test_content_hash_is_stable_and_order_free_for_dicts():
@@ -38,3 +49,73 @@ def test_a_stage_is_reused_only_when_its_marker_matches(tmp_path):
     assert not ok and "4 bytes" in why
     with pytest.raises(FileNotFoundError, match="missing.pt is missing"):
         mark_complete(stage, ["missing.pt"])
+
+
+def _stage(tmp_path):
+    stage = tmp_path / "stage"
+    (stage / "model").mkdir(parents=True)
+    (stage / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (stage / "model" / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    (stage / "model" / "config.json").write_text("{}")
+    (stage / "metrics.json").write_text('{"a": 1}')
+    (stage / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
+    mark_complete(stage)
+    return stage
+
+
+def test_the_marker_lists_every_file_but_checkpoints_and_verifies_contents(tmp_path):
+    stage = _stage(tmp_path)
+    files = json.loads((stage / MARKER).read_text())["files"]
+    assert sorted(files) == ["metrics.json", "model/config.json", "model/model.safetensors"]
+    assert all(len(e["sha256"]) == 64 for e in files.values())
+    assert check_complete(stage) == (True, "")
+    # one flipped bit, same size: not complete, and reuse_or_reset rebuilds (checkpoints kept)
+    data = bytearray((stage / "model" / "model.safetensors").read_bytes())
+    data[100] ^= 1
+    (stage / "model" / "model.safetensors").write_bytes(bytes(data))
+    ok, why = check_complete(stage)
+    assert not ok and "SHA-256" in why and "model.safetensors" in why
+    assert not reuse_or_reset(stage)
+    assert not (stage / "model").exists() and (stage / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+
+
+def test_a_deleted_weight_file_is_not_complete(tmp_path):
+    stage = _stage(tmp_path)
+    (stage / "model" / "model.safetensors").unlink()
+    ok, why = check_complete(stage)
+    assert not ok and "model.safetensors is missing" in why
+
+
+@pytest.mark.parametrize("marker", [
+    "", "not json", "[]", '{"files": {}}', '{"files": []}', '{"files": {"metrics.json": 3}}',
+    '{"files": {"metrics.json": {"size": 8}}}', '{"files": {"metrics.json": {"size": "8", "sha256": "' + "0" * 64 + '"}}}',
+    '{"files": {"../outside": {"size": 1, "sha256": "' + "0" * 64 + '"}}}', "\xff\xfe",
+])
+def test_a_malformed_marker_means_rebuild_never_a_crash(tmp_path, marker):
+    stage = _stage(tmp_path)
+    (stage / MARKER).write_bytes(marker.encode("latin-1"))
+    ok, why = check_complete(stage)
+    assert not ok and MARKER in why
+    assert not reuse_or_reset(stage)
+
+
+def test_run_stage_builds_once_and_newest_complete_finds_it(tmp_path):
+    calls = []
+
+    def build(d):
+        calls.append(d)
+        (d / "out.txt").write_text("done")
+
+    first = run_stage(tmp_path / "s-1", build)
+    assert run_stage(tmp_path / "s-1", build) == first and len(calls) == 1
+    assert (first / MARKER).is_file()
+
+    def fails(d):
+        (d / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path / "s-2", fails)
+    assert not (tmp_path / "s-2" / MARKER).exists()
+    assert newest_complete(tmp_path, "s-*") == first
+    assert newest_complete(tmp_path, "nothing-*") is None

@@ -223,3 +223,41 @@ def test_coco_dict_annotation_ids_unique(scenes):
     d = coco_dict(scenes)
     ids = [a["id"] for a in d["annotations"]]
     assert len(ids) == len(set(ids))
+
+
+def _damaged_refer(tmp_path, scenes, damage):
+    import pickle
+
+    write_refer({"val": scenes[:3]}, tmp_path / "refer", tmp_path / "images")
+    root = tmp_path / "refer" / "refcoco"
+    inst = json.loads((root / "instances.json").read_text())
+    with open(root / "refs(unc).p", "rb") as f:
+        refs = pickle.load(f)
+    if damage(root, inst, refs) is None:  # a damage to the records, not to the files: write them back
+        (root / "instances.json").write_text(json.dumps(inst))
+        with open(root / "refs(unc).p", "wb") as f:
+            pickle.dump(refs, f)
+
+
+def _bbox(value):
+    def damage(root, inst, refs):
+        inst["annotations"][0]["bbox"] = value
+    return damage
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda root, inst, refs: (root / "instances.json").write_text('{"images": [,]}'), r"instances.json:1:\d+: not JSON"),
+    (lambda root, inst, refs: (root / "refs(unc).p").write_bytes(b"not a pickle"), r"refs\(unc\).p: not a REFER refs pickle"),
+    (_bbox([1, 2, float("nan"), 4]), "instances.json: annotation 100 bbox must be finite"),
+    (_bbox([-3, 2, 4, 4]), "bbox .*needs x, y >= 0"),
+    (_bbox([1, 2, 0, 4]), "bbox .*w, h > 0"),
+    (lambda root, inst, refs: refs[0].update(sentences=[]), "needs a non-empty list of sentences"),
+    (lambda root, inst, refs: refs[0].update(image_id=99999), "points at image 99999"),
+    (lambda root, inst, refs: refs[0].pop("ann_id") and None, r"lacks keys \['ann_id'\]"),
+    (lambda root, inst, refs: inst["annotations"][0].update(segmentation={"size": [64, 64], "counts": "zz"}),
+     "unreadable segmentation|Invalid RLE"),
+])
+def test_refer_reader_names_the_file_for_every_damage(tmp_path, scenes, damage, match):
+    _damaged_refer(tmp_path, scenes, damage)
+    with pytest.raises(ValueError, match=match):
+        Refer(tmp_path / "refer", tmp_path / "images").samples("val")

@@ -213,3 +213,40 @@ def test_partial_loads_are_checked():
         load_part(model, {k: v for k, v in state.items() if "lora_B" not in k}, disc, "disc")
     with pytest.raises(ValueError, match="unexpected"):
         load_part(model, {**state, "discriminator_head.fc3.weight": torch.zeros(1)}, disc, "disc")
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # LoRA B starts at zero: give every weight a value of its own
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_saved_model_reloads_to_the_same_heatmaps_both_ways(tmp_path):
+    """save_pretrained -> from_pretrained, and the release's .pth layout -> load_official, give the same
+    heatmap logits (the SAM normalisation included: it used to come back as uninitialised memory)."""
+    from groundlab.shared.loading import load_pretrained
+
+    model, processor, vcfg = tiny_ivm(seed=0)
+    _randomise(model, 3)
+    model.eval()
+    b = batch_for(model, processor, vcfg, ["the red circle", "what colour is the square?"])
+    with torch.no_grad():
+        before = model(**b).logits
+    model.save_pretrained(tmp_path / "hf")
+    back = load_pretrained(IVMModel, tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.preprocess(b["images"]), model.preprocess(b["images"]))
+        torch.testing.assert_close(back(**b).logits, before)
+    torch.save(to_official(model), tmp_path / "ivm.pth")
+    fresh, _, _ = tiny_ivm(seed=0)  # the same bases, the trained part from the release layout
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            if name not in trained_keys(fresh):
+                p.copy_(model.state_dict()[name])
+    load_official(fresh, tmp_path / "ivm.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(**b).logits, before)
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pth"):
+        load_official(fresh, tmp_path / "bad.pth")

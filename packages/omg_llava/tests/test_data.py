@@ -21,7 +21,7 @@ from groundlab.omg_llava.data import (
     write_json,
 )
 from groundlab.shared.world import World, WorldConfig
-from groundlab.shared.world_io import Refer, save_image, write_refer
+from groundlab.shared.world_io import Refer, encode_rle, save_image, write_refer
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +85,77 @@ def test_count_mismatches_and_bad_files_name_the_record(tmp_path, scenes):
     with pytest.raises(ValueError, match="2 <mark> placeholders but 1 points"):
         load_mdvp(write_json(tmp_path / "m.json", [two]), tmp_path)
     (tmp_path / "broken.json").write_text("{")
-    with pytest.raises(ValueError, match="broken.json: not JSON"):
+    with pytest.raises(ValueError, match="broken.json:1:2: not JSON"):
         load_llava(tmp_path / "broken.json", tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_osprey(tmp_path / "missing.json", tmp_path)
     (tmp_path / "obj.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(ValueError, match="list of records"):
         load_mdvp(tmp_path / "obj.json", tmp_path)
+
+
+def _gcg_empty_masks(rec):
+    rec["groundings"][next(iter(rec["groundings"]))]["rle_masks"] = []
+
+
+def _gcg_blank_mask(rec):
+    g = rec["groundings"][next(iter(rec["groundings"]))]
+    g["rle_masks"] = [encode_rle(np.zeros((rec["height"], rec["width"]), bool))]
+
+
+def _gcg_span(rec):
+    rec["groundings"][next(iter(rec["groundings"]))]["token_positives"] = [5, 2]
+
+
+def _osprey_nan_box(rec):
+    rec["annotations"][0]["bbox"] = [1, 2, float("nan"), 3]
+
+
+def _osprey_negative_box(rec):
+    rec["annotations"][0]["bbox"] = [1, 2, -4, 3]
+
+
+def _mdvp_nan(rec):
+    rec["points"] = [[float("nan"), 3]]
+
+
+def _mdvp_negative(rec):
+    rec["points"] = [[-2, 3]]
+
+
+def _mdvp_text(rec):
+    rec["points"] = [["left", 3]]
+
+
+def _turn(rec):
+    rec["conversations"][1] = {"from": "robot", "value": "x"}
+
+
+@pytest.mark.parametrize("writer,loader,damage,match", [
+    ("grandf", load_grandf, _gcg_empty_masks, "has no mask in 'rle_masks'"),
+    ("grandf", load_grandf, _gcg_blank_mask, "the mask is empty"),
+    ("grandf", load_grandf, _gcg_span, "'token_positives' of"),
+    ("osprey", load_osprey, _osprey_nan_box, "bbox must be finite"),
+    ("osprey", load_osprey, _osprey_negative_box, "w, h > 0"),
+    ("mdvp", load_mdvp, _mdvp_nan, "point 0 must be finite"),
+    ("mdvp", load_mdvp, _mdvp_negative, "point 0 must be finite pixel coordinates >= 0"),
+    ("mdvp", load_mdvp, _mdvp_text, "point 0 must be two numbers"),
+    ("mdvp", load_mdvp, _turn, "turn 1 must be"),
+])
+def test_malformed_records_are_refused_naming_file_and_record(tmp_path, scenes, writer, loader, damage, match):
+    rec = {"grandf": lambda s: grandf_record(s), "osprey": lambda s: osprey_record(s, 0, "A shape."),
+           "mdvp": lambda s: mdvp_record(s, 0, (1, 1), "A shape.")}[writer](scenes[0])
+    damage(rec)
+    path = write_json(tmp_path / f"{writer}.json", [rec])
+    with pytest.raises(ValueError, match=match) as err:
+        loader(path, tmp_path)
+    assert f"{writer}.json: record 0" in str(err.value)
+
+
+def test_a_bom_is_read_and_bad_utf8_is_named(tmp_path, scenes):
+    path = tmp_path / "l.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([llava_record(scenes[0])]).encode())
+    assert len(load_llava(path, tmp_path)) == 1
+    path.write_bytes(json.dumps([llava_record(scenes[0])]).encode().replace(b"what", b"wh\xe9t"))
+    with pytest.raises(ValueError, match="l.json: not UTF-8"):
+        load_llava(path, tmp_path)

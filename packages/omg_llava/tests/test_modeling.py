@@ -1,9 +1,15 @@
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from groundlab.omg_llava.inference import OMGLlavaPipeline
 from groundlab.omg_llava.modeling import IMAGE_TOKEN, SPECIAL_TOKENS, OMGLlavaConfig, OMGLlavaForCausalLM
+from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
+from groundlab.shared.loading import load_pretrained
 from groundlab.shared.multimodal import expand_token
 from groundlab.shared.tokenizer import load_tokenizer
+from groundlab.shared.world import World, WorldConfig
 
 SEG = dict(image_size=64, dims=(16, 32, 64, 32), depths=(1, 1, 1, 1), dim=16, mask_dim=16, encoder_layers=1,
            encoder_heads=2, encoder_points=2, encoder_ffn=32, groups=8, num_queries=6, decoder_layers=2,
@@ -188,3 +194,77 @@ def test_generation_returns_answer_ids_and_one_mask_per_seg_token():
     hidden = model.llm(inputs_embeds=model.embed(full, perception), attention_mask=torch.ones_like(full),
                        output_hidden_states=True).hidden_states[-1][0, ids.shape[1]:]
     assert torch.allclose(masks, model.decode_seg(hidden, perception[0])[-1].mask_logits[0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# a saved model reloads to the same outputs; a damaged save is refused
+
+
+def _scene_image():
+    return World(WorldConfig(), seed=0).scene("val", 0).image
+
+
+def test_segmenter_reloads_to_the_same_features_and_masks(tmp_path):
+    torch.manual_seed(0)
+    seg = OMGSegModel(OMGSegConfig(**SEG)).eval()
+    seg.save_pretrained(tmp_path)
+    back = load_pretrained(OMGSegModel, tmp_path).eval()
+    image = _scene_image()
+    x, y = seg.preprocess([image]), back.preprocess([image])
+    # the normalisation comes from the config, not from buffers left uninitialised by from_pretrained
+    torch.testing.assert_close(x, y)
+    assert float(x.abs().max()) < 5
+    with torch.no_grad():
+        a, b = seg(x)[-1], back(y)[-1]
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+    torch.testing.assert_close(a.class_logits, b.class_logits)
+
+
+def test_omg_llava_pipeline_reloads_to_the_same_answer_and_masks(tmp_path):
+    model, tok = tiny()
+    model.eval()
+    image = _scene_image()
+    before = OMGLlavaPipeline(model, tok)(image, "Please segment the red circle in this image.", max_new_tokens=6)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    pipe = OMGLlavaPipeline.from_pretrained(tmp_path)
+    p = pipe.model.perceive(pipe.model.segmenter.preprocess([image]))[0]
+    assert torch.isfinite(p.pixels).all() and torch.isfinite(p.mask_features).all()
+    after = pipe(image, "Please segment the red circle in this image.", max_new_tokens=6)
+    assert after.text == before.text
+    np.testing.assert_array_equal(after.masks, before.masks)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(pipe.model.state_dict()[name], value, msg=name)
+
+
+def _damage(path, drop=None, add=None):
+    state = load_file(path / "model.safetensors")
+    meta = {"format": "pt"}
+    if drop:
+        del state[drop]
+    if add:
+        state[add] = torch.zeros(3)
+    save_file(state, path / "model.safetensors", metadata=meta)
+
+
+@pytest.mark.parametrize("damage", ["drop", "add", "truncate"])
+def test_a_damaged_save_is_refused_naming_the_directory_and_keys(tmp_path, damage):
+    torch.manual_seed(0)
+    seg = OMGSegModel(OMGSegConfig(**SEG))
+    seg.save_pretrained(tmp_path)
+    key = sorted(seg.state_dict())[0]
+    if damage == "drop":
+        _damage(tmp_path, drop=key)
+        match = f"missing {key}"
+    elif damage == "add":
+        _damage(tmp_path, add="decoder.not_a_weight")
+        match = "unexpected decoder.not_a_weight"
+    else:
+        data = (tmp_path / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+        match = "cannot load"
+    with pytest.raises(ValueError, match=match) as err:
+        load_pretrained(OMGSegModel, tmp_path)
+    assert str(tmp_path) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="config.json missing"):
+        load_pretrained(OMGSegModel, tmp_path / "nowhere")

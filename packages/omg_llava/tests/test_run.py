@@ -68,12 +68,12 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
     assert isinstance(ans.text, str) and ans.masks.shape[1:] == scene.image.shape[:2]
     with pytest.raises(ValueError, match="1 <region> but 0 were given"):
         pipe(scene.image, "Please give me a short description of region1 <region>.")
-    with pytest.raises(ValueError, match="region 0 mask is"):
+    with pytest.raises(ValueError, match=r"region 0 has shape \(3, 3\), the image is \(64, 64\)"):
         pipe(scene.image, "region1 <region>", regions=[np.ones((3, 3), bool)])
 
 
 def test_unknown_tasks_are_refused(llm_dir):
-    with pytest.raises(ValueError, match="unknown tasks"):
+    with pytest.raises(ValueError, match=r"stage2_tasks': 'vqa' not among"):
         config(llm_dir, {"data.stage2_tasks": ["res", "vqa"]})
 
 

@@ -76,6 +76,56 @@ def test_forward_backward_only_lora_and_head_get_gradients():
     assert any("multi_modal_projector" in n for n in with_grad) and any("mlp.down_proj" in n for n in with_grad)
 
 
+def _scored(model, processor, cfg):
+    tok = processor.tokenizer
+    layout = Layout(tok.convert_tokens_to_ids("<image>"), cfg.n_image_tokens)
+    rec = make_record(tok, "x", "img", "caption en", "a small blue circle.", "caption", "a small red circle.", "visual_attribute")
+    enc = encode_record(tok, rec, layout)
+    ids = torch.tensor([enc["input_ids"]])
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                     token_type_ids=torch.tensor([enc["token_type_ids"]])).logits
+
+
+def test_adapter_and_model_reload_to_the_same_scores_and_a_foreign_adapter_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from groundlab.shared.loading import load_pretrained
+    from groundlab.shared.lora import load_adapter, save_adapter
+
+    model, processor, cfg = _tiny()
+    backbone_state = {k: v.clone() for k, v in model.state_dict().items()}
+    peft = with_lora(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:  # LoRA B and the head start at zero: give them values of their own
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft.eval()
+    before = _scored(peft, processor, cfg)
+    save_adapter(peft, tmp_path / "adapter")
+    base = TldrRewardModel(model.config)
+    base.load_state_dict(backbone_state)  # the backbone as from_backbone loads it; the adapter adds the rest
+    torch.testing.assert_close(_scored(load_adapter(base, tmp_path / "adapter"), processor, cfg), before)
+    # the whole reward model through save_pretrained / from_pretrained, LoRA merged
+    merged = peft.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_scored(load_pretrained(TldrRewardModel, tmp_path / "merged").eval(), processor, cfg),
+                               before, atol=1e-5, rtol=1e-5)
+    # an adapter with a weight too many, or one too few, is refused (peft alone would warn or ignore)
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    dropped = sorted(weights)[0]
+    for name, state, match in (("extra", weights | {"base_model.model.mystery.lora_A.weight": torch.zeros(1)}, "unexpected"),
+                               ("short", {k: v for k, v in weights.items() if k != dropped}, "missing")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+        save_file(state, tmp_path / name / "adapter_model.safetensors")
+        with pytest.raises(ValueError, match=match) as err:
+            load_adapter(TldrRewardModel(model.config), tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
+
+
 def test_response_layout_golden():
     tok = load_tokenizer()
     layout = Layout(tok.convert_tokens_to_ids("<image>"), 4)

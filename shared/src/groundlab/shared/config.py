@@ -3,11 +3,18 @@
     cfg = load_config(RunConfig, "packages/x/configs/tiny.yaml", {"train.max_steps": 100})
 
 A section of the YAML (a mapping) fills the dataclass field of the same name; its missing keys keep
-the field's defaults. Unknown keys are an error naming the file and the section. Lists become tuples.
+the field's defaults. Every value is checked against the field's annotation (``int``, ``float``,
+``bool``, ``str``, ``X | None``, ``tuple[str, ...]``, ``tuple[int, int]``, ``dict``, nested dataclasses):
+a wrong type, an unknown key, a value out of the range a dataclass's ``__post_init__`` allows, or a
+YAML syntax error is an error naming the file, the section and the key (or the line). Lists become
+tuples; ``1e-4`` (a string to YAML 1.1) is read as the float it means where a float is expected.
 """
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 
@@ -35,13 +42,91 @@ def _default(f):
     return MISSING
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
+def _describe(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+            return f"a list of {plural.get(args[0], _describe(args[0]))}"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+             list: "a list"}
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_value(value, tp, what: str):
+    """``value`` checked against the annotation ``tp`` (and converted where YAML is loose: int -> float,
+    ``"1e-4"`` -> float, list -> tuple). Raises ``ValueError`` naming ``what``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:  # exact types first, so that "auto" stays a str in ``bool | str``
+            try:
+                return check_value(value, arg, what)
+            except ValueError:
+                continue
+        raise ValueError(f"{what} must be {_describe(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{what} must be {_describe(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple or tp is tuple:
+        if isinstance(value, (list, tuple)):
+            if not args:
+                return tuple(value)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(check_value(v, args[0], f"{what}[{i}]") for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(check_value(v, a, f"{what}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is list or tp is list:
+        if isinstance(value, (list, tuple)):
+            return [check_value(v, args[0], f"{what}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+    else:
+        return value  # an annotation this checker does not know: left to the dataclass
+    raise ValueError(f"{what} must be {_describe(tp)}, got {value!r}")
+
+
 def build(cls, raw: dict, where: str):
     """``cls`` from a mapping; fields whose default is a dataclass are built from their section,
-    merged over that default."""
+    merged over that default. Values are checked against the annotations (:func:`check_value`)."""
     known = {f.name: f for f in fields(cls)}
     unknown = set(raw) - set(known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
         default = _default(known[name])
@@ -50,8 +135,11 @@ def build(cls, raw: dict, where: str):
                 raise ValueError(f"{where}: '{name}' must be a mapping, got {value!r}")
             kwargs[name] = build(type(default), asdict(default) | value, f"{where}:{name}")
         else:
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+            kwargs[name] = check_value(value, hints.get(name, typing.Any), f"{where}: '{name}'")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:  # the dataclass's own range checks
+        raise ValueError(f"{where}: {err}") from err
 
 
 def load_config(cls, path: str | Path, overrides: dict | None = None):
@@ -59,10 +147,50 @@ def load_config(cls, path: str | Path, overrides: dict | None = None):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: invalid YAML: {problem}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config is a mapping at the top level")
     return build(cls, apply_overrides(raw, overrides), str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# range checks for a dataclass's __post_init__ (None means "not set" and passes)
+
+
+def positive(obj, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"'{name}' must be > 0, got {v!r}")
+
+
+def non_negative(obj, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and not v >= 0:
+            raise ValueError(f"'{name}' must be >= 0, got {v!r}")
+
+
+def within(obj, name: str, lo: float, hi: float) -> None:
+    v = getattr(obj, name)
+    if v is not None and not lo <= v <= hi:
+        raise ValueError(f"'{name}' must be in [{lo}, {hi}], got {v!r}")
+
+
+def one_of(obj, name: str, options) -> None:
+    v = getattr(obj, name)
+    values = tuple(v) if isinstance(v, (tuple, list, dict, set)) else (v,)
+    bad = [x for x in values if x not in options]
+    if bad:
+        raise ValueError(f"'{name}': {', '.join(map(repr, bad))} not among {tuple(options)}")
 
 
 def parse_overrides(extra: list[str]) -> dict:
@@ -70,36 +198,58 @@ def parse_overrides(extra: list[str]) -> dict:
     out, it = {}, iter(extra)
     for key in it:
         if not key.startswith("--"):
-            raise SystemExit(f"unexpected argument {key!r}; overrides look like --train.max_steps 100")
+            raise ValueError(f"unexpected argument {key!r}; overrides look like --train.max_steps 100")
         try:
             value = next(it)
         except StopIteration:
-            raise SystemExit(f"override {key} has no value") from None
-        out[key[2:]] = yaml.safe_load(value)  # "3" -> 3, "false" -> False, "[a, b]" -> list
+            raise ValueError(f"override {key} has no value") from None
+        try:
+            out[key[2:]] = yaml.safe_load(value)  # "3" -> 3, "false" -> False, "[a, b]" -> list
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {key}: {value!r} is not a YAML value ({err})") from err
     return out
 
 
-def add_run_commands(subparsers) -> None:
-    """The ``train`` and ``eval`` sub-commands every package CLI has: ``--config`` and ``--force``."""
-    for name in ("train", "eval"):
-        p = subparsers.add_parser(name, help=f"{name} the run a config describes (finished stages are reused)")
-        p.add_argument("--config", required=True, type=Path)
-        p.add_argument("--force", action="store_true", help="recompute every stage")
-
-
 def iter_jsonl(path: str | Path, what: str = "JSONL file"):
-    """``(line number, record)`` for every non-empty line of a JSONL file; a missing file or a line that
-    is not JSON is an error naming the file (and the line)."""
+    """``(line number, record)`` for every non-empty line of a UTF-8 JSONL file (a leading byte-order
+    mark is allowed); a missing file, a line that is not UTF-8 or not JSON, or a record that is not a
+    JSON object is an error naming the file and the line."""
     import json
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({err.reason} at byte {err.start})") from err
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not JSON ({err})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            yield n, record
+
+
+def read_json(path: str | Path, what: str = "JSON file"):
+    """A whole JSON file (UTF-8, a byte-order mark allowed), with errors naming the file and the line."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}:{err.colno}: not JSON ({err.msg})") from err

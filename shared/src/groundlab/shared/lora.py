@@ -109,12 +109,39 @@ def save_adapter(model: PeftModel, path: str | Path) -> Path:
 
 
 def load_adapter(base_model: nn.Module, path: str | Path, is_trainable: bool = False) -> PeftModel:
-    """Load an adapter saved by :func:`save_adapter` onto a freshly built base model."""
+    """Load an adapter saved by :func:`save_adapter` onto a freshly built base model, strictly: every
+    adapter weight the config implies must be in the file with its shape, and every weight in the file
+    must have a place (peft's own loader only warns about missing keys and ignores unexpected ones)."""
+    from peft import PeftConfig
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    from .loading import key_report
+
     path = Path(path)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"LoRA adapter at {path} is missing {name}")
-    return PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"unreadable adapter config {path / 'adapter_config.json'}: {err}") from err
+    config.inference_mode = not is_trainable
+    try:
+        saved = load_peft_weights(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for a damaged file
+        raise ValueError(f"unreadable adapter weights {path / 'adapter_model.safetensors'}: {err}") from err
+    model = get_peft_model(base_model, config)
+    expected = get_peft_model_state_dict(model)
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in saved.items()
+                  if k in expected and v.shape != expected[k].shape]
+    report = key_report(set(expected) - set(saved), set(saved) - set(expected), mismatched)
+    if report:
+        raise ValueError(f"LoRA adapter {path} does not fit {type(base_model).__name__}: {report}")
+    set_peft_model_state_dict(model, saved)
+    if not is_trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
 
 
 @torch.no_grad()

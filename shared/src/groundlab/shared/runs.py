@@ -2,9 +2,10 @@
 
 A run writes into ``runs/<pkg>/<run-name>/``: checkpoints, logs, predictions and ``metrics.json``
 (flat keys such as ``"res/cIoU"`` and ``"baseline/whole_image/res/cIoU"``, plus the config and the git
-commit that produced them). A finished stage leaves a ``COMPLETE`` marker listing the files it wrote,
-with their sizes; a stage whose marker is missing or whose files do not match it was written half-way
-and is rebuilt, never loaded.
+commit that produced them). A finished stage leaves a ``COMPLETE`` marker listing every file it wrote,
+with its size and SHA-256; a stage whose marker is missing, malformed, or does not match its files
+(one missing, truncated or changed by a single bit) was written half-way or damaged and is rebuilt,
+never loaded.
 """
 
 from __future__ import annotations
@@ -73,40 +74,99 @@ def write_metrics(path: str | Path, metrics: dict[str, float], config: dict | No
     return path
 
 
-def mark_complete(directory: str | Path, files: list[str]) -> Path:
-    """Record that ``directory`` holds a finished stage made of ``files`` (relative paths)."""
+def _stage_files(directory: Path, skip: tuple[str, ...]) -> list[str]:
+    """Every file under ``directory`` (relative, sorted), leaving out the marker and the top-level
+    entries named in ``skip``."""
+    out = []
+    for p in directory.rglob("*"):
+        rel = p.relative_to(directory)
+        if p.is_file() and rel.parts[0] not in skip and rel.name not in (MARKER, MARKER + ".tmp"):
+            out.append(str(rel))
+    return sorted(out)
+
+
+def mark_complete(directory: str | Path, files: list[str] | None = None,
+                  skip: tuple[str, ...] = ("checkpoints",)) -> Path:
+    """Record that ``directory`` holds a finished stage: the marker lists every file the stage wrote
+    with its size and SHA-256. ``files=None`` (the usual call) lists every file under ``directory``
+    except the top-level entries in ``skip`` (Trainer checkpoints, kept only for resuming); an explicit
+    list must name files that exist."""
     directory = Path(directory)
-    sizes = {}
+    if files is None:
+        files = _stage_files(directory, skip)
+    if not files:
+        raise ValueError(f"cannot mark {directory} complete: it holds no file")
+    entries = {}
     for name in files:
         p = directory / name
         if not p.is_file():
             raise FileNotFoundError(f"cannot mark {directory} complete: {name} is missing")
-        sizes[name] = p.stat().st_size
+        entries[name] = {"size": p.stat().st_size, "sha256": file_hash(p, length=64)}
     marker = directory / MARKER
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"files": sizes}, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps({"files": entries}, indent=2, sort_keys=True))
     tmp.replace(marker)  # atomic: a marker is either absent or whole
     return marker
 
 
+def _marker_entries(marker: Path) -> dict[str, dict]:
+    """The ``files`` of a marker, validated; ``ValueError`` saying what is wrong otherwise."""
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"not a JSON marker ({err})") from err
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ValueError("it lists no files")
+    for name, entry in files.items():
+        if (not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts
+                or not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
+            raise ValueError(f"malformed entry {name!r}: {entry!r}")
+    return files
+
+
 def check_complete(directory: str | Path) -> tuple[bool, str]:
-    """``(True, "")`` when the stage finished and every file it listed is there with its size;
-    otherwise ``(False, why)``."""
+    """``(True, "")`` when the stage finished and every file its marker lists is there with the
+    recorded size and SHA-256; otherwise ``(False, why)``. A missing, unreadable or malformed marker
+    means "not complete" (the stage is rebuilt), never an error."""
     directory = Path(directory)
     marker = directory / MARKER
     if not marker.is_file():
         return False, f"no {MARKER} marker in {directory} (never finished)"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        return False, f"unreadable marker {marker}: {err}"
-    for name, size in files.items():
+        files = _marker_entries(marker)
+    except ValueError as err:
+        return False, f"unusable marker {marker}: {err}"
+    for name, entry in files.items():
         p = directory / name
         if not p.is_file():
             return False, f"{p} is missing"
-        if p.stat().st_size != size:
-            return False, f"{p} has {p.stat().st_size} bytes, the marker recorded {size}"
+        if p.stat().st_size != entry["size"]:
+            return False, f"{p} has {p.stat().st_size} bytes, the marker recorded {entry['size']}"
+    for name, entry in files.items():  # contents last: sizes catch most damage without reading
+        if file_hash(directory / name, length=64) != entry["sha256"]:
+            return False, f"{directory / name} does not match the SHA-256 its marker recorded"
     return True, ""
+
+
+def newest_complete(parent: str | Path, pattern: str) -> Path | None:
+    """The most recently written complete stage directory under ``parent`` whose name matches the
+    glob ``pattern`` (e.g. ``"stage2-*"``), or None."""
+    found = [d for d in Path(parent).glob(pattern) if d.is_dir() and check_complete(d)[0]]
+    return max(found, key=lambda d: (d / MARKER).stat().st_mtime) if found else None
+
+
+def run_stage(directory: str | Path, build, force: bool = False, keep: tuple[str, ...] = ("checkpoints",)) -> Path:
+    """One cached stage: reuse ``directory`` when its marker verifies, otherwise clear what a half-written
+    attempt left (but ``keep``, e.g. the Trainer checkpoints to resume from), call ``build(directory)``
+    and mark every file it wrote (``keep`` excepted). Returns ``directory``."""
+    directory = Path(directory)
+    if not reuse_or_reset(directory, force, keep=keep):
+        directory.mkdir(parents=True, exist_ok=True)
+        build(directory)
+        mark_complete(directory, skip=keep)
+    return directory
 
 
 def invalidate(directory: str | Path, keep: tuple[str, ...] = ()) -> None:

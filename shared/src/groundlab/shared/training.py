@@ -2,8 +2,9 @@
 
 ``train(model, dataset, collator, TrainConfig(...), output_dir)`` trains for ``max_steps`` with a
 progress bar, writes a checkpoint every ``save_steps`` and, when ``output_dir`` already holds a
-checkpoint, resumes from the newest one that was written completely (model, optimizer, scheduler,
-RNG state and trainer state all present). The Trainer restores the data order and RNG on resume, so a
+checkpoint, resumes from the newest one that was written completely: each checkpoint gets a marker
+listing its files with their SHA-256 once the Trainer has finished writing it, and one whose marker
+is absent or does not verify is skipped. The Trainer restores the data order and RNG on resume, so a
 run stopped at any point and started again ends where an uninterrupted run ends.
 """
 
@@ -14,11 +15,12 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .loading import load_pretrained, load_state
+from .runs import check_complete, mark_complete
 
 logger = logging.getLogger("groundlab")
-
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 
 @dataclass
@@ -45,6 +47,22 @@ class TrainConfig:
     deepspeed: str | None = None
     """``zero2`` / ``zero3`` (the shared configs) or the path of a DeepSpeed JSON config."""
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        from transformers.trainer_utils import SchedulerType
+
+        from .config import non_negative, one_of, positive, within
+
+        positive(self, "max_steps", "batch_size", "lr", "grad_accum", "save_steps", "save_total_limit",
+                 "logging_steps")
+        non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "seed")
+        within(self, "adam_beta2", 0.0, 0.999999)
+        one_of(self, "lr_scheduler", [t.value for t in SchedulerType])
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"'bf16' must be true, false or 'auto', got {self.bf16!r}")
+        if self.deepspeed not in (None, "zero2", "zero3") and not Path(self.deepspeed).is_file():
+            raise ValueError(f"'deepspeed' must be zero2, zero3 or the path of a DeepSpeed JSON config; "
+                             f"{self.deepspeed!r} is neither")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,9 +125,25 @@ def training_arguments(cfg: TrainConfig, output_dir: str | Path) -> TrainingArgu
     )
 
 
+class MarkCheckpoints(TrainerCallback):
+    """After the Trainer has written ``checkpoint-N`` (model, optimizer, scheduler, RNG, state), record
+    it as complete with a marker listing every file with its size and SHA-256 (see
+    :func:`groundlab.shared.runs.mark_complete`). Resume only trusts checkpoints whose marker verifies,
+    so a run killed while writing one resumes from the previous one."""
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's shard is on disk
+        if state.is_world_process_zero:
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", skip=())
+        return control
+
+
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` holding every file a resume needs; half-written
-    ones are reported and skipped."""
+    """The newest ``checkpoint-N`` in ``output_dir`` whose marker verifies (every file there, none
+    truncated or changed); others are reported and skipped."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
@@ -119,11 +153,10 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
         if m and d.is_dir():
             found.append((int(m.group(1)), d))
     for _, d in sorted(found, reverse=True):
-        missing = [f for f in CHECKPOINT_FILES if not (d / f).is_file()]
-        weights = list(d.glob("*.safetensors")) + list(d.glob("*.bin"))
-        if not missing and weights:
+        ok, why = check_complete(d)
+        if ok and (d / "trainer_state.json").is_file():
             return d
-        logger.warning("skipping incomplete checkpoint %s (missing %s)", d, missing or ["model weights"])
+        logger.warning("skipping incomplete checkpoint %s: %s", d, why or "no trainer_state.json")
     return None
 
 
@@ -132,7 +165,7 @@ def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str
     """Train (resuming from the last complete checkpoint in ``output_dir`` if any); returns the Trainer."""
     args = training_arguments(cfg, output_dir)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
-                      callbacks=callbacks, compute_loss_func=compute_loss_func)
+                      callbacks=[MarkCheckpoints(), *(callbacks or [])], compute_loss_func=compute_loss_func)
     resume = last_complete_checkpoint(output_dir)
     if resume is not None:
         logger.info("resuming from %s", resume)
@@ -179,8 +212,5 @@ def _load_checkpoint_weights(model, checkpoint: Path) -> None:
     """
     if not _is_pretrained(model):
         return  # plain modules are saved and loaded by their own state_dict keys
-    reloaded, info = type(model).from_pretrained(str(checkpoint), config=model.config, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v}
-    if problems:
-        raise RuntimeError(f"checkpoint {checkpoint} does not fit the model: {problems}")
-    model.load_state_dict(reloaded.state_dict(), strict=True)
+    reloaded = load_pretrained(type(model), checkpoint, config=model.config)
+    load_state(model, reloaded.state_dict(), f"checkpoint {checkpoint}")

@@ -38,13 +38,54 @@ def encode_rle(mask: np.ndarray) -> dict:
     return rle
 
 
+def compressed_counts(text: str) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (6 bits a character from '0', 5 of value and a
+    continuation bit, sign-extended; runs after the second are stored as differences to the run two
+    before), as pycocotools' ``rleFrString`` reads them."""
+    counts, i = [], 0
+    while i < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if i >= len(text):
+                raise ValueError("RLE string ends inside a number")
+            c = ord(text[i]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"RLE string has an invalid character {text[i]!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            i, k = i + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        if x < 0:
+            raise ValueError("RLE string decodes to a negative run")
+        counts.append(x)
+    return counts
+
+
 def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed or uncompressed) -> (H, W) bool mask."""
-    if isinstance(rle.get("counts"), list):
-        rle = mask_utils.frPyObjects(rle, *rle["size"])
-    elif isinstance(rle.get("counts"), str):
-        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
+    """COCO RLE (compressed or uncompressed) -> (H, W) bool mask; ``ValueError`` for anything else."""
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, int) and v > 0 for v in size)):
+        raise ValueError(f"not an RLE mask (needs 'size': [h, w] and 'counts'): {str(rle)[:80]}")
+    counts = rle.get("counts")
+    try:
+        if isinstance(counts, list):
+            if sum(counts) != size[0] * size[1]:
+                raise ValueError(f"RLE counts add up to {sum(counts)}, not {size[0]} x {size[1]}")
+            rle = mask_utils.frPyObjects(rle, *size)
+        elif isinstance(counts, str):
+            total = sum(compressed_counts(counts))
+            if total != size[0] * size[1]:
+                raise ValueError(f"RLE counts add up to {total}, not {size[0]} x {size[1]}")
+            rle = {"size": list(size), "counts": counts.encode("ascii")}
+        elif not isinstance(counts, bytes):
+            raise ValueError(f"RLE 'counts' must be a string or a list, got {type(counts).__name__}")
+        return mask_utils.decode(rle).astype(bool)
+    except (TypeError, UnicodeEncodeError) as err:
+        raise ValueError(f"unreadable RLE mask ({err})") from err
 
 
 def image_file_name(scene: Scene) -> str:
@@ -151,22 +192,58 @@ class Refer:
 
     def __init__(self, data_root: str | Path, image_dir: str | Path, dataset: str = "refcoco",
                  split_by: str = "unc"):
+        from .config import read_json
+        from .inputs import check_xywh
+
         root = Path(data_root) / dataset
         ann_file, refs_file = root / "instances.json", root / f"refs({split_by}).p"
         for path in (ann_file, refs_file):
             if not path.is_file():
                 raise FileNotFoundError(f"REFER dataset {dataset!r}: missing {path}")
         self.image_dir = Path(image_dir)
-        self.coco = COCO(str(ann_file))
-        with open(refs_file, "rb") as f:
-            self.refs = pickle.load(f)
+        instances = read_json(ann_file, "REFER instances")
+        if not isinstance(instances, dict) or not all(isinstance(instances.get(k), list)
+                                                      for k in ("images", "annotations")):
+            raise ValueError(f"{ann_file}: not COCO instances (needs 'images' and 'annotations' lists)")
+        for i, img in enumerate(instances["images"]):
+            if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= set(img):
+                raise ValueError(f"{ann_file}: image #{i} needs id, file_name, height and width")
+        for i, ann in enumerate(instances["annotations"]):
+            if not isinstance(ann, dict) or not {"id", "image_id", "segmentation", "bbox"} <= set(ann):
+                raise ValueError(f"{ann_file}: annotation #{i} needs id, image_id, segmentation and bbox")
+            try:
+                check_xywh(ann["bbox"], f"annotation {ann['id']} bbox")
+            except ValueError as err:
+                raise ValueError(f"{ann_file}: {err}") from None
+        self.coco = COCO()
+        self.coco.dataset = instances
+        self.coco.createIndex()
+        try:
+            with open(refs_file, "rb") as f:
+                self.refs = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as err:
+            raise ValueError(f"{refs_file}: not a REFER refs pickle ({type(err).__name__}: {err})") from err
+        if not isinstance(self.refs, list):
+            raise ValueError(f"{refs_file}: expected a list of refs, got {type(self.refs).__name__}")
         for i, ref in enumerate(self.refs):
+            if not isinstance(ref, dict):
+                raise ValueError(f"{refs_file}: ref #{i} is a {type(ref).__name__}, not a dict")
             missing = [k for k in self.REQUIRED_REF_KEYS if k not in ref]
             if missing:
                 raise ValueError(f"{refs_file}: ref #{i} lacks keys {missing}")
             if ref["ann_id"] not in self.coco.anns:
                 raise ValueError(f"{refs_file}: ref {ref['ref_id']} points at annotation {ref['ann_id']}, "
                                  f"which {ann_file} does not contain")
+            if ref["image_id"] not in self.coco.imgs:
+                raise ValueError(f"{refs_file}: ref {ref['ref_id']} points at image {ref['image_id']}, "
+                                 f"which {ann_file} does not contain")
+            sentences = ref["sentences"]
+            if (not isinstance(sentences, list) or not sentences
+                    or not all(isinstance(x, dict) and isinstance(x.get("sent"), str) and x["sent"].strip()
+                               and "sent_id" in x for x in sentences)):
+                raise ValueError(f"{refs_file}: ref {ref['ref_id']} needs a non-empty list of sentences, each "
+                                 "with a non-empty 'sent' and a 'sent_id'")
+        self.ann_file, self.refs_file = ann_file, refs_file
 
     def splits(self) -> list[str]:
         return sorted({r["split"] for r in self.refs})
@@ -178,7 +255,16 @@ class Refer:
                 continue
             ann = self.coco.anns[ref["ann_id"]]
             img = self.coco.imgs[ref["image_id"]]
-            mask = self.coco.annToMask(ann).astype(bool)
+            try:
+                seg = ann["segmentation"]  # RLE (checked here) or polygons (RefCOCO's own)
+                mask = decode_rle(seg) if isinstance(seg, dict) else self.coco.annToMask(ann).astype(bool)
+            except Exception as err:  # noqa: BLE001 - pycocotools raises bare types for bad RLE / polygons
+                raise ValueError(f"{self.ann_file}: annotation {ann['id']}: unreadable segmentation ({err})") from err
+            if mask.shape != (img["height"], img["width"]):
+                raise ValueError(f"{self.ann_file}: annotation {ann['id']}: mask {mask.shape} vs image "
+                                 f"{(img['height'], img['width'])}")
+            if not mask.any():
+                raise ValueError(f"{self.ann_file}: annotation {ann['id']} (ref {ref['ref_id']}) has an empty mask")
             for sent in ref["sentences"]:
                 out.append(ReferSample(ref["ref_id"], sent["sent_id"], sent["sent"], ref["image_id"],
                                        self.image_dir / img["file_name"], ref["ann_id"], list(ann["bbox"]), mask))

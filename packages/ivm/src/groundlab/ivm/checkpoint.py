@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from groundlab.shared.loading import load_partial, torch_load
+
 from .modeling import IVMModel
 
 LMM_PREFIX = "prompt_encoder.model.base_model.model."
@@ -36,19 +38,8 @@ _DECODER_RENAMES = (
 
 
 def load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], required: list[str], what: str) -> None:
-    """Load ``state`` into part of ``module``: every key of ``state`` must be one of the module's (same
-    shape) and every key in ``required`` must be in ``state``; the module's other weights keep their
-    values. Errors name the keys."""
-    own = module.state_dict()
-    unknown = sorted(set(state) - set(own))
-    missing = sorted(set(required) - set(state))
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if unknown or missing or shapes:
-        raise ValueError(f"{what} does not fit: unexpected {unknown[:6]}, missing {missing[:6]}, "
-                         f"shape mismatches {shapes[:6]}")
-    result = module.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys  # checked above
+    """Load ``state`` into part of ``module`` (see :func:`groundlab.shared.loading.load_partial`)."""
+    load_partial(module, state, required, what)
 
 
 def map_key(key: str) -> str | None:
@@ -106,13 +97,14 @@ def load_official(model: IVMModel, checkpoint: str | Path | dict, sam_checkpoint
     if isinstance(checkpoint, dict):
         state = checkpoint
     else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"IVM checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = torch_load(checkpoint, "IVM checkpoint")
+        if "model" in state and isinstance(state["model"], dict):
             state = state["model"]
-    load_part(model, convert_official(state, model), trained_keys(model), "the IVM checkpoint")
+    try:
+        converted = convert_official(state, model)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint if not isinstance(checkpoint, dict) else 'the IVM checkpoint'}: {err}") from None
+    load_part(model, converted, trained_keys(model), "the IVM checkpoint")
     if sam_checkpoint is not None:
         from groundlab.shared.bases.sam import load_sam_checkpoint
 

@@ -11,28 +11,31 @@ by default the newest complete arm of ``runs/ivm/<run>/``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from groundlab.shared.config import add_run_commands
+from groundlab.shared.cli import ArgumentParser, add_run_commands, cli_main, run_command
+from groundlab.shared.inputs import check_probability, check_text, existing_file
 
 
 def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
-    from groundlab.shared.runs import check_complete, runs_root
+    from groundlab.shared.runs import newest_complete, runs_root
 
     if checkpoint:
-        return Path(checkpoint)
-    found = [d for d in (runs_root() / "ivm" / run).glob(f"{arm}-*") if check_complete(d)[0]]
-    if not found:
-        raise SystemExit(f"no trained {arm} model under {runs_root() / 'ivm' / run}: run `make train-ivm` first")
-    return max(found, key=lambda d: d.stat().st_mtime) / "ivm.pth"
+        return existing_file(checkpoint, "--checkpoint")
+    found = newest_complete(runs_root() / "ivm" / run, f"{arm}-*")
+    if found is None:
+        raise FileNotFoundError(f"no trained {arm} model under {runs_root() / 'ivm' / run}: run `make train-ivm` first")
+    return found / "ivm.pth"
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="groundlab-ivm")
+    from .train import ARMS
+
+    parser = ArgumentParser(prog="groundlab-ivm")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_run_commands(sub)
     m = sub.add_parser("mask", help="mask an image to what an instruction needs")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--threshold", type=float, default=0.8)
     m.add_argument("--out", type=Path, default=None)
     m.add_argument("--run", default="tiny")
-    m.add_argument("--arm", default="mixed_dwsl")
+    m.add_argument("--arm", default="mixed_dwsl", choices=ARMS)
     m.add_argument("--checkpoint", default=None, help="an IVM checkpoint in the release's layout")
     m.add_argument("--llava", default=None, help="the LLaVA directory the IVM was trained on (default: the run config's)")
     m.add_argument("--sam", default=None, help="the SAM checkpoint the IVM was trained on (default: the run config's)")
@@ -51,19 +54,31 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
 
     if args.cmd in ("train", "eval"):
-        from groundlab.shared.config import parse_overrides
-
         from .train import RunConfig, run
 
-        run(RunConfig.from_yaml(args.config, parse_overrides(extra)), force=args.force)
+        run_command(RunConfig, run, args, extra)
         return
     if extra:
-        raise SystemExit(f"unexpected arguments {extra}")
+        raise ValueError(f"unexpected arguments {extra}")
     from PIL import Image
+
+    from groundlab.shared.world_io import load_image
+
+    # every input is checked before a model is built (or a base trained)
+    check_text(args.instruction, "--instruction")
+    check_probability(args.threshold, "--threshold")
+    image = np.array(load_image(args.image))
+    path = args.out or args.image.with_name(f"{args.image.stem}_ivm_{args.mode}.png")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {path}: the directory {path.parent} does not exist")
+    checkpoint = _checkpoint(args.run, args.arm, args.checkpoint)
+    for flag, value in (("--llava", args.llava), ("--sam", args.sam)):
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{flag} {value} does not exist")
+
     from transformers import AutoProcessor
 
     from groundlab.shared.bases import ensure_base
-    from groundlab.shared.world_io import load_image
 
     from .checkpoint import load_official
     from .masking import forward_batch
@@ -72,11 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = RunConfig.from_yaml(args.config)
     llava = Path(args.llava or cfg.model.llava or ensure_base("llava"))
     sam = Path(args.sam or cfg.model.sam or ensure_base("sam"))
-    model = load_official(build_from_bases(llava, sam, cfg.model), _checkpoint(args.run, args.arm, args.checkpoint))
-    image = np.array(load_image(args.image))
+    model = load_official(build_from_bases(llava, sam, cfg.model), checkpoint)
     out = forward_batch(model, AutoProcessor.from_pretrained(llava), [image], [args.instruction],
                         threshold=args.threshold, mode=args.mode)
-    path = args.out or args.image.with_name(f"{args.image.stem}_ivm_{args.mode}.png")
     Image.fromarray(out["images"][0]).save(path)
     heat = (out["heatmaps"][0].numpy() * 255).round().astype(np.uint8)
     Image.fromarray(heat, mode="L").save(path.with_suffix(".heatmap.png"))

@@ -24,6 +24,7 @@ ignores it.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -126,8 +127,14 @@ def read_split(split_dir: str | Path, is_human: bool | None = None) -> list[Item
             raise ValueError(f"{meta}:{n}: 'instruction' must be a non-empty list of non-empty strings")
         uuid = str(rec["uuid"])
         box = rec.get("box")
-        if box is not None and (not isinstance(box, list) or len(box) != 4):
-            raise ValueError(f"{meta}:{n}: 'box' must be [x0, y0, x1, y1], got {box!r}")
+        if box is not None:
+            ok = (isinstance(box, list) and len(box) == 4
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+            if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+                raise ValueError(f"{meta}:{n}: 'box' must be [x0, y0, x1, y1] normalised to [0, 1] with x0 < x1 "
+                                 f"and y0 < y1, got {box!r}")
+        if "image" in rec and (not isinstance(rec["image"], str) or not rec["image"]):
+            raise ValueError(f"{meta}:{n}: 'image' must be a file name, got {rec['image']!r}")
         extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction", "box")}
         items.append(Item(uuid, split_dir / "images" / rec.get("image", f"img_{uuid}.jpg"),
                           split_dir / "masks" / f"mask_{uuid}.jpg", list(ins), bool(is_human), name, extra,

@@ -16,12 +16,15 @@ Modes:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+
+from groundlab.shared.inputs import check_probability, check_text
 
 from .data import policy_inputs
 
@@ -37,6 +40,7 @@ def soft_mask(prob: torch.Tensor, threshold: float, dilate_rate: float = 0.05) -
     """(H, W) probabilities -> (H, W) soft keep-mask in [0, 1] (all ones if nothing passes)."""
     if prob.ndim != 2:
         raise ValueError(f"a heatmap is (H, W), got shape {tuple(prob.shape)}")
+    check_probability(threshold, "threshold")
     if float(prob.max()) <= threshold:
         return torch.ones_like(prob)
     m = (prob > threshold).float()[None, None]
@@ -115,6 +119,11 @@ def forward_batch(model, processor, images: Sequence[np.ndarray], instructions: 
     None when nothing passed and the whole image was kept)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_probability(threshold, "threshold")
+    if not (math.isfinite(dilate_rate) and 0 <= dilate_rate <= 0.5):
+        raise ValueError(f"dilate_rate must be in [0, 0.5], got {dilate_rate!r}")
+    for i, text in enumerate(instructions):
+        check_text(text, f"instruction #{i}")
     heats = heatmaps(model, processor, images, instructions)
     masks = [soft_mask(h, threshold, dilate_rate) for h in heats]
     return {"heatmaps": heats, "masks": masks,

@@ -127,8 +127,8 @@ class IVMModel(PreTrainedModel):
         self.generator = ConditionedMaskGenerator(c, config.decoder_depth, config.decoder_mlp, config.decoder_heads,
                                                   config.embedding_grid, config.num_mask_tokens)
         self.discriminator_head = ConditionMLP(d, config.discriminator_hidden, 1)
-        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+        # SAM's normalisation is read from the config at each call, not kept in buffers: from_pretrained
+        # builds on the meta device and would leave non-persistent buffers as uninitialised memory.
         self.post_init()
         self.add_lora_adapters()
 
@@ -185,7 +185,9 @@ class IVMModel(PreTrainedModel):
         size = self.config.sam["img_size"]
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.pixel_mean) / self.pixel_std
+        mean = torch.tensor(self.config.pixel_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.pixel_std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -35,10 +35,11 @@ from torch import nn
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from groundlab.shared.bases import ensure_base
-from groundlab.shared.bases.sam import load_sam_checkpoint
+from groundlab.shared.bases.sam import TinySamConfig, load_sam_checkpoint
 from groundlab.shared.bases.vlm import TinyVLMConfig
-from groundlab.shared.config import load_config
+from groundlab.shared.config import load_config, non_negative, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
+from groundlab.shared.loading import load_pretrained, torch_load
 from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
 from groundlab.shared.training import TrainConfig, resolve_bf16, train
 from groundlab.shared.world import World, WorldConfig
@@ -55,6 +56,7 @@ from .evaluation import (
     vqa_with_and_without_ivm,
     whole_image_baseline,
 )
+from .masking import MODES
 from .modeling import DiscriminatorForTraining, IVMModel, dwsl_weights, label_weights
 
 logger = logging.getLogger("groundlab")
@@ -75,6 +77,14 @@ class DataConfig:
     root: str | None = None
     """Real IVM-Mix data instead of the world: a folder holding split folders (see ``groundlab.ivm.data``)."""
 
+    def __post_init__(self) -> None:
+        positive(self, "human_scenes", "eval_scenes", "clutter_scenes")
+        non_negative(self, "machine_scenes")
+        within(self, "corrupt_prob", 0.0, 1.0)
+        lo, hi = self.clutter_objects
+        if not 1 <= lo <= hi:
+            raise ValueError(f"'clutter_objects' must be (lo, hi) with 1 <= lo <= hi, got {self.clutter_objects}")
+
 
 @dataclass
 class ModelConfig:
@@ -91,6 +101,12 @@ class ModelConfig:
     decoder_mlp: int = 256
     decoder_heads: int = 4
     discriminator_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        positive(self, "lora_r", "lora_alpha", "condition_hidden", "decoder_mlp", "decoder_heads", "discriminator_hidden")
+        within(self, "lora_dropout", 0.0, 0.99)
+        if not self.lora_targets:
+            raise ValueError("'lora_targets' is empty")
 
 
 @dataclass
@@ -113,13 +129,18 @@ class RunConfig:
     instead of the tiny LLaVA base; ``vqa_model`` names the model there (key in $IVM_VQA_API_KEY)."""
     vqa_model: str | None = None
 
+
+    def __post_init__(self) -> None:
+        within(self, "threshold", 0.0, 1.0)
+        within(self, "vqa_threshold", 0.0, 1.0)
+        one_of(self, "vqa_mode", MODES)
+        one_of(self, "arms", ARMS)
+        if not self.arms:
+            raise ValueError("'arms' is empty")
+
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
-        cfg = load_config(cls, path, overrides)
-        unknown = set(cfg.arms) - set(ARMS)
-        if unknown:
-            raise ValueError(f"{path}: unknown arms {sorted(unknown)}; known: {ARMS}")
-        return cfg
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,11 +166,11 @@ def load_llava_into(model: IVMModel, llava: LlavaForConditionalGeneration) -> No
 
 
 def build_from_bases(llava_path: str | Path, sam_path: str | Path, m: ModelConfig) -> IVMModel:
-    llava = LlavaForConditionalGeneration.from_pretrained(llava_path)
-    sam_cfg = json.loads((Path(sam_path).parent / "config.json").read_text())
-    sam = dict(img_size=sam_cfg["image_size"], patch_size=sam_cfg["patch_size"], embed_dim=sam_cfg["encoder_dim"],
-               depth=sam_cfg["encoder_depth"], num_heads=sam_cfg["encoder_heads"], window_size=sam_cfg["window_size"],
-               global_attn_indexes=tuple(sam_cfg["global_attn_indexes"]), out_chans=sam_cfg["prompt_dim"])
+    llava = load_pretrained(LlavaForConditionalGeneration, llava_path, "the LLaVA base")
+    sc = TinySamConfig.from_json(Path(sam_path).parent / "config.json")
+    sam = dict(img_size=sc.image_size, patch_size=sc.patch_size, embed_dim=sc.encoder_dim, depth=sc.encoder_depth,
+               num_heads=sc.encoder_heads, window_size=sc.window_size, global_attn_indexes=sc.global_attn_indexes,
+               out_chans=sc.prompt_dim)
     cfg = IVMConfig(sam=sam, lmm_config=llava.config.to_dict(), lora_r=m.lora_r, lora_alpha=m.lora_alpha,
                     lora_dropout=m.lora_dropout, lora_targets=tuple(m.lora_targets), condition_hidden=m.condition_hidden, decoder_mlp=m.decoder_mlp,
                     decoder_heads=m.decoder_heads, discriminator_hidden=m.discriminator_hidden)
@@ -226,7 +247,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             counts = export_world(World(WorldConfig(), seed=cfg.data.world_seed), data_dir, cfg.data.human_scenes,
                                   cfg.data.machine_scenes, cfg.data.corrupt_prob, seed=cfg.data.world_seed)
             write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
-            mark_complete(data_dir, [str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()])
+            mark_complete(data_dir)
     human = [it for s in HUMAN_SPLITS if (data_dir / s).is_dir() for it in read_split(data_dir / s)]
     machine = [it for s in MACHINE_SPLITS if (data_dir / s).is_dir() for it in read_split(data_dir / s)]
     if not human:
@@ -244,7 +265,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
 
     vision = AutoConfig.from_pretrained(llava_path).vision_config  # the LMM's and SAM's input sizes
     n_img = (vision.image_size // vision.patch_size) ** 2
-    size = json.loads((Path(sam_path).parent / "config.json").read_text())["image_size"]
+    size = TinySamConfig.from_json(Path(sam_path).parent / "config.json").image_size
 
     # 2. discriminator (stage I)
     item_weights, d_dir = None, None
@@ -259,9 +280,9 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             metrics["time/discriminator_train_s"] = time.time() - t0
             state = model.state_dict()
             torch.save({k: state[k] for k in trained_keys(model, "discriminator")}, d_dir / "discriminator.pt")
-            mark_complete(d_dir, ["discriminator.pt"])
+            mark_complete(d_dir)
         else:
-            load_part(model, torch.load(d_dir / "discriminator.pt", weights_only=True),
+            load_part(model, torch_load(d_dir / "discriminator.pt", "discriminator weights"),
                       trained_keys(model, "discriminator"), str(d_dir / "discriminator.pt"))
         plain = IVMDataset(mixed, tok, n_img, size, role="discriminator", augment=False)
         logits = discriminator_scores(model, plain, collate)
@@ -311,7 +332,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                   a_dir / "checkpoints")
             metrics[f"time/{arm}_train_s"] = time.time() - t0
             torch.save(to_official(model), a_dir / "ivm.pth")  # the release's layout
-            mark_complete(a_dir, ["ivm.pth"])
+            mark_complete(a_dir)
         else:
             load_official(model, a_dir / "ivm.pth")
         metrics |= heatmap_quality(model, processor, samples, cfg.threshold, name=arm,
@@ -327,7 +348,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if cfg.vqa_url:
         answerer = chat_completions_answerer(cfg.vqa_url, cfg.vqa_model or "default", os.environ.get("IVM_VQA_API_KEY"))
     else:
-        answerer = llava_answerer(LlavaForConditionalGeneration.from_pretrained(llava_path), processor,
+        answerer = llava_answerer(load_pretrained(LlavaForConditionalGeneration, llava_path, "the LLaVA base"), processor,
                                   TinyVLMConfig(kind="llava", image_size=vision.image_size, patch_size=vision.patch_size))
     metrics |= vqa_with_and_without_ivm(answerer, arm_models[best], processor, clutter, cfg.vqa_threshold,
                                         cfg.vqa_mode, out_path=root / "predictions_vqa.jsonl")

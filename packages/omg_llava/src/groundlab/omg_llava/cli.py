@@ -17,34 +17,39 @@ writes the release's OMG-Seg as an ``OMGSegModel`` directory (see ``convert.load
 
 from __future__ import annotations
 
-import argparse
+import math
 from pathlib import Path
 
 import numpy as np
 
-from groundlab.shared.config import add_run_commands
+from groundlab.shared.cli import ArgumentParser, add_run_commands, cli_main, run_command
+from groundlab.shared.inputs import check_box, check_point, check_text, parse_numbers
 
 
 def _model_dir(run: str, model: str | None) -> Path:
-    from groundlab.shared.runs import check_complete, runs_root
+    from groundlab.shared.runs import newest_complete, runs_root
 
     if model:
+        if not (Path(model) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {model}: no saved OMG-LLaVA there (config.json missing)")
         return Path(model)
-    found = [d for d in (runs_root() / "omg_llava" / run).glob("stage2-*") if check_complete(d)[0]]
-    if not found:
-        raise SystemExit(f"no trained model under {runs_root() / 'omg_llava' / run}: run `make train-omg` first")
-    return max(found, key=lambda d: d.stat().st_mtime) / "model"
+    found = newest_complete(runs_root() / "omg_llava" / run, "stage2-*")
+    if found is None:
+        raise FileNotFoundError(f"no trained model under {runs_root() / 'omg_llava' / run}: run `make train-omg` first")
+    return found / "model"
 
 
-def _numbers(text: str, n: int, what: str) -> list[float]:
-    parts = text.split(",")
-    if len(parts) != n:
-        raise SystemExit(f"{what} needs {n} comma-separated numbers, got {text!r}")
-    return [float(p) for p in parts]
+def box_mask(box: tuple[float, float, float, float], shape: tuple[int, int]) -> np.ndarray:
+    """The (H, W) mask of the pixels a checked (x0, y0, x1, y1) box covers."""
+    x0, y0, x1, y1 = box
+    m = np.zeros(shape, bool)
+    m[math.floor(y0):math.ceil(y1), math.floor(x0):math.ceil(x1)] = True
+    return m
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="groundlab-omg-llava")
+    parser = ArgumentParser(prog="groundlab-omg-llava")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_run_commands(sub)
     for name, help_text in (("chat", "answer a prompt about an image"),
@@ -65,51 +70,52 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prefix", default="", help="a prefix of every checkpoint key to strip, e.g. visual_encoder.")
     args, extra = parser.parse_known_args(argv)
 
+    if args.cmd in ("train", "eval"):
+        from .train import RunConfig, run
+
+        run_command(RunConfig, run, args, extra)
+        return
+    if extra:
+        raise ValueError(f"unexpected arguments {extra}")
     if args.cmd == "convert-seg":
         from .convert import convert_omg_seg_to_dir
 
         for path in (args.checkpoint, args.class_embeddings):
             if not path.is_file():
-                raise SystemExit(f"no such file: {path}")
+                raise FileNotFoundError(f"no such file: {path}")
         convert_omg_seg_to_dir(args.checkpoint, args.class_embeddings, args.out, prefix=args.prefix)
         return
 
-    if args.cmd in ("train", "eval"):
-        from groundlab.shared.config import parse_overrides
-
-        from .train import RunConfig, run
-
-        run(RunConfig.from_yaml(args.config, parse_overrides(extra)), force=args.force)
-        return
-    if extra:
-        raise SystemExit(f"unexpected arguments {extra}")
     from PIL import Image
 
     from groundlab.shared.world_io import load_image
 
+    from .data import MARK, REGION, RES_PROMPT
+
+    # every input is checked before the model is loaded
+    check_text(args.prompt, "--prompt")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prompt = RES_PROMPT.format(sent=args.prompt.strip()) if args.cmd == "segment" else args.prompt
+    for token, given, flag in ((REGION, args.region, "--region"), (MARK, args.point, "--point")):
+        if prompt.count(token) != len(given):
+            raise ValueError(f"the prompt has {prompt.count(token)} {token} placeholder(s) but {len(given)} {flag} "
+                             f"value(s) were given")
+    image = np.array(load_image(args.image))
+    h, w = image.shape[:2]
+    regions = [box_mask(check_box(parse_numbers(t, 4, f"--region {t}"), w, h, f"--region {t}"), (h, w))
+               for t in args.region]
+    points = [check_point(parse_numbers(t, 2, f"--point {t}"), w, h, f"--point {t}") for t in args.point]
+    out = args.out or args.image.with_name(f"{args.image.stem}_omg.png")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
+
     from .inference import OMGLlavaPipeline, overlay
 
-    image = np.array(load_image(args.image))
-    regions = []
-    for text in args.region:
-        x0, y0, x1, y1 = (int(round(v)) for v in _numbers(text, 4, "--region"))
-        m = np.zeros(image.shape[:2], bool)
-        m[max(0, y0):y1, max(0, x0):x1] = True
-        if not m.any():
-            raise SystemExit(f"--region {text} is empty inside the {image.shape[1]}x{image.shape[0]} image")
-        regions.append(m)
-    points = [tuple(_numbers(t, 2, "--point")) for t in args.point]
     pipe = OMGLlavaPipeline.from_pretrained(_model_dir(args.run, args.model))
-    if args.cmd == "segment":
-        from .data import RES_PROMPT
-
-        prompt = RES_PROMPT.format(sent=args.prompt)
-    else:
-        prompt = args.prompt
     answer = pipe(image, prompt, regions=regions, points=points, max_new_tokens=args.max_new_tokens)
     print(answer.text)
     if len(answer.masks):
-        out = args.out or args.image.with_name(f"{args.image.stem}_omg.png")
         Image.fromarray(overlay(image, answer.masks)).save(out)
         for i, m in enumerate(answer.masks):
             Image.fromarray((m * 255).astype(np.uint8)).save(out.with_suffix(f".mask{i}.png"))

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from groundlab.shared.loading import load_state, torch_load
+
 from .modeling import IMAGE_TOKEN, OMGLlavaForCausalLM
 
 OFFICIAL_ADDED = ("[SEG]", "<p>", "</p>", "<region>")  # in the order the release adds them
@@ -160,7 +162,7 @@ def load_official(model: OMGLlavaForCausalLM, official: str | Path | dict, inter
     """Convert and load strictly (the segmenter's weights are kept: they come from the OMG-Seg
     checkpoint). Returns the tokens whose rows were initialised here."""
     if not isinstance(official, dict):
-        official = torch.load(official, map_location="cpu", weights_only=True)
+        official = torch_load(official, "OMG-LLaVA checkpoint")
         official = official.get("state_dict", official)
     converted, filled = convert_official(official, internlm2, model, lora_r, lora_alpha)
     own = model.state_dict()
@@ -171,7 +173,7 @@ def load_official(model: OMGLlavaForCausalLM, official: str | Path | dict, inter
         if own[k].shape != v.shape:
             raise ValueError(f"{k}: converted {tuple(v.shape)} vs model {tuple(own[k].shape)}")
         full[k] = v
-    model.load_state_dict(full, strict=True)
+    load_state(model, full, "the converted OMG-LLaVA checkpoint")
     return filled
 
 
@@ -264,10 +266,10 @@ def load_omg_seg(model, checkpoint: str | Path | dict, class_embeddings: str | P
     ``strict=True``: every parameter and buffer of the model must come from the checkpoint (the class
     embeddings too, when its classifier is ``"clip"``). Returns the checkpoint keys left out on purpose."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = torch_load(checkpoint, "OMG-Seg checkpoint")
         checkpoint = checkpoint.get("state_dict", checkpoint)
     if class_embeddings is not None and not isinstance(class_embeddings, torch.Tensor):
-        class_embeddings = torch.load(class_embeddings, map_location="cpu", weights_only=True)
+        class_embeddings = torch_load(class_embeddings, "class embeddings file", expect=torch.Tensor)
     converted, unused = convert_omg_seg(checkpoint, class_embeddings, prefix)
     own = model.state_dict()
     for k, v in converted.items():
@@ -280,7 +282,7 @@ def load_omg_seg(model, checkpoint: str | Path | dict, class_embeddings: str | P
     if missing:
         raise KeyError(f"{len(missing)} segmenter weights are not in the checkpoint, e.g. {missing[:6]}"
                        + (" (pass the class embeddings file)" if "decoder.class_embeddings" in missing else ""))
-    model.load_state_dict(converted, strict=True)
+    load_state(model, converted, "the converted OMG-Seg checkpoint")
     return unused
 
 
@@ -292,7 +294,7 @@ def convert_omg_seg_to_dir(checkpoint: str | Path | dict, class_embeddings: str 
     from .omg_seg import OMGSegConfig, OMGSegModel
 
     if not isinstance(class_embeddings, torch.Tensor):
-        class_embeddings = torch.load(class_embeddings, map_location="cpu", weights_only=True)
+        class_embeddings = torch_load(class_embeddings, "class embeddings file", expect=torch.Tensor)
     config = config or OMGSegConfig()
     if class_embeddings.dim() == 3:
         config.num_classes, config.class_prototypes, config.class_embed_dim = class_embeddings.shape

@@ -24,11 +24,14 @@ point mismatch is an error naming the file and the record.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from groundlab.shared.config import read_json
+from groundlab.shared.inputs import check_xywh
 from groundlab.shared.world import Scene
 from groundlab.shared.world_io import decode_rle, encode_rle, image_file_name
 
@@ -75,16 +78,34 @@ def check_sample(s: Sample, where: str) -> Sample:
 
 
 def _load_json(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not JSON ({err})") from err
+    data = read_json(path, "annotation file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of records")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
     return data
+
+
+def _mask(rle, where: str) -> np.ndarray:
+    """A decoded, non-empty RLE mask; errors name ``where``."""
+    try:
+        m = decode_rle(rle)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if not m.any():
+        raise ValueError(f"{where}: the mask is empty")
+    return m
+
+
+def _check_conversation(conv, where: str) -> list[dict]:
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"{where}: 'conversations' must be a non-empty list of turns")
+    for j, turn in enumerate(conv):
+        if (not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt")
+                or not isinstance(turn.get("value"), str)):
+            raise ValueError(f"{where}: turn {j} must be {{\"from\": \"human\" | \"gpt\", \"value\": <text>}}")
+    return conv
 
 
 def _require(rec: dict, keys: tuple[str, ...], where: str, i: int) -> None:
@@ -172,6 +193,7 @@ def load_llava(path: str | Path, image_root: str | Path) -> list[Sample]:
     out = []
     for i, rec in enumerate(_load_json(path)):
         _require(rec, ("id", "image", "conversations"), str(path), i)
+        _check_conversation(rec["conversations"], f"{path}: record {i}")
         out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["image"], rec["conversations"],
                                        task="llava"), str(path)))
     return out
@@ -181,21 +203,32 @@ def load_grandf(path: str | Path, image_root: str | Path) -> list[Sample]:
     out = []
     for i, rec in enumerate(_load_json(path)):
         _require(rec, ("file_name", "caption", "groundings", "height", "width"), str(path), i)
+        where = f"{path}: record {i}"
+        if not isinstance(rec["caption"], str) or not isinstance(rec["groundings"], dict):
+            raise ValueError(f"{where}: 'caption' must be a string and 'groundings' a mapping")
         caption = rec["caption"].strip('"').strip()
         items = []
         for phrase, g in rec["groundings"].items():
             if g is None:
-                continue
-            start, end = g["token_positives"]
+                continue  # GranD-f marks phrases it could not ground with null: they get no [SEG]
+            if not isinstance(g, dict) or "token_positives" not in g or "rle_masks" not in g:
+                raise ValueError(f"{where}: grounding of {phrase!r} needs 'token_positives' and 'rle_masks'")
+            span = g["token_positives"]
+            if (not isinstance(span, list) or len(span) != 2 or not all(isinstance(v, int) for v in span)
+                    or not 0 <= span[0] < span[1] <= len(caption)):
+                raise ValueError(f"{where}: 'token_positives' of {phrase!r} must be [start, end] inside the caption, "
+                                 f"got {span!r}")
+            start, end = span
             if caption[start:end] != phrase:
-                raise ValueError(f"{path}: record {i}: span {start}:{end} of the caption is "
+                raise ValueError(f"{where}: span {start}:{end} of the caption is "
                                  f"{caption[start:end]!r}, not the phrase {phrase!r}")
+            if not isinstance(g["rle_masks"], list) or not g["rle_masks"]:
+                raise ValueError(f"{where}: {phrase!r} has no mask in 'rle_masks' (its [SEG] would have no target)")
             mask = np.zeros((rec["height"], rec["width"]), bool)
             for rle in g["rle_masks"]:
-                m = decode_rle(rle)
+                m = _mask(rle, f"{where}: mask of {phrase!r}")
                 if m.shape != mask.shape:
-                    raise ValueError(f"{path}: record {i}: mask of {phrase!r} is {m.shape}, the image "
-                                     f"{mask.shape}")
+                    raise ValueError(f"{where}: mask of {phrase!r} is {m.shape}, the image {mask.shape}")
                 mask |= m
             items.append(((start, end), mask))
         items.sort(key=lambda t: t[0][0])
@@ -215,7 +248,11 @@ def load_refcocog_gcg(path: str | Path, image_root: str | Path) -> list[Sample]:
         _require(rec, ("id", "img_file_name", "caption", "refs"), str(path), i)
         caption = rec["caption"].strip('"').strip().lower()
         items = []
+        if not isinstance(rec["refs"], list):
+            raise ValueError(f"{path}: record {i}: 'refs' must be a list")
         for ref in rec["refs"]:
+            if not isinstance(ref, dict) or not isinstance(ref.get("sentence"), str) or "segmentation" not in ref:
+                raise ValueError(f"{path}: record {i}: each ref needs a 'sentence' and a 'segmentation'")
             phrase = ref["sentence"].lower()
             start = caption.find(phrase)
             if start < 0:
@@ -223,7 +260,9 @@ def load_refcocog_gcg(path: str | Path, image_root: str | Path) -> list[Sample]:
             seg = ref["segmentation"]
             if not isinstance(seg, dict) or "size" not in seg:
                 raise ValueError(f"{path}: record {i}: segmentation of {phrase!r} must be an RLE with its size")
-            items.append([start, start + len(phrase), decode_rle(seg)])
+            if "bbox" in ref:
+                check_xywh(ref["bbox"], f"{path}: record {i}: bbox of {phrase!r}")
+            items.append([start, start + len(phrase), _mask(seg, f"{path}: record {i}: mask of {phrase!r}")])
         items.sort(key=lambda t: t[0])
         for a, b in zip(items, items[1:]):
             if a[1] > b[0]:
@@ -239,12 +278,20 @@ def load_osprey(path: str | Path, image_root: str | Path) -> list[Sample]:
     out = []
     for i, rec in enumerate(_load_json(path)):
         _require(rec, ("id", "file_name", "annotations", "conversations", "height", "width"), str(path), i)
+        where = f"{path}: record {i}"
+        if not isinstance(rec["annotations"], list):
+            raise ValueError(f"{where}: 'annotations' must be a list")
         regions = []
-        for a in rec["annotations"]:
-            m = decode_rle(a["segmentation"])
+        for j, a in enumerate(rec["annotations"]):
+            if not isinstance(a, dict) or "segmentation" not in a:
+                raise ValueError(f"{where}: annotation {j} needs a 'segmentation'")
+            if "bbox" in a:
+                check_xywh(a["bbox"], f"{where}: annotation {j} bbox")
+            m = _mask(a["segmentation"], f"{where}: annotation {j}")
             if m.shape != (rec["height"], rec["width"]):
-                raise ValueError(f"{path}: record {i}: region mask {m.shape} vs image {(rec['height'], rec['width'])}")
+                raise ValueError(f"{where}: region mask {m.shape} vs image {(rec['height'], rec['width'])}")
             regions.append(m)
+        _check_conversation(rec["conversations"], where)
         out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["file_name"], rec["conversations"],
                                        regions=regions, task="region"), str(path)))
     return out
@@ -254,9 +301,21 @@ def load_mdvp(path: str | Path, image_root: str | Path) -> list[Sample]:
     out = []
     for i, rec in enumerate(_load_json(path)):
         _require(rec, ("id", "image", "points", "conversations"), str(path), i)
-        pts = [tuple(map(float, p)) for p in rec["points"]]
-        if any(len(p) != 2 for p in pts):
-            raise ValueError(f"{path}: record {i}: points are [x, y] pairs")
+        where = f"{path}: record {i}"
+        if not isinstance(rec["points"], list):
+            raise ValueError(f"{where}: 'points' must be a list of [x, y]")
+        pts = []
+        for j, p in enumerate(rec["points"]):
+            if not isinstance(p, (list, tuple)) or len(p) != 2:
+                raise ValueError(f"{where}: point {j} must be [x, y], got {p!r}")
+            try:
+                x, y = float(p[0]), float(p[1])
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: point {j} must be two numbers, got {p!r}") from None
+            if not (math.isfinite(x) and math.isfinite(y) and x >= 0 and y >= 0):
+                raise ValueError(f"{where}: point {j} must be finite pixel coordinates >= 0, got {p!r}")
+            pts.append((x, y))
+        _check_conversation(rec["conversations"], where)
         out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["image"], rec["conversations"],
                                        points=pts, task="point"), str(path)))
     return out

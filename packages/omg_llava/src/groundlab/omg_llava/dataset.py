@@ -75,6 +75,19 @@ class PerceptionCache:
         return self.items[key]
 
 
+def check_against_image(s: Sample, hw: tuple[int, int]) -> None:
+    """A sample's masks have its image's shape and its points lie inside the image (errors name the
+    sample and the image)."""
+    h, w = hw
+    for kind, masks in (("[SEG] mask", s.seg_masks), ("region", s.regions)):
+        for j, m in enumerate(masks):
+            if tuple(np.shape(m)) != (h, w):
+                raise ValueError(f"sample {s.id} ({s.image}): {kind} {j} is {tuple(np.shape(m))}, the image {(h, w)}")
+    for j, (x, y) in enumerate(s.points):
+        if not (0 <= x < w and 0 <= y < h):
+            raise ValueError(f"sample {s.id} ({s.image}): point {j} ({x:g}, {y:g}) lies outside the {w}x{h} image")
+
+
 class OMGDataset(Dataset):
     """Tokenized conversations with their image's visual-token count, ``[SEG]`` target masks and visual
     prompts in the segmenter's frame."""
@@ -87,6 +100,8 @@ class OMGDataset(Dataset):
         self.image_id = cfg.token_ids[IMAGE_TOKEN]
         self.use_objects = cfg.use_object_tokens
         self.size = cfg.seg_config.image_size
+        for smp in samples:
+            check_against_image(smp, cache[smp.image][1])
 
     def __len__(self) -> int:
         return len(self.samples)

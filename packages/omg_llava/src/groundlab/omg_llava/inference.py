@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from groundlab.shared.inputs import check_image_array, check_mask, check_point, check_text
+from groundlab.shared.loading import load_pretrained
 from groundlab.shared.multimodal import ChatTemplate, expand_token, tokenize_prompt
 
 from .data import IMAGE, MARK, REGION, RES_PROMPT
@@ -56,24 +58,25 @@ class OMGLlavaPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, template: str | None = None) -> OMGLlavaPipeline:
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no OMG-LLaVA model at {path} (config.json missing)")
-        return cls(OMGLlavaForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), template)
+        model = load_pretrained(OMGLlavaForCausalLM, path, "OMG-LLaVA")
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"no tokenizer saved with the OMG-LLaVA model at {path}")
+        return cls(model, AutoTokenizer.from_pretrained(path), template)
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, prompt: str, regions: list[np.ndarray] | None = None,
                  points: list[tuple[float, float]] | None = None, max_new_tokens: int = 64) -> Answer:
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
+        image = check_image_array(image)
+        check_text(prompt, "prompt")
         hw = image.shape[:2]
         regions, points = list(regions or []), list(points or [])
         for token, given in ((REGION, regions), (MARK, points)):
             if prompt.count(token) != len(given):
                 raise ValueError(f"the prompt has {prompt.count(token)} {token} but {len(given)} were given")
-        for i, m in enumerate(regions):
-            if np.asarray(m).shape != hw:
-                raise ValueError(f"region {i} mask is {np.asarray(m).shape}, the image {hw}")
+        regions = [check_mask(m, hw, f"region {i}") for i, m in enumerate(regions)]
+        points = [check_point(p, hw[1], hw[0], f"point {i}") for i, p in enumerate(points)]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         seg = self.model.segmenter
         p = self.model.perceive(seg.preprocess([image]))[0]
         text = prompt if IMAGE in prompt else f"{IMAGE}\n{prompt}"
@@ -84,6 +87,10 @@ class OMGLlavaPipeline:
         prompts = {}
         if regions:
             prompts[REGION] = to_input_frame(regions, size)
+            for i, m in enumerate(prompts[REGION]):
+                if not bool(m.any()):
+                    raise ValueError(f"region {i} vanishes when the image is resized to the segmenter's {size} px "
+                                     "input: give a larger region")
         if points:
             prompts[MARK] = torch.tensor(points, dtype=torch.float32) * (size / max(hw))
         (answer, logits), = self.model.generate_with_masks(

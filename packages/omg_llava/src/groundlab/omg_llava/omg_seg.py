@@ -68,8 +68,8 @@ class OMGSegModel(PreTrainedModel):
                                    c.num_classes, c.mask_dim, classifier=c.classifier,
                                    class_embed_dim=c.class_embed_dim, class_prototypes=c.class_prototypes)
         self.prompt_encoder = PromptEncoder(c.dim, c.prompt_radius)
-        self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(1, 3, 1, 1), persistent=False)
+        # The normalisation is read from the config at each call, not kept in buffers: from_pretrained
+        # builds on the meta device and would leave non-persistent buffers as uninitialised memory.
         self.post_init()
 
     def _init_weights(self, module):
@@ -97,7 +97,10 @@ class OMGSegModel(PreTrainedModel):
             if x.shape[-1] != s:
                 x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
             out.append(x)
-        return (torch.cat(out) - self.pixel_mean) / self.pixel_std
+        x = torch.cat(out)
+        mean = torch.tensor(self.config.pixel_mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.pixel_std, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     def encode(self, pixel_values: torch.Tensor) -> dict:
         feats = self.backbone(pixel_values)

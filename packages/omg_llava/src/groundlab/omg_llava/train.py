@@ -33,8 +33,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from groundlab.shared.bases import ensure_base
-from groundlab.shared.config import load_config
+from groundlab.shared.config import load_config, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
+from groundlab.shared.loading import load_pretrained, load_state, torch_load
 from groundlab.shared.lora import apply_lora, linear_names
 from groundlab.shared.runs import (
     content_hash,
@@ -77,6 +78,12 @@ class DataConfig:
     eval_tasks: tuple[str, ...] = EVAL_TASKS
     max_length: int = 256
 
+    def __post_init__(self) -> None:
+        positive(self, "train_scenes", "val_scenes", "qa_per_scene", "max_length")
+        one_of(self, "stage1_tasks", TASKS)
+        one_of(self, "stage2_tasks", TASKS)
+        one_of(self, "eval_tasks", EVAL_TASKS)
+
 
 @dataclass
 class SegmenterConfig:
@@ -89,6 +96,9 @@ class SegmenterConfig:
     num_points: int = 256
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=600, batch_size=16, lr=1e-3,
                                                                    warmup_steps=20))
+
+    def __post_init__(self) -> None:
+        positive(self, "scenes", "eval_scenes", "num_points")
 
 
 @dataclass
@@ -104,6 +114,11 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
 
+    def __post_init__(self) -> None:
+        positive(self, "shuffle", "seg_points", "lora_r", "lora_alpha")
+        within(self, "lora_dropout", 0.0, 0.99)
+        one_of(self, "template", tuple(TEMPLATES))
+
 
 @dataclass
 class EvalConfig:
@@ -112,6 +127,13 @@ class EvalConfig:
     batch_size: int = 32
     res_all_sentences: bool = False
     """Every expression of every object (RefCOCO's protocol), or the first expression of each object."""
+
+    def __post_init__(self) -> None:
+        positive(self, "batch_size")
+        one_of(self, "max_new_tokens", EVAL_TASKS)
+        for task, n in self.max_new_tokens.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"'max_new_tokens' of {task} must be an integer >= 1, got {n!r}")
 
 
 @dataclass
@@ -126,16 +148,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
-        cfg = load_config(cls, path, overrides)
-        for key in ("stage1_tasks", "stage2_tasks", "eval_tasks"):
-            unknown = set(getattr(cfg.data, key)) - set(TASKS)
-            if unknown:
-                raise ValueError(f"{path}: data.{key}: unknown tasks {sorted(unknown)}; known: {TASKS}")
-        if set(cfg.data.eval_tasks) - set(EVAL_TASKS):
-            raise ValueError(f"{path}: data.eval_tasks must be among {EVAL_TASKS}")
-        if cfg.model.template not in TEMPLATES:
-            raise ValueError(f"{path}: model.template must be one of {sorted(TEMPLATES)}")
-        return cfg
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,7 +166,7 @@ def llm_from_llava(path: str | Path) -> LlamaForCausalLM:
     """The language model of a saved ``LlavaForConditionalGeneration`` as a causal LM, copied strictly."""
     from transformers import LlavaForConditionalGeneration
 
-    llava = LlavaForConditionalGeneration.from_pretrained(path)
+    llava = load_pretrained(LlavaForConditionalGeneration, path, "the LLaVA base")
     llm = LlamaForCausalLM(llava.config.text_config)
     src = {}
     for key, value in llava.state_dict().items():
@@ -161,7 +174,7 @@ def llm_from_llava(path: str | Path) -> LlamaForCausalLM:
             src["model." + key[len("model.language_model."):]] = value
         elif key.startswith("lm_head."):
             src[key] = value
-    llm.load_state_dict(src, strict=True)
+    load_state(llm, src, f"{path}: the language model")
     return llm
 
 
@@ -187,8 +200,8 @@ def build_model(segmenter: OMGSegModel, llm, tokenizer, m: ModelConfig) -> OMGLl
                          use_prior=m.use_prior, use_object_tokens=m.use_object_tokens, token_ids=ids,
                          seg_points=m.seg_points, template=m.template)
     model = OMGLlavaForCausalLM(cfg)
-    model.segmenter.load_state_dict(segmenter.state_dict(), strict=True)
-    model.llm.load_state_dict(llm.state_dict(), strict=True)
+    load_state(model.segmenter, segmenter.state_dict(), "the segmenter")
+    load_state(model.llm, llm.state_dict(), "the LLM")
     model.check_tokenizer(tokenizer)
     return model
 
@@ -258,7 +271,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         if not reuse_or_reset(data_dir, force):
             counts = export_world(world, data_dir, cfg.data.train_scenes, cfg.data.val_scenes, cfg.data.qa_per_scene)
             write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
-            mark_complete(data_dir, [str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()])
+            mark_complete(data_dir)
     stage1_samples = load_world_export(data_dir, "train", cfg.data.stage1_tasks)
     stage2_samples = load_world_export(data_dir, "train", cfg.data.stage2_tasks)
     eval_samples = {t: load_world_export(data_dir, "val", (t,)) for t in cfg.data.eval_tasks}
@@ -292,17 +305,17 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             seg_metrics |= {f"baseline/untrained/{k}": v for k, v in untrained.items()}
             segmenter.save_pretrained(seg_path)
             write_metrics(seg_dir / "metrics.json", seg_metrics, config=asdict(s_cfg))
-            mark_complete(seg_dir, ["model/config.json", "metrics.json"])
+            mark_complete(seg_dir)
         metrics |= {f"segmenter/{k}": v for k, v in json.loads((seg_dir / "metrics.json").read_text()).items()
                     if k not in ("config", "git_commit")}
-    segmenter = OMGSegModel.from_pretrained(seg_path)
+    segmenter = load_pretrained(OMGSegModel, seg_path, "the OMG-Seg segmenter")
 
     # the LLM and its tokenizer
     if cfg.model.llm:
         llm_path = Path(cfg.model.llm)
 
         def fresh_llm():
-            return AutoModelForCausalLM.from_pretrained(llm_path)
+            return load_pretrained(AutoModelForCausalLM, llm_path, "the LLM")
     else:
         llm_path = ensure_base("llava")
 
@@ -335,10 +348,10 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         metrics["time/stage1_s"] = time.time() - t0
         torch.save({"projector": model.projector.state_dict(), "text2vision": model.text2vision.state_dict()},
                    s1_dir / "stage1.pt")
-        mark_complete(s1_dir, ["stage1.pt"])
-    stage1 = torch.load(s1_dir / "stage1.pt", weights_only=True)
-    model.projector.load_state_dict(stage1["projector"], strict=True)
-    model.text2vision.load_state_dict(stage1["text2vision"], strict=True)
+        mark_complete(s1_dir)
+    stage1 = torch_load(s1_dir / "stage1.pt", "stage-1 weights")
+    load_state(model.projector, stage1["projector"], f"{s1_dir / 'stage1.pt'}: projector")
+    load_state(model.text2vision, stage1["text2vision"], f"{s1_dir / 'stage1.pt'}: text2vision")
 
     # 4. stage 2
     s2_dir = root / f"stage2-{content_hash(stamp, str(s1_dir), _train_key(cfg.stage2), cfg.data.stage2_tasks)}"
@@ -351,8 +364,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         model = wrapper.merged()
         model.save_pretrained(s2_dir / "model")
         tok.save_pretrained(s2_dir / "model")
-        mark_complete(s2_dir, ["model/config.json", "model/tokenizer.json"])
-    model = OMGLlavaForCausalLM.from_pretrained(s2_dir / "model")
+        mark_complete(s2_dir)
+    model = load_pretrained(OMGLlavaForCausalLM, s2_dir / "model", "OMG-LLaVA")
     tok = AutoTokenizer.from_pretrained(s2_dir / "model")
     model.check_tokenizer(tok)
     cache.model = model

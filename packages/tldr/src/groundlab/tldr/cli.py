@@ -10,46 +10,55 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from groundlab.shared.config import add_run_commands
+from groundlab.shared.cli import ArgumentParser, add_run_commands, cli_main, run_command
+from groundlab.shared.inputs import check_text
 
 
 def _find_model(name: str, model: str | None) -> Path:
-    from groundlab.shared.runs import check_complete, runs_root
+    from groundlab.shared.runs import newest_complete, runs_root
 
     if model:
+        if not (Path(model) / "model.json").is_file():
+            raise FileNotFoundError(f"--model {model}: no TLDR model there (model.json missing)")
         return Path(model)
-    candidates = [d for d in (runs_root() / "tldr" / name).glob("tldr-*") if check_complete(d)[0]]
-    if not candidates:
-        raise SystemExit(f"no trained TLDR model under {runs_root() / 'tldr' / name}: run `make train-tldr` first")
-    return max(candidates, key=lambda d: d.stat().st_mtime)
+    found = newest_complete(runs_root() / "tldr" / name, "tldr-*")
+    if found is None:
+        raise FileNotFoundError(f"no trained TLDR model under {runs_root() / 'tldr' / name}: run `make train-tldr` first")
+    return found
 
 
 def _load(model_dir: Path):
     from transformers import AutoProcessor
 
+    from groundlab.shared.config import read_json
     from groundlab.shared.lora import load_adapter
 
     from .data import layout_for
     from .modeling import TldrRewardModel
 
-    info = json.loads((model_dir / "model.json").read_text())  # the backbone it was trained on
-    pali = info["backbone"]
-    processor = AutoProcessor.from_pretrained(pali)
-    cfg = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())
-    model = load_adapter(TldrRewardModel.from_backbone(str(pali), lora_r=cfg["r"], lora_alpha=cfg["lora_alpha"]),
+    info = read_json(model_dir / "model.json", "TLDR model description")
+    if not isinstance(info, dict) or not isinstance(info.get("backbone"), str):
+        raise ValueError(f"{model_dir / 'model.json'}: expected {{\"backbone\": <directory>, ...}}")
+    backbone = Path(info["backbone"])  # the backbone it was trained on
+    cfg = read_json(model_dir / "adapter" / "adapter_config.json", "adapter config")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), int):
+            raise ValueError(f"{model_dir / 'adapter' / 'adapter_config.json'}: '{key}' must be an integer")
+    model = load_adapter(TldrRewardModel.from_backbone(str(backbone), lora_r=cfg["r"], lora_alpha=cfg["lora_alpha"]),
                          model_dir / "adapter")
+    processor = AutoProcessor.from_pretrained(backbone)
     return model, processor, layout_for(processor)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="groundlab-tldr")
+    parser = ArgumentParser(prog="groundlab-tldr")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_run_commands(sub)
     s = sub.add_parser("score", help="per-token probabilities of one response, flagged tokens highlighted")
@@ -68,22 +77,45 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
 
     if args.cmd in ("train", "eval"):
-        from groundlab.shared.config import parse_overrides
-
         from .train import RunConfig, run
 
-        run(RunConfig.from_yaml(args.config, parse_overrides(extra)), force=args.force)
+        run_command(RunConfig, run, args, extra)
         return
     if extra:
-        parser.error(f"unrecognized arguments: {extra}")
+        raise ValueError(f"unexpected arguments {extra}")
+    from groundlab.shared.config import iter_jsonl
     from groundlab.shared.world_io import load_image
 
     from .downstream import highlight_html, highlight_terminal, score_texts
 
-    model, processor, layout = _load(_find_model(args.run, args.model))
+    # every input is read and checked before the model is loaded
     if args.cmd == "score":
-        image = np.array(load_image(args.image))
-        [(tokens, probs)] = score_texts(model, processor, layout, [image], [args.prompt], [args.text])
+        check_text(args.text, "--text")
+        check_text(args.prompt, "--prompt")
+        images = [np.array(load_image(args.image))]
+        rows = [{"prompt": args.prompt, "response": args.text}]
+        if args.html and not args.html.parent.is_dir():
+            raise FileNotFoundError(f"--html {args.html}: the directory {args.html.parent} does not exist")
+    else:
+        if not args.image_root.is_dir():
+            raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
+        rows = []
+        for n, rec in iter_jsonl(args.input, "--input"):
+            missing = {"image", "prompt", "response"} - set(rec)
+            if missing:
+                raise ValueError(f"{args.input}:{n}: missing keys {sorted(missing)}")
+            for key in ("image", "prompt", "response"):
+                if not isinstance(rec[key], str) or not rec[key].strip():
+                    raise ValueError(f"{args.input}:{n}: '{key}' must be a non-empty string")
+            rows.append(rec)
+        if not rows:
+            raise ValueError(f"{args.input}: no records")
+        images = [np.array(load_image(args.image_root / r["image"])) for r in rows]
+
+    model, processor, layout = _load(_find_model(args.run, args.model))
+    scored = score_texts(model, processor, layout, images, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    if args.cmd == "score":
+        [(tokens, probs)] = scored
         for t, p in zip(tokens, probs):
             print(f"{p:.3f}  {t!r}{'   <- flagged' if p <= 0.5 else ''}")
         print(highlight_terminal(tokens, probs))
@@ -91,18 +123,6 @@ def main(argv: list[str] | None = None) -> None:
             args.html.write_text(highlight_html(tokens, probs))
             print(args.html)
         return
-    rows = []
-    with open(args.input) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            missing = {"image", "prompt", "response"} - set(rec)
-            if missing:
-                raise SystemExit(f"{args.input}:{n}: missing keys {sorted(missing)}")
-            rows.append(rec)
-    images = [np.array(load_image(args.image_root / r["image"])) for r in rows]
-    scored = score_texts(model, processor, layout, images, [r["prompt"] for r in rows], [r["response"] for r in rows])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for r, (tokens, probs) in zip(rows, scored):

@@ -15,6 +15,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from groundlab.shared.bases.vlm import CAPTION_PROMPT as BASE_CAPTION_PROMPT
 from groundlab.shared.bases.vlm import TinyVLMConfig, generate
+from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import merge_scaled
 from groundlab.shared.world import Scene
 
@@ -78,7 +79,7 @@ def tiny_captions(generator, processor, scenes: Sequence[Scene]) -> list[str]:
 def captioner_rates(reward_model, processor, layout: Layout, captioner_path: str | Path,
                     scenes: Sequence[Scene], threshold: float = 0.5) -> dict[str, float]:
     """Caption ``scenes`` with a saved LLaVA captioner and rate its captions (:func:`rate_captions`)."""
-    captioner = LlavaForConditionalGeneration.from_pretrained(captioner_path)
+    captioner = load_pretrained(LlavaForConditionalGeneration, captioner_path, "the captioner")
     captions = tiny_captions(captioner, AutoProcessor.from_pretrained(captioner_path), scenes)
     return rate_captions(reward_model, processor, layout, scenes, captions, threshold)
 
@@ -147,6 +148,6 @@ def restore_generator(peft_reward_model, tau: float = 0.25, original: str | Path
     else:
         if original is None:
             raise ValueError("restoring an Mllama generator needs original=<the pretrained directory> for its lm_head")
-        head = GENERATORS[kind].from_pretrained(original).lm_head
+        head = load_pretrained(GENERATORS[kind], original, "the original generator").lm_head
         generator.lm_head.load_state_dict(head.state_dict(), strict=True)
     return generator

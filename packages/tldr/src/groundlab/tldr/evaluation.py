@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groundlab.shared.config import iter_jsonl
+
 from .data import TldrDataset, collator_for
 from .metrics import ScoredResponse, sentence_ids_from_text, tldr_metrics
 
@@ -44,8 +46,7 @@ def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_
 
 
 def read_predictions(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [rec for _, rec in iter_jsonl(path, "predictions")]
 
 
 def score_tldr(predictions: list[dict], threshold: float = 0.5) -> dict[str, float]:

@@ -13,7 +13,6 @@ written where it is made.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -27,6 +26,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import TokenClassifierOutput
 
+from groundlab.shared.config import read_json
+from groundlab.shared.loading import load_pretrained, load_state
 from groundlab.shared.lora import apply_lora
 
 from .configuration import TldrConfig
@@ -62,13 +63,14 @@ class TldrRewardModel(PreTrainedModel):
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no pretrained VLM at {path} (expected a from_pretrained directory with config.json)")
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        raw = read_json(config_file, "backbone config")
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type not in GENERATORS:
             raise ValueError(f"{config_file}: model_type {model_type!r} is not a TLDR backbone ({sorted(GENERATORS)})")
-        vlm = GENERATORS[model_type].from_pretrained(path)
+        vlm = load_pretrained(GENERATORS[model_type], path, f"the {model_type} backbone")
         config = TldrConfig(backbone_type=model_type, backbone_config=vlm.config.to_dict(), **config_kwargs)
         model = cls(config)
-        model.backbone.load_state_dict(vlm.model.state_dict(), strict=True)
+        load_state(model.backbone, vlm.model.state_dict(), f"{path}: the backbone")
         return model
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None, token_type_ids=None,

@@ -24,7 +24,7 @@ from pathlib import Path
 from transformers import AutoProcessor
 
 from groundlab.shared.bases import default_spec, ensure_base
-from groundlab.shared.config import load_config
+from groundlab.shared.config import load_config, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
 from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
@@ -52,6 +52,13 @@ class DataConfig:
     eval_jsonl: str | None = None
     image_root: str | None = None
 
+    def __post_init__(self) -> None:
+        positive(self, "train_scenes", "eval_scenes", "image_size")
+        within(self, "glyph_prob", 0.0, 1.0)
+        one_of(self, "tasks", ("description", "caption", "vqa"))
+        if not self.tasks:
+            raise ValueError("'tasks' is empty")
+
 
 @dataclass
 class ModelConfig:
@@ -63,6 +70,12 @@ class ModelConfig:
     lora_dropout: float = 0.1
     lora_projector: bool = True
     lora_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        positive(self, "lora_r", "lora_alpha")
+        within(self, "lora_dropout", 0.0, 0.99)
+        if not (self.lora_projector or self.lora_decoder):
+            raise ValueError("LoRA on neither the projector nor the decoder: set lora_projector or lora_decoder")
 
 
 @dataclass
@@ -77,6 +90,9 @@ class CaptionerConfig:
     """None: the base's own number of held-out scenes for its printed figures."""
     n_scenes: int = 150
 
+    def __post_init__(self) -> None:
+        positive(self, "weak_steps", "strong_steps", "train_scenes", "eval_scenes", "n_scenes")
+
 
 @dataclass
 class LikelihoodConfig:
@@ -85,6 +101,12 @@ class LikelihoodConfig:
     taus: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     """tau = 0 is the base generator itself (the reference row)."""
     n_scenes: int = 150
+
+    def __post_init__(self) -> None:
+        positive(self, "n_scenes")
+        for tau in self.taus:
+            if not 0.0 <= tau <= 1.0:
+                raise ValueError(f"'taus' must lie in [0, 1], got {tau!r}")
 
 
 @dataclass
@@ -133,8 +155,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                 _, c = export_world(world, split, n, data_dir, tok, tasks=tuple(cfg.data.tasks))
                 counts |= {f"{split}/{k}": v for k, v in c.items()}
             write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
-            files = [str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()]
-            mark_complete(data_dir, files)
+            mark_complete(data_dir)
     train_records = read_jsonl(train_file, tok)
     eval_records = read_jsonl(eval_file, tok)
 
@@ -156,7 +177,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             metrics[f"time/{tag}_train_s"] = time.time() - t0
             save_adapter(model, model_dir / "adapter")
             (model_dir / "model.json").write_text(json.dumps({"backbone": str(Path(pali).resolve()), "head": head}))
-            mark_complete(model_dir, ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model.json"])
+            mark_complete(model_dir)
         else:
             model = load_adapter(base, model_dir / "adapter")
         models[tag], model_dirs[tag] = model, model_dir

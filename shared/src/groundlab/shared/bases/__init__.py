@@ -109,17 +109,17 @@ def build(spec: BaseSpec, out: Path, callbacks: list | None = None) -> dict:
     seed_everything(spec.train.seed)
     t0 = time.time()
     if spec.name == "sam":
-        metrics, files = _build_sam(spec, world, out, callbacks)
+        metrics = _build_sam(spec, world, out, callbacks)
     else:
-        metrics, files = _build_vlm(spec, world, out, callbacks)
+        metrics = _build_vlm(spec, world, out, callbacks)
     metrics["time/total_s"] = time.time() - t0
     write_metrics(out / "metrics.json", metrics,
                   config={"spec": asdict(spec) | {"world": asdict(spec.world)}, "key": spec.key()})
-    mark_complete(out, files + ["metrics.json"])
+    mark_complete(out)
     return metrics
 
 
-def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> tuple[dict, list[str]]:
+def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
     from . import vlm
 
     cfg = vlm.TinyVLMConfig(**spec.model)
@@ -135,11 +135,10 @@ def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> tuple[dict
     metrics.update(vlm.evaluate(model, processor, cfg, world, "val", spec.eval_scenes))
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
-    files = sorted(str(p.relative_to(out)) for p in (out / "model").rglob("*") if p.is_file())
-    return metrics, files
+    return metrics
 
 
-def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> tuple[dict, list[str]]:
+def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
     from . import sam as sam_mod
 
     cfg = sam_mod.TinySamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.model.items()})
@@ -160,7 +159,7 @@ def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> tuple[dict
     metrics |= {f"sam/{k}": v for k, v in after.items() if k in ("point/mIoU", "box/mIoU", "n_objects")}
     sam_mod.save_sam_checkpoint(sam, out / "model" / "sam_vit_tiny.pth")
     (out / "model" / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    return metrics, ["model/sam_vit_tiny.pth", "model/config.json"]
+    return metrics
 
 
 def load_tiny_sam(path: str | Path | None = None):
@@ -168,9 +167,7 @@ def load_tiny_sam(path: str | Path | None = None):
     from .sam import TinySamConfig, build_tiny_sam
 
     path = Path(path) if path is not None else ensure_base("sam")
-    raw = json.loads((path.parent / "config.json").read_text())
-    cfg = TinySamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    return build_tiny_sam(cfg, checkpoint=path)
+    return build_tiny_sam(TinySamConfig.from_json(path.parent / "config.json"), checkpoint=path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,6 +57,16 @@ class TinySamConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> TinySamConfig:
+        """The ``config.json`` saved beside a tiny SAM checkpoint, checked field by field."""
+        from ..config import build, read_json
+
+        raw = read_json(path, "SAM config")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a SAM config is a JSON object")
+        return build(cls, raw, str(path))
+
 
 def build_tiny_sam(cfg: TinySamConfig | None = None, checkpoint: str | Path | None = None) -> Sam:
     """Build a ``Sam`` at the given sizes; with ``checkpoint``, load an official-layout state dict
@@ -86,23 +96,15 @@ def build_tiny_sam(cfg: TinySamConfig | None = None, checkpoint: str | Path | No
 def load_sam_checkpoint(sam: nn.Module, checkpoint: str | Path, prefix: str = "") -> None:
     """Load an official-layout SAM state dict into ``sam`` (all keys, or those under ``prefix``, e.g.
     ``"image_encoder."`` to load only the encoder into an ``ImageEncoderViT``), strictly."""
+    from ..loading import load_state, torch_load
+
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(path, "SAM checkpoint")
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
-            raise KeyError(f"{path}: no key starts with {prefix!r}")
-    own = sam.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit this SAM: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:8]}")
-    sam.load_state_dict(state, strict=True)
+            raise ValueError(f"{path}: no key starts with {prefix!r}")
+    load_state(sam, state, f"SAM checkpoint {path}" + (f" ({prefix}*)" if prefix else ""))
 
 
 def save_sam_checkpoint(sam: Sam, path: str | Path) -> Path:

@@ -1,0 +1,61 @@
+"""Bad input to the CLI: one clear line on stderr, exit status 2, before any model is loaded."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from groundlab.omg_llava import cli
+
+
+@pytest.fixture
+def image(tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path / "runs"))  # no trained model anywhere
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("groundlab.omg_llava.inference.OMGLlavaPipeline.from_pretrained", refuse)
+    path = tmp_path / "scene.png"
+    Image.fromarray(np.full((64, 48, 3), 200, np.uint8)).save(path)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "{dir}/none.png"], "image not found"),
+    (["--image", "{dir}/corrupt.png"], "cannot decode image"),
+    (["--prompt", "   "], "--prompt is empty"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--region", "0,0,-1,-1", "--prompt", "the <region>"], "is empty: need x0 < x1"),
+    (["--region", "0,0,60,10", "--prompt", "the <region>"], "reaches outside the 48x64 image"),
+    (["--region", "1,2,3", "--prompt", "the <region>"], "needs 4 comma-separated numbers"),
+    (["--point", "nan,3", "--prompt", "the <mark>"], "must be finite"),
+    (["--point", "48,3", "--prompt", "the <mark>"], "lies outside the 48x64 image"),
+    (["--point=-1,3", "--prompt", "the <mark>"], "lies outside"),
+    (["--point", "-1,3", "--prompt", "the <mark>"], "argument --point: expected one argument (see --help)"),
+    (["--bogus", "1"], "unexpected arguments"),
+    (["--point", "3,3"], "0 <mark> placeholder(s) but 1 --point"),
+    (["--prompt", "the <region>"], "1 <region> placeholder(s) but 0 --region"),
+    (["--out", "{dir}/no/such/dir/out.png"], "does not exist"),
+    ([], "no trained model under"),
+    (["--model", "{dir}/nowhere"], "no saved OMG-LLaVA there"),
+])
+def test_bad_input_is_one_line_and_exit_2(image, capsys, args, message):
+    argv = ["segment", "--image", str(image), "--prompt", "the red circle"]
+    argv += [a.replace("{dir}", str(image.parent)) for a in args]
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    assert err.value.code == 2
+    out = capsys.readouterr().err.strip()
+    assert out.startswith("error: ") and message in out and "\n" not in out and "Traceback" not in out
+
+
+def test_bad_config_and_overrides_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage2:\n  lr: fast\n")
+    for argv, message in ((["train", "--config", str(bad)], "bad.yaml:stage2: 'lr' must be a number"),
+                          (["train", "--config", str(tmp_path / "none.yaml")], "config not found"),
+                          (["train", "--config", str(bad), "--stage2.lr"], "has no value")):
+        with pytest.raises(SystemExit) as err:
+            cli.main(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err

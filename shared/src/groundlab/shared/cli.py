@@ -1,0 +1,75 @@
+"""What every package's command line shares: the ``train`` / ``eval`` sub-commands and the rule that
+bad input ends in one clear line on stderr and a non-zero exit, never a traceback.
+
+    @cli_main
+    def main(argv=None): ...
+
+``cli_main`` turns an exception escaping ``main`` into ``error: <message>`` and exit status 2 (130 on
+Ctrl-C). ``GROUNDLAB_DEBUG=1`` re-raises instead, for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+from .config import parse_overrides
+
+EXIT_BAD_INPUT = 2
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an exception: its message (first line), prefixed with the type unless it is one of
+    the input errors whose messages already say what is wrong."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, FileNotFoundError) and not text:
+        text = f"file not found: {err.filename}"
+    if isinstance(err, (ValueError, FileNotFoundError)) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def cli_main(fn):
+    """Decorate a CLI's ``main(argv)``: one ``error:`` line and exit 2 for anything it raises."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: list[str] | None = None):
+        try:
+            return fn(argv)
+        except SystemExit:
+            raise
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception as err:  # noqa: BLE001 - the point: no traceback reaches the user
+            if os.environ.get("GROUNDLAB_DEBUG"):
+                raise
+            print(f"error: {error_line(err)}", file=sys.stderr)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+
+    return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one ``error:`` line too (exit 2)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def add_run_commands(subparsers) -> None:
+    """The ``train`` and ``eval`` sub-commands every package CLI has: ``--config`` and ``--force``,
+    then ``--section.key value`` overrides."""
+    for name in ("train", "eval"):
+        p = subparsers.add_parser(name, help=f"{name} the run a config describes (finished stages are reused)")
+        p.add_argument("--config", required=True, type=Path)
+        p.add_argument("--force", action="store_true", help="recompute every stage")
+
+
+def run_command(run_config_cls, run_fn, args, extra: list[str]):
+    """``train`` / ``eval``: the run config from ``--config`` and the overrides, then the run."""
+    return run_fn(run_config_cls.from_yaml(args.config, parse_overrides(extra)), force=args.force)
