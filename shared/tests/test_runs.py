@@ -8,6 +8,7 @@ from groundlab.shared.runs import (
     content_hash,
     mark_complete,
     newest_complete,
+    require_complete,
     reuse_or_reset,
     run_stage,
     weights_hash,
@@ -119,3 +120,9 @@ def test_run_stage_builds_once_and_newest_complete_finds_it(tmp_path):
     assert not (tmp_path / "s-2" / MARKER).exists()
     assert newest_complete(tmp_path, "s-*") == first
     assert newest_complete(tmp_path, "nothing-*") is None
+    assert require_complete(tmp_path, "s-*", "train it") == first
+    with pytest.raises(FileNotFoundError, match="nothing trained under .*nothing-\\*: train it"):
+        require_complete(tmp_path, "nothing-*", "train it")
+    (first / "out.txt").write_text("changed")
+    with pytest.raises(FileNotFoundError, match="no complete s-\\* under .*(does not match|bytes)"):
+        require_complete(tmp_path, "s-*", "train it")

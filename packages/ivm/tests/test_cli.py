@@ -33,7 +33,7 @@ def image(tmp_path, monkeypatch):
     (["--mode", "sepia"], "invalid choice: 'sepia'"),
     (["--arm", "mixed_magic"], "invalid choice: 'mixed_magic'"),
     (["--out", "{dir}/missing/out.png"], "does not exist"),
-    ([], "no trained mixed_dwsl model under"),
+    ([], "nothing trained under"),
     (["--checkpoint", "{dir}/none.pth"], "--checkpoint not found"),
     (["--checkpoint", "{dir}/ivm.pth", "--llava", "{dir}/no_llava"], "--llava"),
 ])

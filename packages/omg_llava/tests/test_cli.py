@@ -37,7 +37,7 @@ def image(tmp_path, monkeypatch):
     (["--point", "3,3"], "0 <mark> placeholder(s) but 1 --point"),
     (["--prompt", "the <region>"], "1 <region> placeholder(s) but 0 --region"),
     (["--out", "{dir}/no/such/dir/out.png"], "does not exist"),
-    ([], "no trained model under"),
+    ([], "nothing trained under"),
     (["--model", "{dir}/nowhere"], "no saved OMG-LLaVA there"),
 ])
 def test_bad_input_is_one_line_and_exit_2(image, capsys, args, message):

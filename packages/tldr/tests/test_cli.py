@@ -25,7 +25,7 @@ def files(tmp_path, monkeypatch):
     (["score", "--image", "{d}/corrupt.png", "--text", "a red circle."], "cannot decode image"),
     (["score", "--image", "{d}/a.png", "--text", "  "], "--text is empty"),
     (["score", "--image", "{d}/a.png", "--text", "a red circle.", "--html", "{d}/x/y.html"], "does not exist"),
-    (["score", "--image", "{d}/a.png", "--text", "a red circle."], "no trained TLDR model under"),
+    (["score", "--image", "{d}/a.png", "--text", "a red circle."], "nothing trained under"),
     (["score", "--image", "{d}/a.png", "--text", "a red circle.", "--model", "{d}"], "model.json missing"),
     (["score-jsonl", "--input", "{d}/none.jsonl", "--image-root", "{d}", "--out", "{d}/o.jsonl"], "--input not found"),
     (["score-jsonl", "--input", "{d}/bad.jsonl", "--image-root", "{d}", "--out", "{d}/o.jsonl"], "bad.jsonl:2: not JSON"),

@@ -157,6 +157,18 @@ def newest_complete(parent: str | Path, pattern: str) -> Path | None:
     return max(found, key=lambda d: (d / MARKER).stat().st_mtime) if found else None
 
 
+def require_complete(parent: str | Path, pattern: str, hint: str) -> Path:
+    """:func:`newest_complete`, or ``FileNotFoundError`` saying why: nothing there (``hint`` says what
+    to run), or every candidate incomplete or damaged (the newest one's reason)."""
+    found = newest_complete(parent, pattern)
+    if found is not None:
+        return found
+    candidates = sorted((d for d in Path(parent).glob(pattern) if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"nothing trained under {Path(parent) / pattern}: {hint}")
+    raise FileNotFoundError(f"no complete {pattern} under {parent} ({check_complete(candidates[-1])[1]}): {hint}")
+
+
 def run_stage(directory: str | Path, build, force: bool = False, keep: tuple[str, ...] = ("checkpoints",)) -> Path:
     """One cached stage: reuse ``directory`` when its marker verifies, otherwise clear what a half-written
     attempt left (but ``keep``, e.g. the Trainer checkpoints to resume from), call ``build(directory)``

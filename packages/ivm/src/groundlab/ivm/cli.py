@@ -21,14 +21,11 @@ from groundlab.shared.inputs import check_probability, check_text, existing_file
 
 
 def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
-    from groundlab.shared.runs import newest_complete, runs_root
+    from groundlab.shared.runs import require_complete, runs_root
 
     if checkpoint:
         return existing_file(checkpoint, "--checkpoint")
-    found = newest_complete(runs_root() / "ivm" / run, f"{arm}-*")
-    if found is None:
-        raise FileNotFoundError(f"no trained {arm} model under {runs_root() / 'ivm' / run}: run `make train-ivm` first")
-    return found / "ivm.pth"
+    return require_complete(runs_root() / "ivm" / run, f"{arm}-*", "run `make train-ivm` first") / "ivm.pth"
 
 
 @cli_main

@@ -27,16 +27,13 @@ from groundlab.shared.inputs import check_box, check_point, check_text, parse_nu
 
 
 def _model_dir(run: str, model: str | None) -> Path:
-    from groundlab.shared.runs import newest_complete, runs_root
+    from groundlab.shared.runs import require_complete, runs_root
 
     if model:
         if not (Path(model) / "config.json").is_file():
             raise FileNotFoundError(f"--model {model}: no saved OMG-LLaVA there (config.json missing)")
         return Path(model)
-    found = newest_complete(runs_root() / "omg_llava" / run, "stage2-*")
-    if found is None:
-        raise FileNotFoundError(f"no trained model under {runs_root() / 'omg_llava' / run}: run `make train-omg` first")
-    return found / "model"
+    return require_complete(runs_root() / "omg_llava" / run, "stage2-*", "run `make train-omg` first") / "model"
 
 
 def box_mask(box: tuple[float, float, float, float], shape: tuple[int, int]) -> np.ndarray:

@@ -21,16 +21,13 @@ from groundlab.shared.inputs import check_text
 
 
 def _find_model(name: str, model: str | None) -> Path:
-    from groundlab.shared.runs import newest_complete, runs_root
+    from groundlab.shared.runs import require_complete, runs_root
 
     if model:
         if not (Path(model) / "model.json").is_file():
             raise FileNotFoundError(f"--model {model}: no TLDR model there (model.json missing)")
         return Path(model)
-    found = newest_complete(runs_root() / "tldr" / name, "tldr-*")
-    if found is None:
-        raise FileNotFoundError(f"no trained TLDR model under {runs_root() / 'tldr' / name}: run `make train-tldr` first")
-    return found
+    return require_complete(runs_root() / "tldr" / name, "tldr-*", "run `make train-tldr` first")
 
 
 def _load(model_dir: Path):
