@@ -12,7 +12,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from groundlab.shared.bases import base_dir, default_spec, ensure_base, load_tiny_sam, vlm
+from groundlab.shared.bases import base_dir, default_spec, ensure_base, load_tiny_sam, report, vlm
 from groundlab.shared.bases import sam as sam_mod
 from groundlab.shared.runs import check_complete
 from groundlab.shared.world import World, WorldConfig
@@ -22,7 +22,10 @@ def micro(name, steps=12, save_steps=4, **kw):
     spec = default_spec(name)
     train = replace(spec.train, max_steps=steps, save_steps=save_steps, logging_steps=2, progress_bar=False,
                     warmup_steps=2, **kw)
-    return replace(spec, train=train, train_scenes=64, eval_scenes=8)
+    vision = None if spec.vision is None else replace(spec.vision, max_steps=4, save_steps=2, logging_steps=2,
+                                                      warmup_steps=1, progress_bar=False)
+    return replace(spec, train=train, train_scenes=64, eval_scenes=8, vision=vision, vision_scenes=32,
+                   probe_scenes=(12, 6))
 
 
 class StopAt(TrainerCallback):
@@ -55,8 +58,15 @@ def test_llava_base_loads_through_from_pretrained_and_reports_figures(llava_base
     out = processor(images=[world.scene("val", 0).image], text=["USER: <image>\nhi ASSISTANT:"], return_tensors="pt")
     assert int((out["input_ids"] == model.config.image_token_index).sum()) == cfg.n_image_tokens
     metrics = json.loads((base_dir(spec, root) / "metrics.json").read_text())
-    for key in ("caption/token_acc", "caption/exact_match", "qa/accuracy"):
+    for key in ("caption/token_acc", "caption/exact_match", "qa/accuracy", "rec/acc50", "region/colour_kind",
+                "grounded/box_acc50", "vision/object_patch_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0 and f"baseline/untrained/{key}" in metrics
+    for key in ("baseline/random_object/rec/acc50", "baseline/majority/qa/accuracy", "probe/hidden/all",
+                "probe/words/attribute", "time/vision_s"):
+        assert key in metrics
+    # every figure make bases prints is there, with its target
+    lines = report("llava", metrics)
+    assert any("rec/acc50" in line and "target >= 0.80" in line and "random object" in line for line in lines)
     assert metrics["config"]["key"] == spec.key() and "git_commit" in metrics
     # the loss went down over the few steps
     state = json.loads((base_dir(spec, root) / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
@@ -171,3 +181,99 @@ def test_sam_semantic_head_targets_and_gradients():
     assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="num_classes"):
         sam_mod.SamForTraining(sam, 0, semantic_weight=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the VLM bases' data: what each task asks and answers
+
+
+def _scene(n_objects=3, seed=0):
+    world = World(WorldConfig(min_objects=n_objects, max_objects=n_objects), seed=seed)
+    return world, world.scene("train", 0)
+
+
+def test_grounded_caption_puts_each_box_after_its_phrase():
+    from groundlab.shared.boxes import loc_to_boxes, xywh_to_xyxy
+
+    _, scene = _scene()
+    text = vlm.grounded_caption(scene, "llava")
+    boxes = loc_to_boxes(text, 64, 64, order="xyxy")
+    assert len(boxes) == len(scene.objects)
+    for box, ph in zip(boxes, sorted(scene.caption_phrases, key=lambda p: p.start)):
+        gt = xywh_to_xyxy(scene.objects[ph.object_id].bbox)
+        assert max(abs(a - b) for a, b in zip(box, gt)) <= 64 / 31 / 2 + 1e-6  # within half a bin
+        assert text.index(ph.text) < text.index(vlm.box_text(scene.objects[ph.object_id], "llava", 64))
+    import re
+
+    assert re.sub(r" (<loc\d{4}>)+", "", text) == scene.caption
+
+
+def test_llava_conversations_hold_at_most_one_box_task_each():
+    import numpy as np
+
+    world = World(WorldConfig(), seed=0)
+    grounded = 0
+    for i in range(40):
+        scene = world.scene("train", i)
+        convs = vlm.llava_conversations(scene, np.random.default_rng(i), vlm.MixConfig())
+        for conv in convs:  # REC, region and grounded caption all hold boxes: one of them at most
+            assert sum("<loc" in prompt + answer for prompt, answer in conv) <= 1
+        assert convs[0][0] == (vlm.PROMPTS["llava"]["caption"], scene.caption)
+        assert sum(p.startswith("Please provide the bounding box") for c in convs for p, _ in c) == 1
+        grounded += any(c[0][0] == vlm.PROMPTS["llava"]["grounded"] for c in convs)
+    assert 5 <= grounded <= 25  # about a third of the scenes
+
+
+def test_paligemma_detect_answers_every_match_left_to_right():
+    import numpy as np
+
+    world = World(WorldConfig(min_objects=3), seed=4)
+    for i in range(30):
+        scene = world.scene("train", i)
+        for prefix, suffix in vlm.paligemma_samples(scene, np.random.default_rng(i), vlm.MixConfig()):
+            if not prefix.startswith("detect "):
+                continue
+            phrase = prefix[len("detect "):]
+            parts = suffix.split(" ; ")
+            assert all(p.endswith(" " + phrase) and p.count("<loc") == 4 for p in parts)
+            if not phrase.startswith("the "):  # a category (not a referring expression): every object of it
+                kind = phrase.split()[-1]
+                colour = phrase.split()[0] if len(phrase.split()) == 2 else None
+                n = sum(o.kind == kind and (colour is None or o.colour == colour) for o in scene.objects)
+                assert len(parts) == n
+
+
+def test_dense_targets_by_hand():
+    import numpy as np
+
+    from groundlab.shared.bases.sam import semantic_class
+
+    world, scene = _scene(1)
+    classes, boxes = vlm.dense_targets(scene, world, 8)
+    obj = scene.objects[0]
+    covered = obj.mask.reshape(8, 8, 8, 8).sum((1, 3)).flatten() > 0
+    assert (classes[covered] == semantic_class(world, obj)).all() and (classes[~covered] == 0).all()
+    x, y, w, h = obj.bbox
+    assert np.allclose(boxes[covered], np.array([x, y, x + w, y + h]) / 64)
+
+
+def test_location_tokens_start_ordinal_and_positions_start_as_a_2d_code():
+    from groundlab.shared.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    model = vlm.build_model(vlm.TinyVLMConfig(kind="llava"), tok)
+    ids = tok.convert_tokens_to_ids([f"<loc{i:04d}>" for i in range(32)])
+    w = torch.nn.functional.normalize(model.get_input_embeddings().weight[ids], dim=1)
+    sim = w @ w.T
+    assert sim[10, 11] > sim[10, 20] > sim[10, 31] - 0.5 and sim[0, 1] > 0.9
+    pos = vlm.vision_tower(model).embeddings.position_embedding.weight[1:]  # (64, D), CLIP's class row first
+    p = torch.nn.functional.normalize(pos, dim=1)
+    assert (p[0] @ p[1]) > (p[0] @ p[7]) and (p[0] @ p[8]) > (p[0] @ p[63])
+
+
+def test_trivial_baselines_are_what_they_say():
+    world = World(WorldConfig(min_objects=1, max_objects=1), seed=0)
+    b = vlm.trivial_baselines(world, n_train=50, n_scenes=20)
+    # one object a scene: any "random object" or the union box is the object itself
+    assert b["baseline/random_object/rec/acc50"] == 1.0 and b["baseline/union_box/rec/acc50"] == 1.0
+    assert 0.0 < b["baseline/majority/qa/accuracy"] < 1.0

@@ -3,8 +3,9 @@
 Tiny configs never download a tokenizer. This one is trained (with ``tokenizers``) on the world's
 texts rendered through the default chat layout plus the prompt phrases the packages use, so every
 world word preceded by a space is a single token, while any other text still encodes (byte
-fallback). It is wrapped as a ``PreTrainedTokenizerFast`` with ``<s>``/``</s>``/``<unk>``/``<pad>``
-and ``<image>``, a chat template matching :class:`groundlab.shared.multimodal.ChatTemplate`'s default,
+fallback). It is wrapped as a ``PreTrainedTokenizerFast`` with ``<s>``/``</s>``/``<unk>``/``<pad>``,
+``<image>`` and the location tokens ``<loc0000>`` ... of :mod:`groundlab.shared.boxes` (one per
+coordinate bin; PaliGemma's way of writing boxes, which the tiny LLaVA base uses too), a chat template matching :class:`groundlab.shared.multimodal.ChatTemplate`'s default,
 and packages add their own special tokens (``[SEG]``, ``<region>`` ...) with ``add_special_tokens``.
 
 Rebuild the fixture with ``python -m groundlab.shared.tokenizer build`` (deterministic; a test checks
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from .boxes import LOC_BINS, loc_token_names
 from .world import World, WorldConfig, vocabulary
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
@@ -72,7 +74,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = [SPECIAL_TOKENS["unk_token"], SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"],
-                SPECIAL_TOKENS["pad_token"], IMAGE_TOKEN]
+                SPECIAL_TOKENS["pad_token"], IMAGE_TOKEN, *loc_token_names(LOC_BINS)]
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -83,7 +85,8 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS,
-                                      additional_special_tokens=[IMAGE_TOKEN], model_max_length=4096)
+                                      additional_special_tokens=[IMAGE_TOKEN, *loc_token_names(LOC_BINS)],
+                                      model_max_length=4096)
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
 

@@ -210,7 +210,12 @@ def _load_checkpoint_weights(model, checkpoint: Path) -> None:
     The Trainer's own load then finds nothing of its own to change, and restores optimizer,
     scheduler, RNG and data position as usual.
     """
-    if not _is_pretrained(model):
-        return  # plain modules are saved and loaded by their own state_dict keys
+    if not _is_pretrained(model):  # a plain module: its state_dict as the Trainer saved it, strictly
+        from safetensors.torch import load_file
+
+        weights = checkpoint / "model.safetensors"
+        if weights.is_file():
+            load_state(model, load_file(weights), f"checkpoint {checkpoint}")
+        return
     reloaded = load_pretrained(type(model), checkpoint, config=model.config)
     load_state(model, reloaded.state_dict(), f"checkpoint {checkpoint}")

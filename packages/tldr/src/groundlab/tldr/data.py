@@ -44,7 +44,8 @@ from groundlab.shared.world_io import image_file_name, load_image
 from .labels import diff_labels
 from .perturb import TAXONOMIES, WorldPerturber, describe, perturb_caption
 
-PROMPTS = {"description": "describe en", "caption": "caption en"}
+PROMPTS = {"description": "describe en", "caption": "caption en", "vqa": "answer en {question}"}
+"""PaliGemma's task prefixes (the tiny PaliGemma base answers questions after ``answer en`` too)."""
 IGNORE = -100
 
 
@@ -91,12 +92,13 @@ def _scene_records(scene: Scene, task: str, img: str, tok, perturber: WorldPertu
         rng = np.random.default_rng([seed, scene.image_id])
         qi = int(rng.integers(len(scene.qa)))
         qa = scene.qa[qi]
-        yield make_record(tok, f"{sid}-vqa", img, qa.question, qa.answer, task)
+        prompt = PROMPTS["vqa"].format(question=qa.question)
+        yield make_record(tok, f"{sid}-vqa", img, prompt, qa.answer, task)
         neg = perturber.perturb_answer(scene, qi)
         if neg is None:
             counts["vqa/no_negative"] += 1
         else:
-            yield make_record(tok, f"{sid}-vqa-neg", img, qa.question, neg.perturbed, task, neg.original, neg.taxonomy)
+            yield make_record(tok, f"{sid}-vqa-neg", img, prompt, neg.perturbed, task, neg.original, neg.taxonomy)
         return
     original = describe(scene) if task == "description" else scene.caption
     yield make_record(tok, f"{sid}-{task}", img, PROMPTS[task], original, task)
