@@ -12,20 +12,14 @@ from transformers import (
     TrainerCallback,
 )
 
-from groundlab.shared.bases import base_dir, default_spec, ensure_base, load_tiny_sam, report, vlm
+from groundlab.shared.bases import base_dir, ensure_base, load_tiny_sam, report, smoke_spec, vlm
 from groundlab.shared.bases import sam as sam_mod
 from groundlab.shared.runs import check_complete
 from groundlab.shared.world import World, WorldConfig
 
 
 def micro(name, steps=12, save_steps=4, **kw):
-    spec = default_spec(name)
-    train = replace(spec.train, max_steps=steps, save_steps=save_steps, logging_steps=2, progress_bar=False,
-                    warmup_steps=2, **kw)
-    vision = None if spec.vision is None else replace(spec.vision, max_steps=4, save_steps=2, logging_steps=2,
-                                                      warmup_steps=1, progress_bar=False)
-    return replace(spec, train=train, train_scenes=64, eval_scenes=8, vision=vision, vision_scenes=32,
-                   probe_scenes=(12, 6))
+    return smoke_spec(name, steps=steps, save_steps=save_steps, **kw)
 
 
 class StopAt(TrainerCallback):
@@ -145,7 +139,8 @@ def test_sam_base_official_layout_strict_loads_and_learning(tmp_path):
     assert set(state) <= official  # the same key names as the released ViT-B checkpoint
     assert {k.split(".")[0] for k in state} == {"image_encoder", "prompt_encoder", "mask_decoder"}
     # the encoder alone loads from the checkpoint's image_encoder.* keys (what IVM does)
-    enc = sam_mod.build_tiny_sam(sam_mod.TinySamConfig()).image_encoder
+    cfg = sam_mod.TinySamConfig.from_json(path.parent / "config.json")
+    enc = sam_mod.build_tiny_sam(cfg).image_encoder
     sam_mod.load_sam_checkpoint(enc, path, prefix="image_encoder.")
     torch.testing.assert_close(enc.patch_embed.proj.weight, sam.image_encoder.patch_embed.proj.weight)
     # a checkpoint missing a key, or of another size, is refused with the key named
@@ -153,9 +148,9 @@ def test_sam_base_official_layout_strict_loads_and_learning(tmp_path):
     broken.pop("mask_decoder.iou_token.weight")
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="mask_decoder.iou_token.weight"):
-        sam_mod.build_tiny_sam(checkpoint=tmp_path / "broken.pth")
+        sam_mod.build_tiny_sam(cfg, checkpoint=tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="shape mismatches"):
-        sam_mod.build_tiny_sam(sam_mod.TinySamConfig(encoder_dim=32), checkpoint=path)
+        sam_mod.build_tiny_sam(replace(cfg, encoder_dim=32), checkpoint=path)
     with pytest.raises(FileNotFoundError):
         sam_mod.build_tiny_sam(checkpoint=tmp_path / "none.pth")
     metrics = json.loads((base_dir(spec, tmp_path) / "metrics.json").read_text())
@@ -181,6 +176,14 @@ def test_sam_semantic_head_targets_and_gradients():
     assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="num_classes"):
         sam_mod.SamForTraining(sam, 0, semantic_weight=1.0)
+    # a class head with a hidden 3x3 conv: per-pixel logits of the image's size, gradients to the encoder
+    sam.zero_grad()
+    deep = sam_mod.SamForTraining(sam, sam_mod.num_semantic_classes(world), semantic_weight=1.0, semantic_hidden=8)
+    deep(**sam_mod.collate_sam([item]))["loss"].backward()
+    emb = sam.image_encoder(sam.preprocess(item["images"][None]))
+    assert deep.semantic_logits(emb, 64).shape == (1, 13, 64, 64)
+    assert deep.semantic_head[0].weight.grad.abs().sum() > 0
+    assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +224,15 @@ def test_llava_conversations_hold_at_most_one_box_task_each():
         assert convs[0][0] == (vlm.PROMPTS["llava"]["caption"], scene.caption)
         assert sum(p.startswith("Please provide the bounding box") for c in convs for p, _ in c) == 1
         grounded += any(c[0][0] == vlm.PROMPTS["llava"]["grounded"] for c in convs)
+        # rec=3: one REC conversation per object (scenes hold 1-3), each for a different object
+        convs = vlm.llava_conversations(scene, np.random.default_rng(i), vlm.MixConfig(rec=3))
+        answers = [a for c in convs for p, a in c if p.startswith("Please provide the bounding box")]
+        assert len(answers) == len(set(answers)) == len(scene.objects)
+        assert set(answers) == {vlm.box_text(o, "llava", 64) for o in scene.objects}
+        # separate_box_tasks=False: the same REC turns, all in the first conversation
+        joint = vlm.llava_conversations(scene, np.random.default_rng(i), vlm.MixConfig(rec=3, separate_box_tasks=False))
+        assert [a for p, a in joint[0] if p.startswith("Please provide the bounding box")] == answers
+        assert len(joint) == 1 + any(c[0][0] == vlm.PROMPTS["llava"]["grounded"] for c in convs)
     assert 5 <= grounded <= 25  # about a third of the scenes
 
 

@@ -1,5 +1,4 @@
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 from PIL import Image
 
 from groundlab.ivm.train import ARMS, RunConfig
-from groundlab.shared.bases import default_spec, ensure_base
+from groundlab.shared.bases import ensure_base, smoke_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,10 +28,8 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     from groundlab.ivm.train import run
 
     monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path / "runs"))
-    llava = default_spec("llava")
-    llava = replace(llava, train=replace(llava.train, max_steps=3, progress_bar=False), train_scenes=16, eval_scenes=4)
-    sam = default_spec("sam")
-    sam = replace(sam, train=replace(sam.train, max_steps=3, progress_bar=False), train_scenes=8, eval_scenes=4)
+    llava = smoke_spec("llava", steps=3, train_scenes=16, eval_scenes=4)
+    sam = smoke_spec("sam", steps=3, train_scenes=8, eval_scenes=4)
     llava_path, sam_path = ensure_base(llava), ensure_base(sam)
     cfg = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {
         "name": "micro", "model.llava": str(llava_path), "model.sam": str(sam_path),

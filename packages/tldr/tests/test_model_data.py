@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from groundlab.shared.bases import default_spec, ensure_base
+from groundlab.shared.bases import ensure_base, smoke_spec
 from groundlab.shared.bases.vlm import TinyVLMConfig, build_model, build_processor
 from groundlab.shared.lora import lora_parameter_count, trainable_report
 from groundlab.shared.tokenizer import load_tokenizer
@@ -191,13 +191,12 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     from groundlab.tldr.train import run
 
     monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path / "runs"))
-    spec = default_spec("paligemma")
-    spec = replace(spec, train=replace(spec.train, max_steps=4, progress_bar=False), train_scenes=16, eval_scenes=4)
-    pali = ensure_base(spec)
+    pali = ensure_base(smoke_spec("paligemma", steps=4, train_scenes=16, eval_scenes=4))
     cfg = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {
         "name": "micro", "model.backbone": str(pali), "data.train_scenes": 6, "data.eval_scenes": 4,
         "train.max_steps": 6, "train.save_steps": 3, "train.progress_bar": False,
         "captioners.weak_steps": 2, "captioners.strong_steps": 4, "captioners.train_scenes": 16, "captioners.eval_scenes": 4,
+        "captioners.smoke": True,
         "captioners.n_scenes": 4, "likelihood.n_scenes": 4, "likelihood.taus": [0.0, 1.0]})
     path = run(cfg)
     m = json.loads(Path(path).read_text())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor
 
-from groundlab.shared.bases import default_spec, ensure_base
+from groundlab.shared.bases import default_spec, ensure_base, smoke_spec
 from groundlab.shared.config import load_config, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
@@ -89,6 +89,8 @@ class CaptionerConfig:
     eval_scenes: int | None = None
     """None: the base's own number of held-out scenes for its printed figures."""
     n_scenes: int = 150
+    smoke: bool = False
+    """True: every stage of the captioners' bases cut to a few steps (``bases.smoke_spec``; tests)."""
 
     def __post_init__(self) -> None:
         positive(self, "weak_steps", "strong_steps", "train_scenes", "eval_scenes", "n_scenes")
@@ -196,7 +198,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if real:
         return _finish(root, metrics, cfg, t_start)
 
-    strong = default_spec("llava")
+    strong = smoke_spec("llava") if cfg.captioners.smoke else default_spec("llava")
     if cfg.captioners.train_scenes:
         strong = replace(strong, train_scenes=cfg.captioners.train_scenes)
     if cfg.captioners.eval_scenes:

@@ -53,6 +53,9 @@ class TinySamConfig:
     MAE pre-training on natural images; SAM's own mask losses alone do not make the tiny encoder keep
     them (an oracle colour x kind condition cannot select an object from its embeddings), so the base
     learns them this way. 0: SAM's losses only."""
+    semantic_hidden: int = 0
+    """Hidden channels of the class head: 0 is one 1x1 conv (the embedding itself must be linearly
+    separable by class); > 0 puts a 3x3 conv + GELU of this width before it."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,13 +228,19 @@ class SamForTraining(nn.Module):
     Dice, and MSE of the IoU head against the achieved IoU), plus ``semantic_weight`` x the per-pixel
     cross-entropy of a training-only 1x1 class head on the image embedding (see ``TinySamConfig``)."""
 
-    def __init__(self, sam: Sam, num_classes: int = 0, semantic_weight: float = 0.0):
+    def __init__(self, sam: Sam, num_classes: int = 0, semantic_weight: float = 0.0, semantic_hidden: int = 0):
         super().__init__()
         self.sam, self.semantic_weight = sam, semantic_weight
         if semantic_weight > 0 and num_classes < 2:
             raise ValueError("a semantic loss needs num_classes >= 2 (background + object classes)")
         channels = sam.prompt_encoder.embed_dim
-        self.semantic_head = nn.Conv2d(channels, num_classes, 1) if semantic_weight > 0 else None
+        if semantic_weight <= 0:
+            self.semantic_head = None
+        elif semantic_hidden > 0:
+            self.semantic_head = nn.Sequential(nn.Conv2d(channels, semantic_hidden, 3, padding=1), nn.GELU(),
+                                               nn.Conv2d(semantic_hidden, num_classes, 1))
+        else:
+            self.semantic_head = nn.Conv2d(channels, num_classes, 1)
 
     def semantic_logits(self, embeddings: torch.Tensor, size: int) -> torch.Tensor:
         """(B, C, h, w) embeddings -> (B, classes, size, size) per-pixel class logits."""

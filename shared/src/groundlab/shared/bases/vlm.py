@@ -14,10 +14,11 @@ for them on the CPU, trained the same way in two stages, and load through the sa
 2. **vlm**: the tower frozen (LLaVA-1.5 freezes CLIP), projector + language model trained on an
    instruction mix from the world's ground truth, in each family's conventions:
 
-   - LLaVA: multi-turn conversations (turn order shuffled): a caption, questions and box -> region
-     description in one; referring expression -> box in another; a grounded caption (each object's
-     phrase followed by its box) in a third, for a third of the scenes. No conversation holds two box
-     tasks, so no box answer can come from elimination or copying within it;
+   - LLaVA: multi-turn conversations (turn order shuffled): a caption, questions, box -> region
+     description and referring expression -> box for every object of the scene in one (the base's
+     mix; ``MixConfig.separate_box_tasks`` moves each REC to a conversation of its own, which
+     grounded far worse at the same step count: see the README); a grounded caption (each object's
+     phrase followed by its box) with a question in another, for a third of the scenes;
    - PaliGemma: one task a sample, with its prefixes: ``caption en``, ``answer en <question>``,
      ``detect <colour> <kind>`` / ``detect <kind>`` (every matching object, ``" ; "``-separated),
      ``detect <referring expression>``, and region captioning ``caption en <box>``.
@@ -126,9 +127,14 @@ class MixConfig:
     questions: int = 3
     """Questions per scene (LLaVA: in the first conversation; the grounded-caption one adds one more)."""
     rec: int = 1
-    """Referring expression -> box, each for a different object (LLaVA: each in a conversation of its own)."""
+    """Referring expression -> box, each for a different object, at most one per object (LLaVA: each in a
+    conversation of its own)."""
     region: int = 1
     """Box -> description."""
+    separate_box_tasks: bool = True
+    """LLaVA: each referring expression -> box in a conversation of its own (no conversation holds two
+    box tasks); False puts them in the first conversation, with the caption, questions and region
+    description (fewer, longer conversations: more supervised tokens for each image's 64 tokens)."""
     grounded_caption: float = 0.34
     """LLaVA: the share of scenes that also give a grounded-caption conversation (its 64 image tokens
     are paid for a single answer, so a third of the scenes: more of the other tasks per minute)."""
@@ -375,10 +381,11 @@ def detect_answer(scene: Scene, phrase: str, objects: list) -> str:
 
 def llava_conversations(scene: Scene, rng: np.random.Generator, mix: MixConfig) -> list[list[tuple[str, str]]]:
     """The (prompt, answer) turns of a scene's conversations, before shuffling: the caption, questions
-    and box -> description in the first; each referring expression -> box in one of its own (with a
-    question); the grounded caption (a share of the scenes) with a question. A conversation never holds
-    two box tasks of the scene: a second one could be answered by elimination or by copying an earlier
-    box, which a model asked a single question cannot do."""
+    and box -> description in the first; each referring expression -> box in one of its own with a
+    question (``mix.separate_box_tasks``; else in the first too); the grounded caption (a share of the
+    scenes) with a question. Separate, no conversation holds two box tasks of the scene: a second one
+    could be answered by elimination or by copying an earlier box, which a model asked a single
+    question cannot do."""
     p = PROMPTS["llava"]
     picked = rng.choice(len(scene.qa), size=min(mix.questions + mix.rec + 1, len(scene.qa)), replace=False)
     questions = [(p["question"].format(question=scene.qa[int(j)].question), scene.qa[int(j)].answer) for j in picked]
@@ -389,12 +396,15 @@ def llava_conversations(scene: Scene, rng: np.random.Generator, mix: MixConfig) 
         first.append((p["region"].format(box=box_text(obj, "llava", scene.size)), obj.phrase))
     convs = [first]
     extra = questions[mix.questions:]
-    for k in range(mix.rec):
-        oid = order[k % len(order)]
+    for k in range(min(mix.rec, len(order))):
+        oid = order[k]
         refs = scene.refs_for(oid)
         ref = refs[int(rng.integers(len(refs)))]
-        convs.append([(p["rec"].format(expression=ref.text), box_text(scene.objects[oid], "llava", scene.size))]
-                     + extra[k:k + 1])
+        turn = (p["rec"].format(expression=ref.text), box_text(scene.objects[oid], "llava", scene.size))
+        if mix.separate_box_tasks:
+            convs.append([turn] + extra[k:k + 1])
+        else:
+            first.append(turn)
     if rng.random() < mix.grounded_caption:
         convs.append([(p["grounded"], grounded_caption(scene, "llava"))] + extra[mix.rec:mix.rec + 1])
     return convs
