@@ -27,17 +27,8 @@ from groundlab.ivm.data import policy_inputs, target_instructions
 from groundlab.ivm.modeling import sigmoid_bce, soft_dice
 from groundlab.ivm.train import ModelConfig, build_from_bases
 from groundlab.shared.bases import ensure_base
-from groundlab.shared.bases.sam import semantic_class
+from groundlab.shared.bases.probe import class_of, words_of
 from groundlab.shared.world import World, WorldConfig
-
-
-def class_of(world: World, obj) -> int:
-    """The object's (colour, kind) index, 0-based (the SAM base's class ids count background as 0)."""
-    return semantic_class(world, obj) - 1
-
-
-def words_of(text: str) -> list[str]:
-    return text.lower().replace("?", " ").replace(".", " ").replace(",", " ").split()
 
 
 def generator_check(model, world: World, condition: str, steps: int, seed: int) -> float:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..multimodal import expand_token
 from ..tokenizer import IMAGE_TOKEN
 from ..world import World
+from .sam import semantic_class
 
 PROMPT = "USER: <image>\n{instruction} \n ASSISTANT:"  # IVM's policy prompt (groundlab.ivm.data.POLICY_PROMPT)
 
@@ -40,8 +41,12 @@ def instructions(scene) -> dict[int, list[tuple[str, str]]]:
 
 
 def class_of(world: World, obj) -> int:
-    kinds, colours = world.config.kinds, world.config.colours
-    return colours.index(obj.colour) * len(kinds) + kinds.index(obj.kind)
+    """The object's (colour, kind) index, 0-based (the SAM base's class ids count background as 0)."""
+    return semantic_class(world, obj) - 1
+
+
+def words_of(text: str) -> list[str]:
+    return text.lower().replace("?", " ").replace(".", " ").replace(",", " ").split()
 
 
 def items(world: World, split: str, n: int) -> list[tuple[np.ndarray, str, int, str]]:
@@ -77,7 +82,7 @@ def hidden_states(llava, processor, its, batch_size: int = 64) -> torch.Tensor:
 def bag_of_words(its, vocab: dict[str, int]) -> torch.Tensor:
     x = torch.zeros(len(its), len(vocab))
     for row, i in enumerate(its):
-        for w in i[1].lower().replace("?", " ").replace(".", " ").replace(",", " ").split():
+        for w in words_of(i[1]):
             if w in vocab:
                 x[row, vocab[w]] += 1
     return x
@@ -105,7 +110,7 @@ def probe(llava, processor, world: World, seed: int = 0, n_train: int = 400, n_v
     train, val = items(world, "train", n_train), items(world, "val", n_val)
     y, yv = torch.tensor([i[2] for i in train]), torch.tensor([i[2] for i in val])
     n_cls = len(world.config.colours) * len(world.config.kinds)
-    words = sorted({w for i in train for w in i[1].lower().replace("?", " ").replace(".", " ").split()})
+    words = sorted({w for i in train for w in words_of(i[1])})
     vocab = {w: k for k, w in enumerate(words)}
     preds = {"hidden": linear_probe(hidden_states(llava, processor, train), y,
                                     hidden_states(llava, processor, val), n_cls, seed),
