@@ -7,6 +7,11 @@ attention: a batch of variable-length sequences (lengths drawn like a conversati
 long tail), attended causally (a) padded to the longest with a mask and (b) packed padding-free
 through ``groundlab.shared.attention`` (``cu_seqlens``), forward + backward, SDPA on the CPU. Reports
 the time of each, their ratio, and the share of the padded FLOPs that packing skips.
+
+sam_decoding: one training step (forward + backward + AdamW) of the SAM base's recipe on a batch of 8
+world images with every object prompted, its decoder run (a) once per image and prompt kind through
+SAM's own ``MaskDecoder`` (which repeats one image embedding per prompt) and (b) once for the whole
+batch (``bases.sam.predict_masks_batched``); the same losses either way.
 """
 
 from __future__ import annotations
@@ -58,7 +63,51 @@ def bench_attention(batch: int = 16, heads: int = 8, dim: int = 64, max_len: int
     }
 
 
-BENCHES = {"attention": bench_attention}
+def bench_sam_decoding(batch: int = 8, repeats: int = 10) -> dict:
+    import torch.nn.functional as F
+
+    from groundlab.shared.bases import default_spec
+    from groundlab.shared.bases import sam as S
+    from groundlab.shared.world import World, WorldConfig
+
+    torch.manual_seed(0)
+    world = World(WorldConfig(), seed=0)
+    sam = S.build_tiny_sam(S.TinySamConfig(**default_spec("sam").model))
+    data = S.WorldSamDataset(world, "train", batch)
+    images, prompts = S.collate_sam([data[i] for i in range(batch)]).values()
+    size = images.shape[-1]
+    batched = S.SamForTraining(sam)
+    opt = torch.optim.AdamW(sam.parameters(), 1e-5)
+
+    def looped_loss():
+        emb = sam.image_encoder(sam.preprocess(images))
+        logits, ious, target = [], [], []
+        for b, p in enumerate(prompts):
+            for use_box in (False, True):
+                sel = p["use_box"] == use_box
+                if bool(sel.any()):
+                    lg, iou = S.predict_masks(sam, emb[b : b + 1], None if use_box else p["points"][sel],
+                                              p["boxes"][sel] if use_box else None, size)
+                    logits.append(lg)
+                    ious.append(iou)
+                    target.append(p["masks"][sel])
+        logits, ious, target = torch.cat(logits), torch.cat(ious), torch.cat(target)
+        achieved = ((logits > 0) & (target > 0.5)).flatten(1).sum(1) / ((logits > 0) | (target > 0.5)).flatten(1).sum(1)
+        return (F.binary_cross_entropy_with_logits(logits, target) + S.dice_loss(logits, target)
+                + F.mse_loss(ious, achieved.float()))
+
+    def step(loss_fn):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+
+    t_loop = _time(lambda: step(looped_loss), repeats)
+    t_batch = _time(lambda: step(lambda: batched(images, prompts)["loss"]), repeats)
+    return {"images": batch, "prompts": sum(len(p["use_box"]) for p in prompts), "looped_s": t_loop,
+            "batched_s": t_batch, "speedup_batched_over_looped": t_loop / t_batch}
+
+
+BENCHES = {"attention": bench_attention, "sam_decoding": bench_sam_decoding}
 
 
 def main() -> None:

@@ -186,6 +186,29 @@ def test_sam_semantic_head_targets_and_gradients():
     assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_batched_decoding_equals_sams_own_decoder_per_prompt():
+    """The training pass decodes every prompt of a batch at once; each mask and IoU is what SAM's own
+    ``MaskDecoder`` gives that prompt alone on its image, for clicks and boxes mixed in one batch."""
+    torch.manual_seed(0)
+    world = World(WorldConfig(min_objects=2), seed=0)
+    data = sam_mod.WorldSamDataset(world, "train", 6, box_prob=0.5)
+    batch = sam_mod.collate_sam([data[i] for i in range(6)])
+    sam = sam_mod.build_tiny_sam(sam_mod.TinySamConfig(patch_size=4)).eval()
+    with torch.no_grad():
+        emb = sam.image_encoder(sam.preprocess(batch["images"]))
+        ps = batch["prompts"]
+        index = torch.cat([torch.full((len(p["use_box"]),), b) for b, p in enumerate(ps)])
+        points, boxes, use_box = (torch.cat([p[k] for p in ps]) for k in ("points", "boxes", "use_box"))
+        assert 0 < int(use_box.sum()) < len(use_box)  # both kinds in the batch
+        logits, iou = sam_mod.predict_masks_batched(sam, emb, index, points, boxes, use_box, 64)
+        for j in range(len(index)):
+            one = emb[index[j] : index[j] + 1]
+            ref_logits, ref_iou = sam_mod.predict_masks(sam, one, None if use_box[j] else points[j : j + 1],
+                                                        boxes[j : j + 1] if use_box[j] else None, 64)
+            torch.testing.assert_close(logits[j], ref_logits[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou[j], ref_iou[0], atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # the VLM bases' data: what each task asks and answers
 

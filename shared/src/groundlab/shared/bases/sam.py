@@ -5,8 +5,10 @@ official SAM checkpoint layout (a ``torch.save``d ``Sam`` state dict: ``image_en
 loads ViT-B/L/H. IVM freezes a trained SAM image encoder; VP-MLLM initialises its visual-prompt
 encoder from SAM's prompt encoder.
 
-``Sam.forward`` runs under ``torch.no_grad``, so training calls the three parts directly, and batches
-several images by looping over them (``MaskDecoder`` repeats one image embedding per prompt).
+``Sam.forward`` runs under ``torch.no_grad``, so training calls the three parts directly; the decoder
+pass of a training batch takes every prompt of every image at once (:func:`predict_masks_batched`;
+``MaskDecoder`` itself repeats one image's embedding per prompt, so a loop over images: a training step
+1.9x slower at the base's sizes, ``benchmarks/run.py --only sam_decoding``).
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def collate_sam(samples: list[dict]) -> dict:
 def predict_masks(sam: Sam, embedding: torch.Tensor, points: torch.Tensor | None, boxes: torch.Tensor | None,
                   out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask logits (n, out_size, out_size) and predicted IoUs (n,) for n point OR n box prompts on one
-    image embedding (1, C, h, w); single-mask output."""
+    image embedding (1, C, h, w); single-mask output, through SAM's own ``MaskDecoder.forward``."""
     coords = None if points is None else (points, torch.ones(points.shape[:2], dtype=torch.int, device=points.device))
     sparse, dense = sam.prompt_encoder(points=coords, boxes=boxes, masks=None)
     low, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
@@ -215,6 +217,32 @@ def predict_masks(sam: Sam, embedding: torch.Tensor, points: torch.Tensor | None
                                 multimask_output=False)
     logits = F.interpolate(low, size=(out_size, out_size), mode="bilinear", align_corners=False)
     return logits[:, 0], iou[:, 0]
+
+
+def predict_masks_batched(sam: Sam, embeddings: torch.Tensor, image_index: torch.Tensor, points: torch.Tensor,
+                          boxes: torch.Tensor, use_box: torch.Tensor, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict_masks` for the prompts of many images in one decoder pass: prompt i is on image
+    ``image_index[i]`` of ``embeddings`` (B, C, h, w), and is its box where ``use_box[i]``, else its
+    point. A single click and a box both make two sparse tokens (the click gets SAM's padding point),
+    so one batch holds both. The steps are ``MaskDecoder.predict_masks``'s with one image embedding per
+    prompt instead of one per call (SAM's repeats a single image's): same weights, same outputs, one
+    pass instead of a Python loop over images."""
+    pe, md = sam.prompt_encoder, sam.mask_decoder
+    labels = torch.ones(points.shape[:2], dtype=torch.int, device=points.device)
+    point_sparse, dense = pe(points=(points, labels), boxes=None, masks=None)
+    box_sparse, _ = pe(points=None, boxes=boxes, masks=None)
+    sparse = torch.where(use_box[:, None, None], box_sparse, point_sparse)
+    n = sparse.shape[0]
+    tokens = torch.cat([torch.cat([md.iou_token.weight, md.mask_tokens.weight]).expand(n, -1, -1), sparse], dim=1)
+    src = embeddings[image_index] + dense
+    b, c, h, w = src.shape
+    hs, src = md.transformer(src, pe.get_dense_pe().expand(n, -1, -1, -1), tokens)
+    upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper = md.output_hypernetworks_mlps[0](hs[:, 1])  # the single-mask output token
+    low = (hyper[:, None] @ upscaled.flatten(2)).view(b, 1, *upscaled.shape[-2:])
+    iou = md.iou_prediction_head(hs[:, 0])[:, 0]
+    logits = F.interpolate(low, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return logits[:, 0], iou
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -249,26 +277,16 @@ class SamForTraining(nn.Module):
     def forward(self, images: torch.Tensor, prompts: list[dict]) -> dict:
         size = images.shape[-1]
         embeddings = self.sam.image_encoder(self.sam.preprocess(images))  # (B, C, h, w)
-        losses = []
-        for b, p in enumerate(prompts):
-            for use_box in (False, True):
-                sel = p["use_box"] == use_box
-                if not bool(sel.any()):
-                    continue
-                logits, iou_pred = predict_masks(self.sam, embeddings[b : b + 1],
-                                                 None if use_box else p["points"][sel],
-                                                 p["boxes"][sel] if use_box else None, size)
-                target = p["masks"][sel]
-                with torch.no_grad():
-                    pred = logits > 0
-                    inter = (pred & (target > 0.5)).flatten(1).sum(1)
-                    union = (pred | (target > 0.5)).flatten(1).sum(1).clamp(min=1)
-                    iou = inter / union
-                loss = (F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits, target)
-                        + F.mse_loss(iou_pred, iou.float()))
-                losses.append(loss * sel.sum())
-        n = sum(int(p["use_box"].numel()) for p in prompts)
-        loss = torch.stack(losses).sum() / n
+        image_index = torch.cat([torch.full((len(p["use_box"]),), b, device=images.device)
+                                 for b, p in enumerate(prompts)])
+        points, boxes, use_box, target = (torch.cat([p[k] for p in prompts])
+                                          for k in ("points", "boxes", "use_box", "masks"))
+        logits, iou_pred = predict_masks_batched(self.sam, embeddings, image_index, points, boxes, use_box, size)
+        with torch.no_grad():
+            pred, truth = logits > 0, target > 0.5
+            iou = (pred & truth).flatten(1).sum(1) / (pred | truth).flatten(1).sum(1).clamp(min=1)
+        loss = (F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits, target)
+                + F.mse_loss(iou_pred, iou.float()))
         if self.semantic_head is not None:
             target = torch.stack([class_map(p["masks"], p["classes"]) for p in prompts]).to(images.device)
             loss = loss + self.semantic_weight * F.cross_entropy(self.semantic_logits(embeddings, size), target)
