@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groundlab-setup
-PKGS := clawmachine ivm vp_mllm omg_llava tldr
+# every folder of packages/ with a pyproject.toml is a package: a new one needs no list edited
+PKGS := $(patsubst packages/%/pyproject.toml,%,$(wildcard packages/*/pyproject.toml))
 ALIASES := omg claw vp
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export PY

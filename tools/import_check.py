@@ -4,12 +4,20 @@ import importlib
 import pkgutil
 import sys
 
-PACKAGES = ["shared", "clawmachine", "ivm", "vp_mllm", "omg_llava", "tldr"]
+
+def installed() -> list[str]:
+    """Every installed groundlab distribution's top-level package: ``groundlab`` is a namespace package
+    that each distribution adds one folder to, so a new package is found without a list to edit."""
+    import groundlab
+
+    return sorted(m.name for m in pkgutil.iter_modules(groundlab.__path__) if m.ispkg)
 
 
 def main() -> int:
     failures, count = [], 0
-    for name in PACKAGES:
+    names = installed()
+    print("packages:", ", ".join(names))
+    for name in names:
         root = importlib.import_module(f"groundlab.{name}")
         modules = [root.__name__] + [m.name for m in pkgutil.walk_packages(root.__path__, root.__name__ + ".")]
         for mod in modules:

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Runs one action of one package: tools/pkg.sh <test|train|eval|demo> <package or alias> [args...]
-# Aliases: omg -> omg_llava, claw -> clawmachine, vp -> vp_mllm; ivm, tldr, shared are themselves.
+# A package is a folder of packages/ with a pyproject.toml (or shared); aliases: omg -> omg_llava,
+# claw -> clawmachine, vp -> vp_mllm; dashes read as underscores (omg-llava).
 set -euo pipefail
 action=$1; name=$2; shift 2
 case "$name" in
-  omg|omg_llava|omg-llava) pkg=omg_llava ;;
-  claw|clawmachine) pkg=clawmachine ;;
-  vp|vp_mllm|vp-mllm) pkg=vp_mllm ;;
-  ivm|tldr|shared) pkg=$name ;;
-  *) echo "unknown package '$name' (known: omg, claw, vp, ivm, tldr, shared)" >&2; exit 2 ;;
+  omg) pkg=omg_llava ;;
+  claw) pkg=clawmachine ;;
+  vp) pkg=vp_mllm ;;
+  *) pkg=${name//-/_} ;;
 esac
+if [ "$pkg" != shared ] && [ ! -f "packages/$pkg/pyproject.toml" ]; then
+  known=$(cd packages && for d in */pyproject.toml; do printf '%s ' "${d%/pyproject.toml}"; done)
+  echo "unknown package '$name' (known: shared ${known}and the aliases omg, claw, vp)" >&2; exit 2
+fi
 PY=${PY:-.venv/bin/python}
 if [ "$pkg" = shared ]; then dir=shared; else dir=packages/$pkg; fi
 

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from groundlab.shared.bases.vlm import VLMCollator
 from groundlab.shared.config import iter_jsonl
-from groundlab.shared.multimodal import pad_batch
+from groundlab.shared.multimodal import IGNORE_INDEX, pad_batch
 from groundlab.shared.world import Scene, World
 from groundlab.shared.world_io import image_file_name, load_image
 
@@ -46,7 +46,6 @@ from .perturb import TAXONOMIES, WorldPerturber, describe, perturb_caption
 
 PROMPTS = {"description": "describe en", "caption": "caption en", "vqa": "answer en {question}"}
 """PaliGemma's task prefixes (the tiny PaliGemma base answers questions after ``answer en`` too)."""
-IGNORE = -100
 
 
 def response_tokens(tokenizer, response: str) -> list[int]:
@@ -187,9 +186,9 @@ def encode_record(tokenizer, rec: dict, layout: Layout) -> dict[str, list[int]]:
     if layout.head == "token":
         scored = list(rec["labels"])
     else:  # naive RM: one label, at the last response token
-        scored = [IGNORE] * (len(resp) - 1) + [int(all(rec["labels"]))]
+        scored = [IGNORE_INDEX] * (len(resp) - 1) + [int(all(rec["labels"]))]
     return {"input_ids": ids, "token_type_ids": [0] * len(prefix) + [1] * (len(resp) + 1),
-            "labels": [IGNORE] * len(prefix) + scored + [IGNORE],
+            "labels": [IGNORE_INDEX] * len(prefix) + scored + [IGNORE_INDEX],
             "response_start": len(prefix), "response_len": len(resp)}
 
 

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import TokenClassifierOutput
 from groundlab.shared.config import read_json
 from groundlab.shared.loading import load_pretrained, load_state
 from groundlab.shared.lora import apply_lora
+from groundlab.shared.multimodal import IGNORE_INDEX
 
 from .configuration import TldrConfig
 
@@ -85,7 +86,7 @@ class TldrRewardModel(PreTrainedModel):
         logits = self.reward_head(hidden).squeeze(-1).float()  # (B, T)
         loss = None
         if labels is not None:
-            scored = labels != -100
+            scored = labels != IGNORE_INDEX
             if not bool(scored.any()):
                 raise ValueError("no scored token in the batch (every label is -100)")
             loss = F.binary_cross_entropy_with_logits(logits[scored], labels[scored].float())
