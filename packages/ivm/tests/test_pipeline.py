@@ -45,6 +45,9 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
               "vqa/with_ivm/accuracy", "vqa/oracle_mask/accuracy", "discriminator/train_accuracy"):
         assert 0.0 <= m[k] <= 1.0, k
     assert 0.1 <= m["dwsl/mean_weight_human"] <= 0.9 and 0.1 <= m["dwsl/mean_weight_machine"] <= 0.9
+    # every object kept: exact where the scene holds one object, never below keeping the whole image
+    assert m["baseline/all_objects/mIoU"] > m["baseline/whole_image/mIoU"]
+    assert m.get("baseline/all_objects/mIoU_1_objects", 1.0) == pytest.approx(1.0)
     assert any(k.startswith("mixed_dwsl/mIoU_") and k.endswith("_objects") for k in m)
     assert -1.0 <= m["mixed_dwsl/condition_cosine"] <= 1.0 and m["vqa/ivm_arm"] != "mixed_oracle"
     run_dir = Path(path).parent

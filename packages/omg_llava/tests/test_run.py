@@ -52,6 +52,8 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
         for prefix in ("", "baseline/untrained/"):
             assert all(0.0 <= m[f"{prefix}{task}/{c}"] for c in cols)
     assert 0 < m["baseline/whole/res/cIoU"] < 1 and 0 < m["baseline/random_object/res/gIoU"] <= 1
+    # every object of the image: contains the target, so it beats the whole image on every expression
+    assert m["baseline/whole/res/cIoU"] < m["baseline/union/res/cIoU"] <= 1
     assert {"segmenter/panoptic/PQ", "segmenter/baseline/untrained/panoptic/PQ", "stage2/seg_mismatched",
             "time/stage1_s", "time/stage2_s"} <= set(m)
     assert m["stage2/seg_mismatched"] == 0

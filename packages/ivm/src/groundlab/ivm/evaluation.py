@@ -36,6 +36,7 @@ class GroundingSample:
     instruction: str
     mask: np.ndarray  # (H, W) bool
     n_objects: int = 0
+    all_objects: np.ndarray | None = None  # (H, W) bool: every object of the scene (a trivial baseline)
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -53,7 +54,8 @@ def grounding_samples(scenes: Sequence[Scene]) -> list[GroundingSample]:
         for target, instructions in sorted(target_instructions(scene).items()):
             k = (scene.index + target) % len(instructions)
             out.append(GroundingSample(f"{scene.split}-{scene.index}-{target}", scene.image, instructions[k],
-                                       scene.objects[target].mask, len(scene.objects)))
+                                       scene.objects[target].mask, len(scene.objects),
+                                       np.any([o.mask for o in scene.objects], axis=0)))
     return out
 
 
@@ -115,6 +117,15 @@ def heatmap_quality(model, processor, samples: Sequence[GroundingSample], thresh
 def whole_image_baseline(samples: Sequence[GroundingSample], name: str = "baseline/whole_image") -> dict[str, float]:
     """Keep everything: the heatmap is 1 everywhere (what an image without IVM amounts to)."""
     return _scores([np.ones(s.mask.shape, np.float32) for s in samples], samples, 0.5, name, None)
+
+
+def all_objects_baseline(samples: Sequence[GroundingSample], name: str = "baseline/all_objects") -> dict[str, float]:
+    """Keep every object and drop only the background: the strongest answer that ignores the
+    instruction (the union of the scene's objects)."""
+    for s in samples:
+        if s.all_objects is None:
+            raise ValueError(f"sample {s.id}: no all-objects mask (build samples with grounding_samples)")
+    return _scores([s.all_objects.astype(np.float32) for s in samples], samples, 0.5, name, None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from .checkpoint import load_official, load_part, to_official, trained_keys
 from .configuration import IVMConfig
 from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMCollator, IVMDataset, export_world, read_split
 from .evaluation import (
+    all_objects_baseline,
     chat_completions_answerer,
     condition_cosine,
     grounding_samples,
@@ -308,6 +309,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     eval_world = World(WorldConfig(), seed=cfg.data.world_seed)
     samples = grounding_samples(eval_world.scenes("val", cfg.data.eval_scenes))
     metrics |= whole_image_baseline(samples)
+    metrics |= all_objects_baseline(samples)
     untrained = fresh()
     metrics |= heatmap_quality(untrained, processor, samples, cfg.threshold, name="baseline/untrained")
     metrics["baseline/untrained/condition_cosine"] = condition_cosine(untrained, processor, samples)
@@ -379,7 +381,8 @@ def print_table(m: dict, arms=ARMS) -> None:
     for a in arms:
         print(f"| {labels[a]} | {f(a + '/mIoU')} | {f(a + '/pixel_AP')} | {f(a + '/rec_acc')} | {by_count(a)} | "
               f"{cos(a)} |")
-    for b, label in (("baseline/untrained", "untrained IVM (baseline)"), ("baseline/whole_image", "whole image (baseline)")):
+    for b, label in (("baseline/untrained", "untrained IVM (baseline)"), ("baseline/whole_image", "whole image (baseline)"),
+                     ("baseline/all_objects", "every object, the instruction ignored (baseline)")):
         print(f"| {label} | {f(b + '/mIoU')} | {f(b + '/pixel_AP')} | {f(b + '/rec_acc')} | {by_count(b)} | {cos(b)} |")
     if "dwsl/mean_weight_human" in m:
         print(f"\nDWSL weights: human {m['dwsl/mean_weight_human']:.3f}, machine clean "

@@ -222,7 +222,8 @@ def score(task: str, predictions_path: str | Path, samples: list[Sample]) -> dic
 def baseline_predictions(samples: list[Sample], kind: str, out_path: str | Path, seed: int = 0,
                          instance_masks: dict | None = None, answer: str = "") -> Path:
     """``whole`` (every pixel), ``random_object`` (a uniformly drawn instance of the same image from
-    ``instance_masks``: image path -> list of masks) or ``constant`` (the same ``answer`` text for every
+    ``instance_masks``: image path -> list of masks), ``union`` (every instance of the image: the
+    strongest mask that ignores the expression) or ``constant`` (the same ``answer`` text for every
     sample, with whole-image masks for its ``[SEG]`` tokens)."""
     rng = np.random.default_rng(seed)
     with open(out_path, "w") as f:
@@ -235,6 +236,9 @@ def baseline_predictions(samples: list[Sample], kind: str, out_path: str | Path,
             elif kind == "random_object":
                 pool = instance_masks[str(s.image)]
                 masks = [pool[rng.integers(len(pool))]]
+                text = f"It is {SEG}."
+            elif kind == "union":
+                masks = [np.any(instance_masks[str(s.image)], axis=0)]
                 text = f"It is {SEG}."
             elif kind == "constant":
                 masks = [np.ones((h, w), bool) for _ in range(answer.count(SEG))]

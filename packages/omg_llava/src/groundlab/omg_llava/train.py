@@ -390,7 +390,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                 metrics |= {f"{name}res/{k}": v
                             for k, v in res_breakdown(read_predictions(path, samples), samples, instances).items()}
         if task == "res":
-            for kind in ("whole", "random_object"):
+            for kind in ("whole", "random_object", "union"):
                 path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",
                                             instance_masks=instances)
                 metrics |= {f"baseline/{kind}/res/{k}": v for k, v in score(task, path, samples).items()}
@@ -416,7 +416,8 @@ def print_table(m: dict, tasks) -> None:
             f"{k} {m.get(f'segmenter/baseline/untrained/{k}', float('nan')):.3f}" for k in seg))
     cols = {"res": ("cIoU", "gIoU"), "gcg": ("METEOR", "CIDEr", "AP50", "mIoU", "recall"), "region": ("METEOR", "CIDEr")}
     rows = [("OMG-LLaVA", ""), ("untrained", "baseline/untrained/"), ("whole image", "baseline/whole/"),
-            ("random object", "baseline/random_object/"), ("constant answer", "baseline/constant/")]
+            ("random object", "baseline/random_object/"), ("every object", "baseline/union/"),
+            ("constant answer", "baseline/constant/")]
     for task in tasks:
         print(f"{task:8s} " + "".join(f"{c:>9s}" for c in cols[task]))
         for label, prefix in rows:
