@@ -45,15 +45,13 @@ test-shared: setup
 	@tools/pkg.sh test shared
 
 define PKG_TARGETS
-.PHONY: test-$(1) train-$(1) eval-$(1) demo-$(1)
+.PHONY: test-$(1) train-$(1) eval-$(1)
 test-$(1): setup
 	@tools/pkg.sh test $(1)
 train-$(1): setup
 	@tools/pkg.sh train $(1)
 eval-$(1): setup
 	@tools/pkg.sh eval $(1)
-demo-$(1): setup
-	@tools/pkg.sh demo $(1)
 endef
 $(foreach p,$(PKGS) $(ALIASES),$(eval $(call PKG_TARGETS,$(p))))
 

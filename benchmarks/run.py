@@ -12,6 +12,13 @@ sam_decoding: one training step (forward + backward + AdamW) of the SAM base's r
 world images with every object prompted, its decoder run (a) once per image and prompt kind through
 SAM's own ``MaskDecoder`` (which repeats one image embedding per prompt) and (b) once for the whole
 batch (``bases.sam.predict_masks_batched``); the same losses either way.
+
+vlm_step: one training step (forward + backward + AdamW, bf16 autocast where the CPU runs bf16
+natively) of each VLM base's instruction mix at its batch size, the same batches through (a)
+transformers' eager attention, (b) its SDPA, (c) the shared attention registered as ``groundlab`` on
+the padded batch and (d) ``groundlab`` on the batch packed into one padding-free row; the arms take
+turns on every batch, so a drift of the machine's speed hits them alike. Reports each arm's median
+step and its ratio to (a), and the share of padding in the padded batches.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ def _time(fn, repeats: int) -> float:
 
 def bench_attention(batch: int = 16, heads: int = 8, dim: int = 64, max_len: int = 512, repeats: int = 5) -> dict:
     g = torch.Generator().manual_seed(0)
-    lengths = (torch.distributions.Exponential(torch.tensor(1 / 96.0)).sample((batch,)) + 16).clamp(max=max_len).long()
+    lengths = (torch.empty(batch).exponential_(1 / 96.0, generator=g) + 16).clamp(max=max_len).long()
     lengths[0] = max_len  # one long sample sets the padded length, as in a real batch
     n, t = int(lengths.sum()), int(lengths.max())
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
@@ -107,7 +114,57 @@ def bench_sam_decoding(batch: int = 8, repeats: int = 10) -> dict:
             "batched_s": t_batch, "speedup_batched_over_looped": t_loop / t_batch}
 
 
-BENCHES = {"attention": bench_attention, "sam_decoding": bench_sam_decoding}
+def bench_vlm_step(steps: int = 20) -> dict:
+    import statistics
+
+    from groundlab.shared.attention import HF_ATTENTION
+    from groundlab.shared.bases import default_spec, vlm
+    from groundlab.shared.tokenizer import load_tokenizer
+    from groundlab.shared.training import fast_bf16
+    from groundlab.shared.world import World
+
+    out = {"bf16": fast_bf16()}
+    arms = {"hf_eager": ("eager", False), "hf_sdpa": ("sdpa", False), "groundlab_padded": (HF_ATTENTION, False),
+            "groundlab_packed": (HF_ATTENTION, True)}
+    for kind in vlm.VLM_KINDS:
+        spec = default_spec(kind)
+        cfg, tok = vlm.TinyVLMConfig(**spec.model), load_tokenizer()
+        processor = vlm.build_processor(cfg, tok)
+        torch.manual_seed(0)
+        model = vlm.build_model(cfg, tok)
+        vlm.vision_tower(model).requires_grad_(False)
+        data = vlm.WorldVLMDataset(World(spec.world, seed=0), "train", 1200, processor, cfg,
+                                    vlm.MixConfig(**spec.mix))
+        bs = spec.train.batch_size
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        batches = [[data[int(i)] for i in order[j * bs:(j + 1) * bs]] for j in range(steps)]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        collators = {False: vlm.VLMCollator(processor), True: vlm.VLMCollator(processor, packed=True)}
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        model.train()
+        for j, samples in enumerate(batches):
+            for arm, (impl, packed) in arms.items():
+                for c in (model.config, model.config.text_config, model.config.vision_config):
+                    c._attn_implementation = impl
+                batch = collators[packed](samples)
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=out["bf16"]):
+                    loss = model(**batch).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                if j >= 2:  # warm-up
+                    times[arm].append(time.perf_counter() - t0)
+        padded = [vlm.VLMCollator(processor)(b)["attention_mask"] for b in batches]
+        out[f"{kind}/padding_share"] = 1 - sum(float(m.sum()) for m in padded) / sum(m.numel() for m in padded)
+        base = statistics.median(times["hf_eager"])
+        for arm, ts in times.items():
+            out[f"{kind}/{arm}_s"] = statistics.median(ts)
+            out[f"{kind}/{arm}_vs_hf_eager"] = statistics.median(ts) / base
+    return out
+
+
+BENCHES = {"attention": bench_attention, "sam_decoding": bench_sam_decoding, "vlm_step": bench_vlm_step}
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs one action of one package: tools/pkg.sh <test|train|eval|demo> <package or alias> [args...]
+# Runs one action of one package: tools/pkg.sh <test|train|eval> <package or alias> [args...]
 # A package is a folder of packages/ with a pyproject.toml (or shared); aliases: omg -> omg_llava,
 # claw -> clawmachine, vp -> vp_mllm; dashes read as underscores (omg-llava).
 set -euo pipefail
@@ -24,12 +24,12 @@ case "$action" in
       exit 1
     fi
     exec "$PY" -m pytest "$dir/tests" -m "not gpu" "$@" ;;
-  train|eval|demo)
+  train|eval)
     if [ "$pkg" = shared ]; then echo "shared has no $action target" >&2; exit 2; fi
     if [ ! -f "$dir/src/groundlab/$pkg/cli.py" ]; then
       echo "groundlab-$pkg: '$action' is not built yet (see $dir/README.md; its issue is open)." >&2
       exit 1
     fi
     exec "$PY" -m "groundlab.$pkg.cli" "$action" --config "$dir/configs/tiny.yaml" "$@" ;;
-  *) echo "unknown action '$action' (test, train, eval, demo)" >&2; exit 2 ;;
+  *) echo "unknown action '$action' (test, train, eval)" >&2; exit 2 ;;
 esac

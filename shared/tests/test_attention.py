@@ -59,6 +59,42 @@ def test_eager_matches_sdpa_and_a_hand_computed_value():
     torch.testing.assert_close(out, v[:1])
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_prefix_lm_equals_each_sequence_with_its_own_mask(impl):
+    """prefix_lengths: the first P tokens of a sequence see each other both ways, the rest causally
+    (PaliGemma's prefix-LM), each sequence alone; many sequences of mixed length cross the groups."""
+    lengths, prefix = [7, 2, 5, 9, 1, 4, 6, 3, 8], [3, 2, 0, 9, 1, 2, 5, 1, 4]
+    g = torch.Generator().manual_seed(4)
+    n = sum(lengths)
+    q, k, v = (torch.randn(n, 2, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    out = attention(q, k, v, cu_seqlens=cu, prefix_lengths=torch.tensor(prefix), implementation=impl)
+    for (a, b), p in zip(zip(cu[:-1].tolist(), cu[1:].tolist()), prefix):
+        idx = torch.arange(b - a)
+        mask = (idx[:, None] >= idx[None, :]) | ((idx[:, None] < p) & (idx[None, :] < p))
+        ref = attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                        causal=False, attn_mask=mask, implementation=impl)[0].transpose(0, 1)
+        torch.testing.assert_close(out[a:b], ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix_lengths for 9"):
+        attention(q, k, v, cu_seqlens=cu, prefix_lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="packed calls"):
+        attention(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+                  prefix_lengths=torch.tensor([1]))
+
+
+def test_packed_gradients_equal_each_sequence_alone():
+    q, k, v, cu = _packed_inputs(hkv=2, seed=5)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    (attention(q, k, v, cu_seqlens=cu, implementation="eager") ** 2).sum().backward()
+    packed = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    (_alone(q, k, v, cu, True, "eager") ** 2).sum().backward()
+    for a, b in zip(packed, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_padded_mask_matches_unpadded_rows_and_zeroes_rows_without_keys():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))

@@ -133,3 +133,39 @@ def test_cli_main_turns_errors_into_one_line_and_exit_2(capsys, monkeypatch):
     monkeypatch.setenv("GROUNDLAB_DEBUG", "1")
     with pytest.raises(ValueError):
         main(["value"])
+
+
+def test_package_cli_dispatches_train_to_the_recipe_and_commands_to_their_handlers(tmp_path, monkeypatch):
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from groundlab.shared.cli import package_cli
+
+    calls = []
+
+    @dataclass
+    class RunConfig:
+        name: str = "x"
+        steps: int = 1
+
+        @classmethod
+        def from_yaml(cls, path, overrides=None):
+            return cls(**(overrides or {}))
+
+    recipe = types.ModuleType("fake_recipe")
+    recipe.RunConfig = RunConfig
+    recipe.run = lambda cfg, force=False: calls.append(("run", cfg, force))
+    monkeypatch.setitem(sys.modules, "fake_recipe", recipe)
+
+    def add(sub):
+        sub.add_parser("hello").add_argument("--who", required=True)
+
+    commands = {"hello": lambda args: calls.append(("hello", args.who))}
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    package_cli("prog", "fake_recipe", ["train", "--config", str(config), "--force", "--steps", "3"], add, commands)
+    package_cli("prog", "fake_recipe", ["hello", "--who", "me"], add, commands)
+    assert calls == [("run", RunConfig(steps=3), True), ("hello", "me")]
+    with pytest.raises(ValueError, match="unexpected arguments"):
+        package_cli("prog", "fake_recipe", ["hello", "--who", "me", "--extra", "1"], add, commands)

@@ -100,9 +100,28 @@ def test_pad_and_pack():
     packed = pack_batch([a, b])
     assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert packed["cu_seqlens"].tolist() == [0, 3, 5]
+    assert packed["cu_seq_lens_q"].tolist() == [0, 3, 5] and packed["max_length_q"] == 3
+    assert packed["attention_mask"].tolist() == [[1, 1, 1, 1, 1]]
     # no token learns to predict the first token of the next sample
     assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert "prefix_lens" not in packed
+    # PaliGemma: positions from 1, the prefix (token type 0) of each sample as prefix_lens
+    pg = pack_batch([a | {"token_type_ids": [0, 0, 1]}, b | {"token_type_ids": [0, 1]}], position_offset=1)
+    assert pg["position_ids"].tolist() == [[1, 2, 3, 1, 2]]
+    assert pg["prefix_lens"].tolist() == [2, 1]
+
+
+def test_pack_batch_rejects_what_it_cannot_pack():
+    with pytest.raises(ValueError, match="empty batch"):
+        pack_batch([])
+    with pytest.raises(ValueError, match="sample 1"):
+        pack_batch([{"input_ids": [1]}, {"input_ids": []}])
+    with pytest.raises(ValueError, match="2 labels for 3"):
+        pack_batch([{"input_ids": [1, 2, 3], "labels": [1, 2]}])
+    with pytest.raises(ValueError, match="prefix of 0s then 1s"):
+        pack_batch([{"input_ids": [1, 2, 3], "token_type_ids": [0, 1, 0]}])
+    with pytest.raises(ValueError, match="every sample"):
+        pack_batch([{"input_ids": [1, 2], "token_type_ids": [0, 1]}, {"input_ids": [3]}])
 
 
 def test_packed_batch_drives_packed_attention():

@@ -126,3 +126,29 @@ def test_run_stage_builds_once_and_newest_complete_finds_it(tmp_path):
     (first / "out.txt").write_text("changed")
     with pytest.raises(FileNotFoundError, match="no complete s-\\* under .*(does not match|bytes)"):
         require_complete(tmp_path, "s-*", "train it")
+
+
+def test_recipe_stages_are_reused_rebuilt_when_damaged_and_timed(tmp_path, capsys):
+    from groundlab.shared.recipe import Recipe, train_key
+    from groundlab.shared.training import TrainConfig
+
+    builds = []
+
+    def build(out):
+        builds.append(out)
+        (out / "weights.txt").write_text(f"build {len(builds)}")
+
+    recipe = Recipe("pkg", "tiny", root=tmp_path)
+    a = recipe.stage("stage1", {"lr": 1}, build=build)
+    assert a.parent == tmp_path / "pkg" / "tiny" and a.name.startswith("stage1-") and "time/stage1_s" in recipe.metrics
+    again = Recipe("pkg", "tiny", root=tmp_path)
+    assert again.stage("stage1", {"lr": 1}, build=build) == a and len(builds) == 1 and not again.metrics
+    assert again.stage("stage1", {"lr": 2}, build=build) != a and len(builds) == 2  # another key, another stage
+    (a / "weights.txt").write_text("damaged")
+    assert again.stage("stage1", {"lr": 1}, build=build) == a and (a / "weights.txt").read_text() == "build 3"
+    assert len(Recipe("pkg", "tiny", force=True, root=tmp_path).stage("stage1", {"lr": 1}, build=build).name) > 7
+    assert len(builds) == 4
+    path = again.finish({"k": 1}, table=lambda m: print("table", sorted(m)))
+    assert path == tmp_path / "pkg" / "tiny" / "metrics.json" and "table" in capsys.readouterr().out
+    cfg = TrainConfig(max_steps=1, batch_size=1, lr=1.0, bf16="auto")
+    assert train_key(cfg)["progress_bar"] is None and train_key(cfg)["bf16"] in (True, False)

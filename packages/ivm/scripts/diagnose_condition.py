@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor
 
-from groundlab.ivm.data import policy_inputs, target_instructions
+from groundlab.ivm.data import target_instructions
 from groundlab.ivm.modeling import sigmoid_bce, soft_dice
+from groundlab.ivm.processing import policy_inputs
 from groundlab.ivm.train import ModelConfig, build_from_bases
 from groundlab.shared.bases import ensure_base
 from groundlab.shared.bases.probe import class_of, words_of

@@ -6,16 +6,15 @@ import torch
 
 from groundlab.ivm.data import (
     CORRUPTIONS,
-    IVMCollator,
     IVMDataset,
     corrupt,
     export_world,
-    masked_image,
     read_mask,
     read_split,
     write_split,
 )
 from groundlab.ivm.masking import apply_mask, box_of, cv2_sigma, soft_mask
+from groundlab.ivm.processing import IVMCollator, masked_image
 from groundlab.shared.bases.vlm import TinyVLMConfig, build_processor
 from groundlab.shared.metrics import mask_iou
 from groundlab.shared.tokenizer import load_tokenizer

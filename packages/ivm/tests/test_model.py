@@ -3,7 +3,6 @@ import torch
 
 from groundlab.ivm.checkpoint import convert_official, load_official, map_key, to_official, trained_keys
 from groundlab.ivm.configuration import IVMConfig, ivm_release
-from groundlab.ivm.data import POLICY_PROMPT, encode_prompt
 from groundlab.ivm.modeling import (
     IVMModel,
     dwsl_weights,
@@ -12,6 +11,7 @@ from groundlab.ivm.modeling import (
     sigmoid_bce,
     soft_dice,
 )
+from groundlab.ivm.processing import POLICY_PROMPT, encode_prompt
 from groundlab.ivm.train import load_llava_into
 from groundlab.shared.bases.vlm import TinyVLMConfig, build_model, build_processor
 from groundlab.shared.tokenizer import load_tokenizer
@@ -250,3 +250,26 @@ def test_saved_model_reloads_to_the_same_heatmaps_both_ways(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pth"):
         load_official(fresh, tmp_path / "bad.pth")
+
+
+def test_heatmaps_do_not_depend_on_the_batch_size():
+    """The same heatmaps computed one instruction at a time and eight at a time (left padding)."""
+    from groundlab.ivm.evaluation import grounding_samples
+    from groundlab.ivm.masking import heatmaps
+    from groundlab.shared.world import World, WorldConfig
+
+    model, processor, _ = tiny_ivm(seed=0)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # a condition MLP that carries the instruction well into the heatmap
+        for p in model.condition_proj.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    samples = grounding_samples(World(WorldConfig(), seed=0).scenes("val", 6))[:11]
+    assert len({len(s.instruction) for s in samples}) > 1  # the batches are really padded
+    images, instructions = [s.image for s in samples], [s.instruction for s in samples]
+    one = heatmaps(model, processor, images, instructions, batch_size=1)
+    eight = heatmaps(model, processor, images, instructions, batch_size=8)
+    for a, b in zip(one, eight):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # the comparison can fail: another instruction for the same image changes its heatmap
+    swapped = heatmaps(model, processor, images, instructions[1:] + instructions[:1], batch_size=8)
+    assert min(float((a - b).abs().max()) for a, b in zip(one, swapped)) > 1e-4

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from groundlab.omg_llava.convert import INTERNLM2_VOCAB, load_official, load_omg_seg, split_wqkv
-from groundlab.omg_llava.modeling import IMAGE_TOKEN, SPECIAL_TOKENS, OMGLlavaConfig, OMGLlavaForCausalLM
+from groundlab.omg_llava.modeling import OMGLlavaConfig, OMGLlavaForCausalLM
 from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
+from groundlab.omg_llava.processing import IMAGE_TOKEN, SPECIAL_TOKENS
 
 SEG = dict(image_size=64, dims=(16, 32, 64, 32), depths=(1, 1, 1, 1), dim=16, mask_dim=16, encoder_layers=1,
            encoder_heads=2, encoder_points=2, encoder_ffn=32, groups=8, num_queries=6, decoder_layers=2,

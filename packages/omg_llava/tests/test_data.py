@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from groundlab.omg_llava.data import (
-    SEG,
     caption_record,
     grandf_record,
     llava_record,
@@ -20,6 +19,7 @@ from groundlab.omg_llava.data import (
     tag_caption,
     write_json,
 )
+from groundlab.omg_llava.processing import SEG
 from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import Refer, encode_rle, save_image, write_refer
 

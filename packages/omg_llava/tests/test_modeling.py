@@ -4,8 +4,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from groundlab.omg_llava.inference import OMGLlavaPipeline
-from groundlab.omg_llava.modeling import IMAGE_TOKEN, SPECIAL_TOKENS, OMGLlavaConfig, OMGLlavaForCausalLM
+from groundlab.omg_llava.modeling import OMGLlavaConfig, OMGLlavaForCausalLM
 from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
+from groundlab.omg_llava.processing import IMAGE_TOKEN, SPECIAL_TOKENS
 from groundlab.shared.loading import load_pretrained
 from groundlab.shared.multimodal import expand_token
 from groundlab.shared.tokenizer import load_tokenizer
@@ -268,3 +269,29 @@ def test_a_damaged_save_is_refused_naming_the_directory_and_keys(tmp_path, damag
     assert str(tmp_path) in str(err.value)
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         load_pretrained(OMGSegModel, tmp_path / "nowhere")
+
+
+def test_predictions_do_not_depend_on_the_batch_size(tmp_path):
+    """Greedy answers and [SEG] masks of RES, region and point samples, one at a time and eight at a
+    time (left padding, KV cache): the same answers, the same masks."""
+    from groundlab.omg_llava.data import export_world, load_world_export
+    from groundlab.omg_llava.dataset import OMGDataset, PerceptionCache, image_paths
+    from groundlab.omg_llava.evaluation import predict, read_predictions
+    from groundlab.omg_llava.processing import TEMPLATES
+
+    model, tok = tiny()
+    seg_id = model.config.token_ids["[SEG]"]
+    # answer [SEG] early so every sample has masks to compare, but not at every step
+    model.llm.lm_head.register_forward_hook(lambda m, i, o: o.index_add(
+        -1, torch.tensor([seg_id]), o.std(-1, keepdim=True) * 2.5))
+    export_world(World(WorldConfig(), seed=0), tmp_path, 4, 4)
+    samples = load_world_export(tmp_path, "val", ("res", "region", "point"))[:11]
+    ds = OMGDataset(samples, tok, TEMPLATES["vicuna"], model, PerceptionCache(model, image_paths(samples)))
+    assert len({len(ds.prompt(i)["input_ids"]) for i in range(len(ds))}) > 1  # the batches are really padded
+    one = read_predictions(predict(model, ds, tok, tmp_path / "bs1.jsonl", batch_size=1, max_new_tokens=6), samples)
+    eight = read_predictions(predict(model, ds, tok, tmp_path / "bs8.jsonl", batch_size=8, max_new_tokens=6), samples)
+    assert sum(len(r["masks"]) for r in one) >= 8 and len({r["answer"] for r in one}) > 1
+    for a, b in zip(one, eight):
+        assert a["answer"] == b["answer"] and len(a["masks"]) == len(b["masks"])
+        for ma, mb in zip(a["masks"], b["masks"]):
+            assert (ma != mb).mean() < 0.01

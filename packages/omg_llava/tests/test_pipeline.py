@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from groundlab.omg_llava.data import export_world, load_world_export
-from groundlab.omg_llava.dataset import from_input_frame, to_input_frame
 from groundlab.omg_llava.evaluation import (
     greedy_match,
     phrase_similarity,
@@ -18,6 +17,7 @@ from groundlab.omg_llava.evaluation import (
     seg_phrases,
 )
 from groundlab.omg_llava.inference import overlay
+from groundlab.omg_llava.processing import from_input_frame, to_input_frame
 from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import encode_rle
 

@@ -11,10 +11,11 @@ from groundlab.shared.lora import lora_parameter_count, trainable_report
 from groundlab.shared.tokenizer import load_tokenizer
 from groundlab.shared.world import World, WorldConfig
 from groundlab.tldr.configuration import TldrConfig, llama32_11b_vision, paligemma_3b_448
-from groundlab.tldr.data import Layout, encode_record, export_world, make_record, read_jsonl
+from groundlab.tldr.data import export_world, make_record, read_jsonl
 from groundlab.tldr.downstream import highlight_html, restore_generator, self_correction_prompt
 from groundlab.tldr.modeling import TldrRewardModel, with_lora
 from groundlab.tldr.perturb import TAXONOMIES
+from groundlab.tldr.processing import Layout, encode_record
 from groundlab.tldr.train import RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -271,8 +272,8 @@ def test_mllama_layout_collator_training_and_restore(tmp_path):
     import numpy as np
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-    from groundlab.tldr.data import collator_for, layout_for
     from groundlab.tldr.evaluation import predict, read_predictions
+    from groundlab.tldr.processing import collator_for, layout_for
 
     path = _tiny_mllama_dir(tmp_path)
     processor = AutoProcessor.from_pretrained(path)
@@ -334,3 +335,29 @@ def test_mllama_layout_collator_training_and_restore(tmp_path):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         assert torch.allclose(gen.eval()(**inputs).logits, ref(**inputs).logits, atol=1e-5)
+
+
+def test_predictions_do_not_depend_on_the_batch_size(tmp_path):
+    """The same token probabilities scored one record at a time and eight at a time (right padding)."""
+    from groundlab.tldr.data import TldrDataset
+    from groundlab.tldr.evaluation import predict, read_predictions
+    from groundlab.tldr.processing import layout_for
+
+    model, processor, _ = _tiny()
+    peft = with_lora(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:  # LoRA B and the head start at zero: scores that vary
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    tok = processor.tokenizer
+    path, _ = export_world(World(WorldConfig(), seed=0), "val", 3, tmp_path, tok)
+    records = read_jsonl(path, tok)[:11]
+    assert len({len(r["tokens"]) for r in records}) > 1  # the batches are really padded
+    ds = TldrDataset(records, tmp_path, tok, layout_for(processor))
+    one = read_predictions(predict(peft, ds, processor, tmp_path / "bs1.jsonl", batch_size=1))
+    eight = read_predictions(predict(peft, ds, processor, tmp_path / "bs8.jsonl", batch_size=8))
+    assert [r["id"] for r in one] == [r["id"] for r in eight] == [r["id"] for r in records]
+    assert max(abs(p - 0.5) for r in one for p in r["probs"]) > 0.01
+    for a, b in zip(one, eight):
+        torch.testing.assert_close(torch.tensor(a["probs"]), torch.tensor(b["probs"]), atol=1e-5, rtol=1e-5)

@@ -4,11 +4,21 @@
   padded ``(B, H, T, D)`` (optionally with a boolean ``attn_mask``, True = may attend), or packed
   ``(N, H, D)``: several sequences concatenated into one row, delimited by ``cu_seqlens`` (cumulative
   lengths, as flash-attn's varlen kernels take them) or by ``position_ids`` that restart at 0 for each
-  sequence. A packed call equals running each sequence alone and never spends a FLOP on padding:
-  flash-attn runs its varlen kernel, SDPA runs one call per sequence, and the eager reference uses a
-  block-diagonal mask over the whole row (simple, quadratic in the row length).
-- ``choose_attn_implementation`` picks the HF ``attn_implementation`` string the same way, so
-  transformers models built by the packages follow one policy.
+  sequence, optionally with ``prefix_lengths`` (a prefix-LM such as PaliGemma's: each sequence's
+  first tokens attend to each other both ways). A packed call equals running each sequence alone:
+  flash-attn runs its varlen kernel; elsewhere the sequences, sorted by length, are scattered into a
+  few padded groups for batched kernel calls and gathered back, so everything outside attention runs
+  padding-free and attention pays about the sum of the squared lengths.
+- ``HF_ATTENTION`` (``"groundlab"``) is this dispatch registered with transformers' attention and
+  mask interfaces: a HF model built or loaded with ``attn_implementation="groundlab"`` runs every
+  attention layer through :func:`hf_attention_forward`: padded batches (HF builds a boolean mask, or
+  none for plain causal) and padding-free packed rows, whose bounds come as ``cu_seq_lens_q`` (HF's
+  name; :func:`groundlab.shared.multimodal.pack_batch` gives them, with ``prefix_lens`` for
+  PaliGemma). ``choose_attn_implementation`` picks the string for models that want HF's own.
+
+On the CPU the eager kernel runs HF models (``CPU_KERNEL``): under bf16 autocast at the tiny models'
+shapes it is as fast as transformers' eager and faster than SDPA (1.15-1.33x slower there):
+``python benchmarks/run.py --only vlm_step``.
 
 flash-attn is imported lazily and used only on CUDA with fp16/bf16 tensors; on this project's CPU
 machines the SDPA path runs, and the eager path is the readable reference the tests compare against.
@@ -78,11 +88,10 @@ def packed_mask(cu_seqlens: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def _eager(q, k, v, mask, scale, dropout_p):  # q (B, H, T, D), mask broadcastable to (B, H, T, S)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    probs = torch.nan_to_num(probs, nan=0.0)  # a query with no key attends to nothing
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q: T x D products, not T x S
+    if mask is not None:  # a finite minimum: a query with no key gets uniform weights, zeroed by _padded
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)
@@ -102,6 +111,7 @@ def attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     position_ids: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
     implementation: str = "auto",
@@ -112,6 +122,8 @@ def attention(
     (B, Hq, T, S); packed q (N, Hq, D), k/v (N, Hkv, D) with ``cu_seqlens`` (int32, S+1) or
     ``position_ids`` (N,) or (1, N). Hq must be a multiple of Hkv (grouped-query attention).
     With ``causal`` on a padded (T != S) call the mask is aligned bottom-right, as flash-attn does.
+    ``prefix_lengths`` (packed only, one per sequence): that many first tokens of each sequence see
+    each other both ways (with ``causal``, the rest stays causal).
     Returns the layout of ``q``. Queries with no visible key get zeros.
     """
     if implementation not in IMPLEMENTATIONS:
@@ -136,27 +148,80 @@ def attention(
         if k.shape[0] != q.shape[0]:
             raise ValueError("packed self-attention needs q and k of the same length")
 
+    elif prefix_lengths is not None:
+        raise ValueError("prefix_lengths applies to packed calls (cu_seqlens / position_ids) only")
+
     use_flash = implementation == "flash" or (
         implementation == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        and attn_mask is None and flash_attn_available()
+        and attn_mask is None and prefix_lengths is None and flash_attn_available()
     )
     if use_flash:
+        if prefix_lengths is not None:
+            raise ValueError("flash-attn has no prefix-LM mask; use implementation='sdpa' with prefix_lengths")
         return _flash(q, k, v, causal, cu_seqlens, max_seqlen, dropout_p, scale, packed)
-
-    if packed and implementation == "eager":  # the reference: one row (1, H, N, D), block-diagonal mask
-        mask = packed_mask(cu_seqlens, causal)[None, None]
-        out = _padded(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                      mask, False, dropout_p, scale, implementation)
-        return out[0].transpose(0, 1)
-    if packed:  # SDPA one sequence at a time: sum(L_i^2) work instead of N^2 for a block mask
-        bounds = cu_seqlens.tolist()
-        outs = [
-            _padded(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
-                    None, causal, dropout_p, scale, implementation)[0].transpose(0, 1)
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ]
-        return torch.cat(outs, dim=0)
+    if packed:
+        return _packed(q, k, v, cu_seqlens, causal, prefix_lengths, dropout_p, scale,
+                       "sdpa" if implementation == "auto" else implementation)
     return _padded(q, k, v, attn_mask, causal, dropout_p, scale, implementation)
+
+
+PACKED_GROUPS = 4
+"""A packed row's sequences go through the kernel in up to this many groups of similar length (each
+padded to its own longest): attention costs about the sum of the squared lengths, not S x longest^2."""
+
+
+def _packed(q, k, v, cu_seqlens, causal, prefix_lengths, dropout_p, scale, implementation):
+    """A packed row through a few padded kernel calls: the sequences, sorted by length, in up to
+    ``PACKED_GROUPS`` groups, each scattered into (S_g, H, longest_g, D), attended with each sequence's
+    own mask and gathered back (differentiable both ways)."""
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    for tokens, slots, n_seq, longest, mask in _packed_layout(cu_seqlens, prefix_lengths, causal, q.device):
+        qg, kg, vg = (_scatter(x, tokens, slots, n_seq, longest) for x in (q, k, v))
+        o = _padded(qg, kg, vg, mask, False, dropout_p, scale, implementation)
+        flat = o.transpose(1, 2).reshape(n_seq * longest, o.shape[1], o.shape[-1])
+        out = out.index_copy(0, tokens, flat.index_select(0, slots))
+    return out
+
+
+def _scatter(x, tokens, slots, n_seq: int, longest: int) -> torch.Tensor:
+    """(N, H, D) packed -> (S_g, H, L, D): the group's tokens at their slots, zeros elsewhere."""
+    padded = x.new_zeros(n_seq * longest, *x.shape[1:]).index_copy(0, slots, x.index_select(0, tokens))
+    return padded.view(n_seq, longest, *x.shape[1:]).transpose(1, 2)
+
+
+_LAYOUT_CACHE: dict = {}
+
+
+def _packed_layout(cu_seqlens, prefix_lengths, causal, device) -> list[tuple]:
+    """Per group: the packed index of its tokens, their slots in the padded (S_g x L) layout, S_g, L
+    and the mask. Every layer of a forward asks for the same layout: the last one is kept (keyed by
+    the values, not the tensors)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if prefix_lengths is not None and prefix_lengths.numel() != lengths.numel():
+        raise ValueError(f"{prefix_lengths.numel()} prefix_lengths for {lengths.numel()} packed sequences")
+    key = (tuple(cu_seqlens.tolist()), None if prefix_lengths is None else tuple(prefix_lengths.tolist()), causal,
+           str(device))
+    if key in _LAYOUT_CACHE:
+        return _LAYOUT_CACHE[key]
+    starts, groups = cu_seqlens[:-1].long(), []
+    order = torch.argsort(lengths)
+    for group in torch.tensor_split(order, min(PACKED_GROUPS, order.numel())):
+        n_seq, longest = group.numel(), int(lengths[group].max())
+        within = torch.arange(longest, device=device)
+        valid = within[None, :] < lengths[group][:, None]  # (S_g, L)
+        tokens = (starts[group][:, None] + within[None, :])[valid]  # packed index of each real token
+        slots = torch.nonzero(valid.flatten()).flatten()
+        mask = valid[:, None, None, :]  # real keys only: (S_g, 1, 1, L)
+        if causal:
+            allowed = within[:, None] >= within[None, :]  # (L, L)
+            if prefix_lengths is not None:
+                inside = within[None, :] < prefix_lengths.to(device).long()[group][:, None]  # (S_g, L)
+                allowed = (allowed | (inside[:, :, None] & inside[:, None, :]))[:, None]
+            mask = mask & allowed
+        groups.append((tokens, slots, n_seq, longest, mask))
+    _LAYOUT_CACHE.clear()
+    _LAYOUT_CACHE[key] = groups
+    return groups
 
 
 def _padded(q, k, v, mask, causal, dropout_p, scale, implementation):
@@ -168,12 +233,14 @@ def _padded(q, k, v, mask, causal, dropout_p, scale, implementation):
         mask = causal_mask if mask is None else mask & causal_mask
     n_rep = q.shape[1] // k.shape[1]
     if implementation == "eager":
-        return _eager(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, scale, dropout_p)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                                         enable_gqa=n_rep > 1)
-    if mask is not None:  # SDPA returns NaN for a query that sees no key; define it as zeros
+        out = _eager(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, scale, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                             enable_gqa=n_rep > 1)
+    if mask is not None:  # a query that sees no key: SDPA gives NaN, eager uniform weights; define it as zeros
         has_key = mask.any(dim=-1, keepdim=True)
-        out = out.masked_fill(~has_key, 0.0)
+        if not bool(has_key.all()):
+            out = out.masked_fill(~has_key, 0.0)
     return out
 
 
@@ -191,3 +258,74 @@ def _flash(q, k, v, causal, cu_seqlens, max_seqlen, dropout_p, scale, packed):
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                           dropout_p=dropout_p, softmax_scale=scale, causal=causal)
     return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers integration
+
+HF_ATTENTION = "groundlab"
+CPU_KERNEL = "eager"
+"""The kernel HF models get on the CPU (see the module docstring for the measurement)."""
+
+
+def hf_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature over :func:`attention`.
+
+    ``query`` (B, Hq, T, D), ``key`` / ``value`` (B, Hkv, S, D); ``attention_mask`` None or bool
+    (B or 1, 1, T, S), True = attend (what the registered mask function gives).
+    A batch with ``cu_seq_lens_q`` (and no mask) is one packed row of causal sequences (``prefix_lens``:
+    their prefix-LM prefixes; :func:`groundlab.shared.multimodal.pack_batch` gives both); otherwise the
+    call is causal where the module is and no mask was built (HF drops the mask of an unpadded causal
+    batch).
+    Returns (B, T, Hq, D) and no attention weights.
+    """
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise ValueError(f"{HF_ATTENTION} attention takes boolean masks (True = attend), got {attention_mask.dtype}; "
+                         "was the model's mask built by another implementation?")
+    dropout = dropout if module.training else 0.0
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    implementation = "auto" if query.is_cuda else CPU_KERNEL
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and attention_mask is None:
+        if query.shape[0] != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {query.shape[0]}")
+        # a packed row is a language model's: causal (PaliGemma's Gemma says is_causal=False because HF
+        # always hands it a full prefix-LM mask; here the prefix comes as prefix_lens)
+        prefix = kwargs.get("prefix_lens")
+        out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                        causal=bool(kwargs.get("is_causal", True)),
+                        cu_seqlens=cu, max_seqlen=kwargs.get("max_length_q"), prefix_lengths=prefix,
+                        dropout_p=dropout, scale=scaling,
+                        implementation="sdpa" if query.is_cuda and prefix is not None else implementation)
+        return out[None], None
+    out = attention(query, key, value, causal=causal and attention_mask is None, attn_mask=attention_mask,
+                    dropout_p=dropout, scale=scaling, implementation=implementation)
+    return out.transpose(1, 2).contiguous(), None
+
+
+PACKING_IMPLEMENTATIONS = (HF_ATTENTION, "flash_attention_2", "flash_attention_3")
+
+
+def require_packing_support(model) -> None:
+    """Raise unless every attention of the HF ``model`` reads packed rows' bounds (``cu_seq_lens_q``):
+    under another implementation a packed row would attend across its sequences without a word."""
+    language = getattr(model.config, "text_config", None) or model.config  # where the packed rows go
+    impl = getattr(language, "_attn_implementation", None)
+    if impl not in PACKING_IMPLEMENTATIONS:
+        raise ValueError(f"packed batches need attn_implementation in {PACKING_IMPLEMENTATIONS}; "
+                         f"{type(model).__name__} runs {impl!r}")
+
+
+def register_with_transformers() -> None:
+    """Make ``attn_implementation="groundlab"`` available to every transformers model (idempotent; run
+    on import of this module)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(HF_ATTENTION, hf_attention_forward)
+    AttentionMaskInterface.register(HF_ATTENTION, sdpa_mask)
+
+
+register_with_transformers()

@@ -2,7 +2,11 @@
 bad input ends in one clear line on stderr and a non-zero exit, never a traceback.
 
     @cli_main
-    def main(argv=None): ...
+    def main(argv=None):
+        return package_cli("groundlab-ivm", "groundlab.ivm.train", argv, add_commands, {"mask": mask})
+
+``package_cli`` builds the parser (``train`` / ``eval`` from the recipe module's ``RunConfig`` and
+``run``, then the package's own commands), dispatches, and refuses arguments a command does not take.
 
 ``cli_main`` turns an exception escaping ``main`` into ``error: <message>`` and exit status 2 (130 on
 Ctrl-C). ``GROUNDLAB_DEBUG=1`` re-raises instead, for the full traceback.
@@ -12,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import parse_overrides
@@ -73,3 +79,22 @@ def add_run_commands(subparsers) -> None:
 def run_command(run_config_cls, run_fn, args, extra: list[str]):
     """``train`` / ``eval``: the run config from ``--config`` and the overrides, then the run."""
     return run_fn(run_config_cls.from_yaml(args.config, parse_overrides(extra)), force=args.force)
+
+
+def package_cli(prog: str, recipe_module: str, argv: list[str] | None,
+                add_commands: Callable[[argparse._SubParsersAction], None],
+                commands: dict[str, Callable[[argparse.Namespace], object]]):
+    """A package's command line: ``train`` / ``eval`` (``recipe_module``'s ``RunConfig`` and ``run``,
+    imported only when called) and the package's own ``commands``, whose parsers ``add_commands``
+    adds; every command but ``train`` / ``eval`` refuses unknown arguments."""
+    parser = ArgumentParser(prog=prog)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_run_commands(sub)
+    add_commands(sub)
+    args, extra = parser.parse_known_args(argv)
+    if args.cmd in ("train", "eval"):
+        recipe = importlib.import_module(recipe_module)
+        return run_command(recipe.RunConfig, recipe.run, args, extra)
+    if extra:
+        raise ValueError(f"unexpected arguments {extra}")
+    return commands[args.cmd](args)

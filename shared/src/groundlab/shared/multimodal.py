@@ -1,6 +1,6 @@
 """What every multimodal LLM here does to its text side: splice visual features into the token
 embeddings at special-token positions, build supervised conversations whose labels cover only the
-assistant's words, and batch them (padded or packed into one row, padding-free).
+assistant's words, and batch them: padded, or packed into one padding-free row (``pack_batch``).
 
 The splice follows transformers' Llava (``masked_scatter`` on a special-token mask) and checks counts
 first, so a prompt whose placeholders do not match its features fails with a clear message instead of
@@ -192,24 +192,47 @@ def _pad(seq: Sequence[int], value: int, n: int, left: bool) -> list[int]:
     return [value] * n + list(seq) if left else list(seq) + [value] * n
 
 
-def pack_batch(samples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Concatenate samples into one padding-free row (1, N) with ``position_ids`` restarting at 0 and
-    ``cu_seqlens``. The first label of every sample is ignored, so no token learns to predict the
-    start of the next, unrelated sample."""
-    ids, labels, positions, cu = [], [], [], [0]
-    for s in samples:
+def pack_batch(samples: Sequence[dict[str, list[int]]], position_offset: int = 0) -> dict[str, torch.Tensor]:
+    """Concatenate samples into one padding-free row (1, N): ``input_ids``, ``labels``, ``position_ids``
+    restarting at ``position_offset`` for every sample (0: Llama; 1: PaliGemma counts from 1), an
+    all-ones ``attention_mask``, and the sequence bounds under transformers' padding-free names
+    (``cu_seq_lens_q`` / ``cu_seq_lens_k``, int32 cumulative lengths starting at 0, and ``max_length_q``
+    / ``max_length_k``), which the ``groundlab`` attention (and flash-attn) read. Samples with
+    ``token_type_ids`` (PaliGemma: 0 = prefix, attended bidirectionally) add ``prefix_lens``, the
+    prefix length of each. The first label of every sample is ignored, so no token learns to predict
+    the start of the next, unrelated sample; the loss is the padded batch's (tested)."""
+    if not samples:
+        raise ValueError("cannot pack an empty batch")
+    ids, labels, positions, cu, prefix = [], [], [], [0], []
+    for i, s in enumerate(samples):
         n = len(s["input_ids"])
         if n == 0:
-            raise ValueError("cannot pack an empty sample")
+            raise ValueError(f"cannot pack an empty sample (sample {i})")
         ids += s["input_ids"]
         lab = list(s.get("labels", s["input_ids"]))
+        if len(lab) != n:
+            raise ValueError(f"sample {i}: {len(lab)} labels for {n} input_ids")
         lab[0] = IGNORE_INDEX
         labels += lab
-        positions += list(range(n))
+        positions += range(position_offset, position_offset + n)
         cu.append(cu[-1] + n)
-    return {
+        if "token_type_ids" in s:
+            types = list(s["token_type_ids"])
+            p = types.index(1) if 1 in types else n
+            if len(types) != n or any(t != 0 for t in types[:p]) or any(t != 1 for t in types[p:]):
+                raise ValueError(f"sample {i}: token_type_ids must be a prefix of 0s then 1s over its {n} tokens")
+            prefix.append(p)
+    if prefix and len(prefix) != len(samples):
+        raise ValueError("either every sample carries token_type_ids or none does")
+    longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    out = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": longest, "max_length_k": longest,
     }
+    if prefix:
+        out["prefix_lens"] = torch.tensor(prefix, dtype=torch.int32)
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from groundlab.shared.cli import ArgumentParser, add_run_commands, cli_main, run_command
+from groundlab.shared.cli import cli_main, package_cli
 from groundlab.shared.inputs import check_probability, check_text, existing_file
 
 
@@ -30,11 +30,12 @@ def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
+    package_cli("groundlab-ivm", "groundlab.ivm.train", argv, _add_commands, {"mask": mask})
+
+
+def _add_commands(sub) -> None:
     from .train import ARMS
 
-    parser = ArgumentParser(prog="groundlab-ivm")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_run_commands(sub)
     m = sub.add_parser("mask", help="mask an image to what an instruction needs")
     m.add_argument("--image", required=True, type=Path)
     m.add_argument("--instruction", required=True)
@@ -48,15 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--sam", default=None, help="the SAM checkpoint the IVM was trained on (default: the run config's)")
     m.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml",
                    help="the run config whose model settings built the checkpoint")
-    args, extra = parser.parse_known_args(argv)
 
-    if args.cmd in ("train", "eval"):
-        from .train import RunConfig, run
 
-        run_command(RunConfig, run, args, extra)
-        return
-    if extra:
-        raise ValueError(f"unexpected arguments {extra}")
+def mask(args) -> None:
     from PIL import Image
 
     from groundlab.shared.world_io import load_image

@@ -25,8 +25,9 @@ import torch
 from groundlab.shared.metrics import average_precision, box_iou, mask_iou
 from groundlab.shared.world import Scene
 
-from .data import policy_inputs, target_instructions
+from .data import target_instructions
 from .masking import MODES, apply_mask, box_of, heatmaps, soft_mask
+from .processing import policy_inputs
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torchvision.transforms.functional as TF
 
 from groundlab.shared.inputs import check_probability, check_text
 
-from .data import policy_inputs
+from .processing import policy_inputs
 
 MODES = ("overlay", "blur", "grayscale", "crop")
 

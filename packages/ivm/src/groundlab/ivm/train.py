@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,13 +39,14 @@ from groundlab.shared.bases.vlm import TinyVLMConfig
 from groundlab.shared.config import load_config, non_negative, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, torch_load
-from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
-from groundlab.shared.training import TrainConfig, resolve_bf16, train
+from groundlab.shared.recipe import Recipe, train_key
+from groundlab.shared.runs import content_hash, write_metrics
+from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
 from .checkpoint import load_official, load_part, to_official, trained_keys
 from .configuration import IVMConfig
-from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMCollator, IVMDataset, export_world, read_split
+from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMDataset, export_world, read_split
 from .evaluation import (
     all_objects_baseline,
     chat_completions_answerer,
@@ -59,6 +59,7 @@ from .evaluation import (
 )
 from .masking import MODES
 from .modeling import DiscriminatorForTraining, IVMModel, dwsl_weights, label_weights
+from .processing import IVMCollator
 
 logger = logging.getLogger("groundlab")
 
@@ -229,136 +230,187 @@ def discriminator_scores(model: IVMModel, dataset: IVMDataset, collate: IVMColla
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
+    """The whole run (see the module docstring); returns the path of its ``metrics.json``."""
     setup_logging()
-    t_start = time.time()
-    root = runs_root() / "ivm" / cfg.name
     seed_everything(cfg.generator.seed)
-    llava_path = Path(cfg.model.llava) if cfg.model.llava else ensure_base("llava")
-    sam_path = Path(cfg.model.sam) if cfg.model.sam else ensure_base("sam")
-    processor = AutoProcessor.from_pretrained(llava_path)
-    tok = processor.tokenizer
-    metrics: dict[str, float] = {}
-
-    # 1. data
-    if cfg.data.root:
-        data_dir = Path(cfg.data.root)
-    else:
-        data_dir = root / f"data-{content_hash(asdict(cfg.data))}"
-        if not reuse_or_reset(data_dir, force):
-            counts = export_world(World(WorldConfig(), seed=cfg.data.world_seed), data_dir, cfg.data.human_scenes,
-                                  cfg.data.machine_scenes, cfg.data.corrupt_prob, seed=cfg.data.world_seed)
-            write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
-            mark_complete(data_dir)
-    human = [it for s in HUMAN_SPLITS if (data_dir / s).is_dir() for it in read_split(data_dir / s)]
-    machine = [it for s in MACHINE_SPLITS if (data_dir / s).is_dir() for it in read_split(data_dir / s)]
-    if not human:
-        raise FileNotFoundError(f"no {HUMAN_SPLITS} split under {data_dir}")
-    mixed = human + machine
-    metrics |= {"data/human_items": len(human), "data/machine_items": len(machine)}
-    if machine and "corruption" in machine[0].extra:
-        metrics["data/machine_corrupted_share"] = float(np.mean([it.extra["corruption"] != "none" for it in machine]))
-
-    stamp = content_hash(asdict(cfg.model), str(llava_path), str(sam_path), str(data_dir))
-
-    def fresh() -> IVMModel:
-        torch.manual_seed(cfg.generator.seed)  # the same initialisation for every arm
-        return build_from_bases(llava_path, sam_path, cfg.model)
-
-    vision = AutoConfig.from_pretrained(llava_path).vision_config  # the LMM's and SAM's input sizes
-    n_img = (vision.image_size // vision.patch_size) ** 2
-    size = TinySamConfig.from_json(Path(sam_path).parent / "config.json").image_size
-
-    # 2. discriminator (stage I)
+    recipe = Recipe("ivm", cfg.name, force)
+    bases = Bases.resolve(cfg)
+    data = prepare_data(recipe, cfg)
     item_weights, d_dir = None, None
     if "mixed_dwsl" in cfg.arms:
-        d_dir = root / f"discriminator-{content_hash(stamp, asdict(cfg.discriminator) | {'progress_bar': None, 'bf16': resolve_bf16(cfg.discriminator.bf16)})}"
-        model = fresh()
-        disc_ds = IVMDataset(mixed, tok, n_img, size, role="discriminator", augment=True, seed=cfg.discriminator.seed)
-        collate = IVMCollator(processor, role="discriminator")
-        if not reuse_or_reset(d_dir, force):
-            t0 = time.time()
-            train(DiscriminatorForTraining(model), disc_ds, collate, cfg.discriminator, d_dir / "checkpoints")
-            metrics["time/discriminator_train_s"] = time.time() - t0
-            state = model.state_dict()
-            torch.save({k: state[k] for k in trained_keys(model, "discriminator")}, d_dir / "discriminator.pt")
-            mark_complete(d_dir)
-        else:
-            load_part(model, torch_load(d_dir / "discriminator.pt", "discriminator weights"),
-                      trained_keys(model, "discriminator"), str(d_dir / "discriminator.pt"))
-        plain = IVMDataset(mixed, tok, n_img, size, role="discriminator", augment=False)
-        logits = discriminator_scores(model, plain, collate)
-        item_weights = dwsl_weights(logits)
-        is_human = torch.tensor([it.is_human for it in mixed], dtype=torch.bool)
-        metrics["discriminator/train_accuracy"] = float(((logits > 0) == is_human).float().mean())
-        metrics["dwsl/mean_weight_human"] = float(item_weights[is_human].mean())
-        if machine:
-            metrics["dwsl/mean_weight_machine"] = float(item_weights[~is_human].mean())
-            if "corruption" in machine[0].extra:
-                clean = torch.tensor([it.extra["corruption"] == "none" for it in machine])
-                mw = item_weights[~is_human]
-                if clean.any():
-                    metrics["dwsl/mean_weight_machine_clean"] = float(mw[clean].mean())
-                if (~clean).any():
-                    metrics["dwsl/mean_weight_machine_corrupted"] = float(mw[~clean].mean())
-        with open(root / "dwsl_weights.jsonl", "w") as f:
-            for it, w, lg in zip(mixed, item_weights.tolist(), logits.tolist()):
-                f.write(json.dumps({"uuid": it.uuid, "split": it.split, "weight": w, "logit": lg, **it.extra}) + "\n")
-        del model
-
-    # 3. generator arms (stage II)
-    eval_world = World(WorldConfig(), seed=cfg.data.world_seed)
-    samples = grounding_samples(eval_world.scenes("val", cfg.data.eval_scenes))
-    metrics |= whole_image_baseline(samples)
-    metrics |= all_objects_baseline(samples)
-    untrained = fresh()
-    metrics |= heatmap_quality(untrained, processor, samples, cfg.threshold, name="baseline/untrained")
-    metrics["baseline/untrained/condition_cosine"] = condition_cosine(untrained, processor, samples)
-    del untrained
+        d_dir = train_discriminator(recipe, cfg, bases, data)
+        item_weights = dwsl_item_weights(recipe, cfg, bases, data, d_dir)
+    samples = grounding_samples(World(WorldConfig(), seed=cfg.data.world_seed).scenes("val", cfg.data.eval_scenes))
+    evaluate_baselines(recipe, cfg, bases, samples)
     arm_models = {}
     for arm in cfg.arms:
-        items = human if arm == "human_only" else mixed
-        weighting = {"human_only": "uniform", "mixed_uniform": "uniform", "mixed_label": "label", "mixed_dwsl": "dwsl",
-                     "mixed_oracle": "dwsl"}[arm]
-        gen_key = asdict(cfg.generator) | {"progress_bar": None, "bf16": resolve_bf16(cfg.generator.bf16)}
-        a_dir = root / f"{arm}-{content_hash(stamp, gen_key, arm, str(d_dir) if arm == 'mixed_dwsl' else '')}"
-        model = fresh()
-        if not reuse_or_reset(a_dir, force):
-            ds = IVMDataset(items, tok, n_img, size, role="generator", augment=True, seed=cfg.generator.seed)
-            weights = None
-            if arm == "mixed_dwsl":
-                weights = item_weights
-            elif arm == "mixed_oracle":
-                weights = oracle_weights(mixed)
-            t0 = time.time()
-            train(GeneratorForTraining(model, weighting, weights), ds, IVMCollator(processor), cfg.generator,
-                  a_dir / "checkpoints")
-            metrics[f"time/{arm}_train_s"] = time.time() - t0
-            torch.save(to_official(model), a_dir / "ivm.pth")  # the release's layout
-            mark_complete(a_dir)
-        else:
-            load_official(model, a_dir / "ivm.pth")
-        metrics |= heatmap_quality(model, processor, samples, cfg.threshold, name=arm,
-                                   out_path=root / f"predictions_{arm}.jsonl")
-        metrics[f"{arm}/condition_cosine"] = condition_cosine(model, processor, samples)
-        arm_models[arm] = model
+        arm_dir = train_arm(recipe, cfg, bases, data, arm, item_weights, d_dir)
+        arm_models[arm] = evaluate_arm(recipe, cfg, bases, samples, arm, arm_dir)
+    downstream_vqa(recipe, cfg, bases, arm_models)
+    return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.arms))
 
-    # 4. downstream VQA on cluttered scenes: without IVM, with the best arm, with the true masks
-    best = max((a for a in arm_models if a != "mixed_oracle"), key=lambda a: metrics[f"{a}/mIoU"])
-    metrics["vqa/ivm_arm"] = best
+
+@dataclass
+class Bases:
+    """The pretrained parts a run starts from (the tiny bases of ``make bases`` unless the config
+    names others) and the sizes they fix."""
+
+    llava: Path
+    sam: Path
+    processor: object
+    n_image_tokens: int
+    image_size: int
+    """SAM's input size."""
+
+    @classmethod
+    def resolve(cls, cfg: RunConfig) -> Bases:
+        llava = Path(cfg.model.llava) if cfg.model.llava else ensure_base("llava")
+        sam = Path(cfg.model.sam) if cfg.model.sam else ensure_base("sam")
+        vision = AutoConfig.from_pretrained(llava).vision_config
+        return cls(llava, sam, AutoProcessor.from_pretrained(llava), (vision.image_size // vision.patch_size) ** 2,
+                   TinySamConfig.from_json(sam.parent / "config.json").image_size)
+
+    def stamp(self, cfg: RunConfig, data: Data) -> str:
+        """What every model stage starts from: the model config, the bases, the data."""
+        return content_hash(asdict(cfg.model), str(self.llava), str(self.sam), str(data.root))
+
+    def fresh(self, cfg: RunConfig) -> IVMModel:
+        """The model as every stage starts it (the same initialisation for every arm)."""
+        torch.manual_seed(cfg.generator.seed)
+        return build_from_bases(self.llava, self.sam, cfg.model)
+
+
+@dataclass
+class Data:
+    root: Path
+    human: list
+    machine: list
+
+    @property
+    def mixed(self) -> list:
+        return self.human + self.machine
+
+
+def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
+    """1. The world exported as IVM-Mix (clean human split, corrupted machine split), or real folders."""
+    def export(out: Path) -> None:
+        counts = export_world(World(WorldConfig(), seed=cfg.data.world_seed), out, cfg.data.human_scenes,
+                              cfg.data.machine_scenes, cfg.data.corrupt_prob, seed=cfg.data.world_seed)
+        write_metrics(out / "counts.json", counts, config=asdict(cfg.data))
+
+    root = Path(cfg.data.root) if cfg.data.root else recipe.stage("data", asdict(cfg.data), build=export)
+    human = [it for s in HUMAN_SPLITS if (root / s).is_dir() for it in read_split(root / s)]
+    machine = [it for s in MACHINE_SPLITS if (root / s).is_dir() for it in read_split(root / s)]
+    if not human:
+        raise FileNotFoundError(f"no {HUMAN_SPLITS} split under {root}")
+    recipe.metrics |= {"data/human_items": len(human), "data/machine_items": len(machine)}
+    if machine and "corruption" in machine[0].extra:
+        recipe.metrics["data/machine_corrupted_share"] = float(np.mean([it.extra["corruption"] != "none"
+                                                                         for it in machine]))
+    return Data(root, human, machine)
+
+
+def train_discriminator(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data) -> Path:
+    """2. DWSL stage I: the discriminator's LoRA + head, human (1) vs machine (0) label-masked triples."""
+    def fit(out: Path) -> None:
+        model = bases.fresh(cfg)
+        ds = IVMDataset(data.mixed, bases.processor.tokenizer, bases.n_image_tokens, bases.image_size,
+                        role="discriminator", augment=True, seed=cfg.discriminator.seed)
+        train(DiscriminatorForTraining(model), ds, IVMCollator(bases.processor, role="discriminator"),
+              cfg.discriminator, out / "checkpoints")
+        state = model.state_dict()
+        torch.save({k: state[k] for k in trained_keys(model, "discriminator")}, out / "discriminator.pt")
+
+    return recipe.stage("discriminator", bases.stamp(cfg, data), train_key(cfg.discriminator), build=fit)
+
+
+def dwsl_item_weights(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data, d_dir: Path) -> torch.Tensor:
+    """DWSL's weight of every item, ``clip(sigmoid(D), 0.1, 0.9)`` of the saved discriminator on its
+    label (no augmentation), with how they fall on human, clean and corrupted machine items."""
+    model = bases.fresh(cfg)
+    load_part(model, torch_load(d_dir / "discriminator.pt", "discriminator weights"),
+              trained_keys(model, "discriminator"), str(d_dir / "discriminator.pt"))
+    plain = IVMDataset(data.mixed, bases.processor.tokenizer, bases.n_image_tokens, bases.image_size,
+                       role="discriminator", augment=False)
+    logits = discriminator_scores(model, plain, IVMCollator(bases.processor, role="discriminator"))
+    weights = dwsl_weights(logits)
+    is_human = torch.tensor([it.is_human for it in data.mixed], dtype=torch.bool)
+    m = recipe.metrics
+    m["discriminator/train_accuracy"] = float(((logits > 0) == is_human).float().mean())
+    m["dwsl/mean_weight_human"] = float(weights[is_human].mean())
+    if data.machine:
+        machine_w = weights[~is_human]
+        m["dwsl/mean_weight_machine"] = float(machine_w.mean())
+        if "corruption" in data.machine[0].extra:
+            clean = torch.tensor([it.extra["corruption"] == "none" for it in data.machine])
+            if clean.any():
+                m["dwsl/mean_weight_machine_clean"] = float(machine_w[clean].mean())
+            if (~clean).any():
+                m["dwsl/mean_weight_machine_corrupted"] = float(machine_w[~clean].mean())
+    with open(recipe.root / "dwsl_weights.jsonl", "w") as f:
+        for it, w, lg in zip(data.mixed, weights.tolist(), logits.tolist()):
+            f.write(json.dumps({"uuid": it.uuid, "split": it.split, "weight": w, "logit": lg, **it.extra}) + "\n")
+    return weights
+
+
+def evaluate_baselines(recipe: Recipe, cfg: RunConfig, bases: Bases, samples) -> None:
+    """The whole image, every object, and the untrained IVM on the held-out grounding samples."""
+    recipe.metrics |= whole_image_baseline(samples) | all_objects_baseline(samples)
+    untrained = bases.fresh(cfg)
+    recipe.metrics |= heatmap_quality(untrained, bases.processor, samples, cfg.threshold, name="baseline/untrained")
+    recipe.metrics["baseline/untrained/condition_cosine"] = condition_cosine(untrained, bases.processor, samples)
+
+
+ARM_WEIGHTING = {"human_only": "uniform", "mixed_uniform": "uniform", "mixed_label": "label", "mixed_dwsl": "dwsl",
+                 "mixed_oracle": "dwsl"}
+
+
+def train_arm(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data, arm: str,
+              item_weights: torch.Tensor | None, d_dir: Path | None) -> Path:
+    """3. DWSL stage II, one arm (same seed, steps and initialisation for all); saved in the release's
+    layout (``ivm.pth``)."""
+    def fit(out: Path) -> None:
+        model = bases.fresh(cfg)
+        items = data.human if arm == "human_only" else data.mixed
+        weights = item_weights if arm == "mixed_dwsl" else None
+        if arm == "mixed_oracle":
+            weights = oracle_weights(data.mixed)
+        ds = IVMDataset(items, bases.processor.tokenizer, bases.n_image_tokens, bases.image_size, role="generator",
+                        augment=True, seed=cfg.generator.seed)
+        train(GeneratorForTraining(model, ARM_WEIGHTING[arm], weights), ds, IVMCollator(bases.processor),
+              cfg.generator, out / "checkpoints")
+        torch.save(to_official(model), out / "ivm.pth")
+
+    return recipe.stage(arm, bases.stamp(cfg, data), train_key(cfg.generator), arm,
+                        str(d_dir) if arm == "mixed_dwsl" else "", build=fit)
+
+
+def evaluate_arm(recipe: Recipe, cfg: RunConfig, bases: Bases, samples, arm: str, arm_dir: Path) -> IVMModel:
+    """4. The saved arm's heatmaps on the held-out samples (predictions JSONL beside the scores)."""
+    model = bases.fresh(cfg)
+    load_official(model, arm_dir / "ivm.pth")
+    recipe.metrics |= heatmap_quality(model, bases.processor, samples, cfg.threshold, name=arm,
+                                      out_path=recipe.root / f"predictions_{arm}.jsonl")
+    recipe.metrics[f"{arm}/condition_cosine"] = condition_cosine(model, bases.processor, samples)
+    return model
+
+
+def downstream_vqa(recipe: Recipe, cfg: RunConfig, bases: Bases, arm_models: dict[str, IVMModel]) -> None:
+    """5. VQA on cluttered scenes without IVM, with the best arm's masks, and with the true masks."""
+    best = max((a for a in arm_models if a != "mixed_oracle"), key=lambda a: recipe.metrics[f"{a}/mIoU"])
+    recipe.metrics["vqa/ivm_arm"] = best
     lo, hi = cfg.data.clutter_objects
-    clutter = World(WorldConfig(min_objects=lo, max_objects=hi), seed=cfg.data.world_seed).scenes("test", cfg.data.clutter_scenes)
+    clutter = World(WorldConfig(min_objects=lo, max_objects=hi), seed=cfg.data.world_seed).scenes(
+        "test", cfg.data.clutter_scenes)
     if cfg.vqa_url:
         answerer = chat_completions_answerer(cfg.vqa_url, cfg.vqa_model or "default", os.environ.get("IVM_VQA_API_KEY"))
     else:
-        answerer = llava_answerer(load_pretrained(LlavaForConditionalGeneration, llava_path, "the LLaVA base"), processor,
-                                  TinyVLMConfig(kind="llava", image_size=vision.image_size, patch_size=vision.patch_size))
-    metrics |= vqa_with_and_without_ivm(answerer, arm_models[best], processor, clutter, cfg.vqa_threshold,
-                                        cfg.vqa_mode, out_path=root / "predictions_vqa.jsonl")
-    metrics["time/total_s"] = time.time() - t_start
-    path = write_metrics(root / "metrics.json", metrics, config=cfg.to_dict())
-    print_table(metrics, cfg.arms)
-    print(path)
-    return path
+        vision = AutoConfig.from_pretrained(bases.llava).vision_config
+        answerer = llava_answerer(load_pretrained(LlavaForConditionalGeneration, bases.llava, "the LLaVA base"),
+                                  bases.processor, TinyVLMConfig(kind="llava", image_size=vision.image_size,
+                                                                 patch_size=vision.patch_size))
+    recipe.metrics |= vqa_with_and_without_ivm(answerer, arm_models[best], bases.processor, clutter, cfg.vqa_threshold,
+                                               cfg.vqa_mode, out_path=recipe.root / "predictions_vqa.jsonl")
 
 
 def print_table(m: dict, arms=ARMS) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from groundlab.shared.cli import ArgumentParser, add_run_commands, cli_main, run_command
+from groundlab.shared.cli import cli_main, package_cli
 from groundlab.shared.inputs import check_box, check_point, check_text, parse_numbers
 
 
@@ -46,9 +46,11 @@ def box_mask(box: tuple[float, float, float, float], shape: tuple[int, int]) -> 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="groundlab-omg-llava")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_run_commands(sub)
+    package_cli("groundlab-omg-llava", "groundlab.omg_llava.train", argv, _add_commands,
+                {"chat": chat, "segment": chat, "convert-seg": convert_seg})
+
+
+def _add_commands(sub) -> None:
     for name, help_text in (("chat", "answer a prompt about an image"),
                             ("segment", "segment what an expression refers to")):
         c = sub.add_parser(name, help=help_text)
@@ -65,29 +67,24 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--class-embeddings", required=True, type=Path, help="the CLIP text embeddings of the classes")
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--prefix", default="", help="a prefix of every checkpoint key to strip, e.g. visual_encoder.")
-    args, extra = parser.parse_known_args(argv)
 
-    if args.cmd in ("train", "eval"):
-        from .train import RunConfig, run
 
-        run_command(RunConfig, run, args, extra)
-        return
-    if extra:
-        raise ValueError(f"unexpected arguments {extra}")
-    if args.cmd == "convert-seg":
-        from .convert import convert_omg_seg_to_dir
+def convert_seg(args) -> None:
+    from .convert import convert_omg_seg_to_dir
 
-        for path in (args.checkpoint, args.class_embeddings):
-            if not path.is_file():
-                raise FileNotFoundError(f"no such file: {path}")
-        convert_omg_seg_to_dir(args.checkpoint, args.class_embeddings, args.out, prefix=args.prefix)
-        return
+    for path in (args.checkpoint, args.class_embeddings):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+    convert_omg_seg_to_dir(args.checkpoint, args.class_embeddings, args.out, prefix=args.prefix)
 
+
+def chat(args) -> None:
+    """``chat`` (a prompt) and ``segment`` (the RES question for an expression)."""
     from PIL import Image
 
     from groundlab.shared.world_io import load_image
 
-    from .data import MARK, REGION, RES_PROMPT
+    from .processing import MARK, REGION, RES_PROMPT
 
     # every input is checked before the model is loaded
     check_text(args.prompt, "--prompt")

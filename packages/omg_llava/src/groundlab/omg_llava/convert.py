@@ -34,7 +34,8 @@ import torch
 
 from groundlab.shared.loading import load_state, torch_load
 
-from .modeling import IMAGE_TOKEN, OMGLlavaForCausalLM
+from .modeling import OMGLlavaForCausalLM
+from .processing import IMAGE_TOKEN
 
 OFFICIAL_ADDED = ("[SEG]", "<p>", "</p>", "<region>")  # in the order the release adds them
 INTERNLM2_VOCAB = 92544

@@ -35,13 +35,18 @@ from groundlab.shared.inputs import check_xywh
 from groundlab.shared.world import Scene
 from groundlab.shared.world_io import decode_rle, encode_rle, image_file_name
 
-SEG, BOP, EOP, REGION, MARK, IMAGE = "[SEG]", "<p>", "</p>", "<region>", "<mark>", "<image>"
-
-RES_PROMPT = "Please segment {sent} in this image."
-GCG_PROMPT = ("Could you please give me a detailed description of the image? Please respond with interleaved "
-              "segmentation masks for the corresponding parts of the answer.")
-REGION_PROMPT = "Please give me a short description of region1 <region>."
-POINT_PROMPT = "What is the object at Mark 1 <mark>?"
+from .processing import (
+    BOP,
+    EOP,
+    GCG_PROMPT,
+    IMAGE_TOKEN,
+    MARK,
+    POINT_PROMPT,
+    REGION,
+    REGION_PROMPT,
+    RES_PROMPT,
+    SEG,
+)
 
 
 @dataclass
@@ -63,8 +68,8 @@ def check_sample(s: Sample, where: str) -> Sample:
     """The counts a sample must satisfy (raising with ``where`` and the sample id)."""
     if not s.conversation or s.conversation[0]["from"] != "human":
         raise ValueError(f"{where}: {s.id}: a conversation starts with a human turn")
-    if _count(s.conversation, IMAGE, "human") != 1:
-        raise ValueError(f"{where}: {s.id}: expected one {IMAGE} in the human turns")
+    if _count(s.conversation, IMAGE_TOKEN, "human") != 1:
+        raise ValueError(f"{where}: {s.id}: expected one {IMAGE_TOKEN} in the human turns")
     n_seg = _count(s.conversation, SEG, "gpt")
     if n_seg != len(s.seg_masks):
         raise ValueError(f"{where}: {s.id}: {n_seg} {SEG} tokens in the answers but {len(s.seg_masks)} masks")
@@ -132,13 +137,13 @@ def tag_caption(caption: str, spans: list[tuple[int, int]]) -> str:
 def llava_record(scene: Scene, qa_index: int = 0) -> dict:
     qa = scene.qa[qa_index % len(scene.qa)]
     return {"id": f"{scene.split}-{scene.index}-qa", "image": image_file_name(scene),
-            "conversations": [{"from": "human", "value": f"{IMAGE}\n{qa.question}"},
+            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{qa.question}"},
                               {"from": "gpt", "value": qa.answer}]}
 
 
 def caption_record(scene: Scene) -> dict:
     return {"id": f"{scene.split}-{scene.index}-cap", "image": image_file_name(scene),
-            "conversations": [{"from": "human", "value": f"{IMAGE}\nDescribe the image."},
+            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\nDescribe the image."},
                               {"from": "gpt", "value": scene.caption}]}
 
 
@@ -167,14 +172,14 @@ def osprey_record(scene: Scene, target: int, description: str) -> dict:
     x, y, bw, bh = obj.bbox
     return {"id": f"{scene.split}-{scene.index}-region{target}", "file_name": image_file_name(scene), "height": h,
             "width": w, "annotations": [{"bbox": [x, y, bw, bh], "segmentation": encode_rle(obj.mask)}],
-            "conversations": [{"from": "human", "value": f"{IMAGE}\n{REGION_PROMPT}"},
+            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{REGION_PROMPT}"},
                               {"from": "gpt", "value": description}]}
 
 
 def mdvp_record(scene: Scene, target: int, point: tuple[int, int], answer: str) -> dict:
     return {"id": f"{scene.split}-{scene.index}-mark{target}", "image": image_file_name(scene),
             "points": [list(point)],
-            "conversations": [{"from": "human", "value": f"{IMAGE}\n{POINT_PROMPT}"},
+            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{POINT_PROMPT}"},
                               {"from": "gpt", "value": answer}]}
 
 
@@ -233,7 +238,7 @@ def load_grandf(path: str | Path, image_root: str | Path) -> list[Sample]:
             items.append(((start, end), mask))
         items.sort(key=lambda t: t[0][0])
         answer = tag_caption(caption, [s for s, _ in items])
-        conv = [{"from": "human", "value": f"{IMAGE}\n{GCG_PROMPT}"}, {"from": "gpt", "value": answer}]
+        conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{GCG_PROMPT}"}, {"from": "gpt", "value": answer}]
         out.append(check_sample(Sample(str(rec.get("image_id", i)), Path(image_root) / rec["file_name"], conv,
                                        [m for _, m in items], task="gcg"), str(path)))
     return out
@@ -268,7 +273,7 @@ def load_refcocog_gcg(path: str | Path, image_root: str | Path) -> list[Sample]:
             if a[1] > b[0]:
                 a[1] = b[0]
         answer = tag_caption(caption, [(a, b) for a, b, _ in items])
-        conv = [{"from": "human", "value": f"{IMAGE}\n{GCG_PROMPT}"}, {"from": "gpt", "value": answer}]
+        conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{GCG_PROMPT}"}, {"from": "gpt", "value": answer}]
         out.append(check_sample(Sample(str(rec["id"]), Path(image_root) / rec["img_file_name"], conv,
                                        [m for _, _, m in items], task="gcg"), str(path)))
     return out
@@ -326,7 +331,7 @@ def res_samples(refer, split: str) -> list[Sample]:
     (ref, sentence), prompt ``"Please segment {sent} in this image."``, answer ``"It is [SEG]."``."""
     out = []
     for r in refer.samples(split):
-        conv = [{"from": "human", "value": f"{IMAGE}\n{RES_PROMPT.format(sent=r.sentence)}"},
+        conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{RES_PROMPT.format(sent=r.sentence)}"},
                 {"from": "gpt", "value": f"It is {SEG}."}]
         out.append(Sample(f"{r.ref_id}-{r.sent_id}", r.image_path, conv, [r.mask], task="res"))
     return out

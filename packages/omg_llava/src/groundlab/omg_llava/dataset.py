@@ -12,43 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from groundlab.shared.multimodal import (
     ChatTemplate,
     expand_token,
-    pad_batch,
     tokenize_conversation,
     tokenize_prompt,
 )
 from groundlab.shared.world_io import load_image
 
-from .data import MARK, REGION, Sample
-from .modeling import IMAGE_TOKEN, OMGLlavaForCausalLM, Perception
-
-
-def to_input_frame(masks: list[np.ndarray] | np.ndarray, size: int) -> torch.Tensor:
-    """(N, H, W) bool masks -> (N, size, size) bool in the segmenter's frame (pad bottom / right to a
-    square, nearest resize)."""
-    if len(masks) == 0:
-        return torch.zeros(0, size, size, dtype=torch.bool)
-    m = torch.from_numpy(np.stack([np.asarray(x, bool) for x in masks]))
-    h, w = m.shape[-2:]
-    side = max(h, w)
-    m = F.pad(m.float(), (0, side - w, 0, side - h))
-    return F.interpolate(m[None], size=(size, size), mode="nearest")[0] > 0.5
-
-
-def from_input_frame(logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(N, s, s) mask logits in the segmenter's frame -> (N, H, W) logits of the original image (resize to
-    the padded square, then crop the padding away)."""
-    h, w = hw
-    side = max(h, w)
-    if logits.shape[0] == 0:
-        return logits.new_zeros(0, h, w)
-    up = F.interpolate(logits[None].float(), size=(side, side), mode="bilinear", align_corners=False)[0]
-    return up[:, :h, :w]
+from .data import Sample
+from .modeling import OMGLlavaForCausalLM, Perception
+from .processing import IMAGE_TOKEN, MARK, REGION, to_input_frame
 
 
 class PerceptionCache:
@@ -133,22 +109,6 @@ class OMGDataset(Dataset):
         ids = expand_token({"input_ids": tokenize_prompt(self.tok, s.conversation[:-1], self.template)},
                            self.image_id, p.num_tokens(self.use_objects))
         return {**ids, "perception": p, "prompts": self.prompts(s, hw), "hw": hw}
-
-
-class OMGCollator:
-    """Pads the token side (right for training, left for generation); the rest stays per sample."""
-
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
-        self.pad, self.side = pad_token_id, padding_side
-
-    def __call__(self, samples: list[dict]) -> dict:
-        batch = pad_batch([{k: s[k] for k in ("input_ids", "labels") if k in s} for s in samples], self.pad,
-                          self.side)
-        batch["perception"] = [s["perception"] for s in samples]
-        batch["prompts"] = [s["prompts"] for s in samples]
-        if "seg_masks" in samples[0]:
-            batch["seg_masks"] = [s["seg_masks"] for s in samples]
-        return batch
 
 
 def image_paths(samples: list[Sample]) -> list[Path]:

@@ -27,8 +27,9 @@ from groundlab.shared.config import iter_jsonl
 from groundlab.shared.metrics import caption_metrics, mask_ap, mask_iou, res_metrics
 from groundlab.shared.world_io import decode_rle, encode_rle
 
-from .data import BOP, EOP, SEG, Sample
-from .dataset import OMGCollator, OMGDataset, from_input_frame
+from .data import Sample
+from .dataset import OMGDataset
+from .processing import BOP, EOP, SEG, OMGCollator, from_input_frame
 
 TAG = re.compile(rf"{re.escape(BOP)}\s*(.*?)\s*{re.escape(EOP)}")
 

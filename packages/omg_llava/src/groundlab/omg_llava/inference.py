@@ -21,20 +21,11 @@ from transformers import AutoTokenizer
 
 from groundlab.shared.inputs import check_image_array, check_mask, check_point, check_text
 from groundlab.shared.loading import load_pretrained
-from groundlab.shared.multimodal import ChatTemplate, expand_token, tokenize_prompt
+from groundlab.shared.multimodal import expand_token, tokenize_prompt
 
-from .data import IMAGE, MARK, REGION, RES_PROMPT
-from .dataset import from_input_frame, to_input_frame
 from .evaluation import answer_text
-from .modeling import IMAGE_TOKEN, OMGLlavaForCausalLM
-
-TEMPLATES = {
-    # the world tokenizer's Vicuna-style layout (the tiny LLaVA base was trained with it)
-    "vicuna": ChatTemplate(),
-    # InternLM2-chat, as the release formats its conversations
-    "internlm2": ChatTemplate(user_prefix="<|im_start|>user\n", assistant_prefix="<|im_end|>\n<|im_start|>assistant\n",
-                              answer_lead="", turn_end="<|im_end|>", sep="\n"),
-}
+from .modeling import OMGLlavaForCausalLM
+from .processing import IMAGE_TOKEN, MARK, REGION, RES_PROMPT, TEMPLATES, from_input_frame, to_input_frame
 
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
                     (240, 50, 230), (210, 245, 60)], np.uint8)
@@ -79,7 +70,7 @@ class OMGLlavaPipeline:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         seg = self.model.segmenter
         p = self.model.perceive(seg.preprocess([image]))[0]
-        text = prompt if IMAGE in prompt else f"{IMAGE}\n{prompt}"
+        text = prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
         ids = tokenize_prompt(self.tok, [{"from": "human", "value": text}], self.template)
         ids = expand_token({"input_ids": ids}, self.model.config.token_ids[IMAGE_TOKEN],
                            p.num_tokens(self.model.config.use_object_tokens))["input_ids"]

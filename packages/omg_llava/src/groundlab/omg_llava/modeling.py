@@ -34,10 +34,7 @@ from groundlab.shared.multimodal import splice_features
 from .losses import mask_loss
 from .omg_seg import OMGSegConfig, OMGSegModel
 from .perception import perception_prior, pixel_unshuffle
-
-SPECIAL_TOKENS = ("[SEG]", "<p>", "</p>", "<region>", "<mark>")
-IMAGE_TOKEN = "<image>"
-PROMPT_KINDS = {"<region>": "mask", "<mark>": "point"}  # placeholder -> the segmenter's prompt kind
+from .processing import IMAGE_TOKEN, PROMPT_KINDS, SPECIAL_TOKENS
 
 
 class OMGLlavaConfig(PretrainedConfig):

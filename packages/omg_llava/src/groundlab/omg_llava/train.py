@@ -37,24 +37,18 @@ from groundlab.shared.config import load_config, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, load_state, torch_load
 from groundlab.shared.lora import apply_lora, linear_names
-from groundlab.shared.runs import (
-    content_hash,
-    mark_complete,
-    reuse_or_reset,
-    runs_root,
-    weights_hash,
-    write_metrics,
-)
-from groundlab.shared.training import TrainConfig, resolve_bf16, train
+from groundlab.shared.recipe import Recipe, train_key
+from groundlab.shared.runs import content_hash, weights_hash, write_metrics
+from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import Refer
 
 from .data import export_world, load_world_export
-from .dataset import OMGCollator, OMGDataset, PerceptionCache, image_paths
+from .dataset import OMGDataset, PerceptionCache, image_paths
 from .evaluation import baseline_predictions, predict, read_predictions, res_breakdown, score
-from .inference import TEMPLATES
-from .modeling import IMAGE_TOKEN, SPECIAL_TOKENS, OMGLlavaConfig, OMGLlavaForCausalLM
+from .modeling import OMGLlavaConfig, OMGLlavaForCausalLM
 from .omg_seg import OMGSegConfig, OMGSegModel
+from .processing import IMAGE_TOKEN, SPECIAL_TOKENS, TEMPLATES, OMGCollator
 from .seg_pretrain import PanopticCollator, SegmenterForTraining, WorldPanopticDataset
 from .seg_pretrain import evaluate as evaluate_segmenter
 
@@ -154,10 +148,6 @@ class RunConfig:
         return asdict(self)
 
 
-def _train_key(cfg: TrainConfig) -> dict:
-    return asdict(cfg) | {"progress_bar": None, "bf16": resolve_bf16(cfg.bf16)}
-
-
 # ----------------------------------------------------------------------------------------------
 # building the model
 
@@ -255,157 +245,183 @@ class Stage2(nn.Module):
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
+    """The whole run (see the module docstring); returns the path of its ``metrics.json``."""
     setup_logging()
-    t_start = time.time()
-    root = runs_root() / "omg_llava" / cfg.name
-    root.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.stage2.seed)
-    metrics: dict[str, float] = {}
-
-    # 1. data
-    if cfg.data.root:
-        data_dir = Path(cfg.data.root)
-    else:
-        world = World(WorldConfig(), seed=cfg.data.world_seed)
-        data_dir = root / f"data-{content_hash(asdict(cfg.data), world.config.key())}"
-        if not reuse_or_reset(data_dir, force):
-            counts = export_world(world, data_dir, cfg.data.train_scenes, cfg.data.val_scenes, cfg.data.qa_per_scene)
-            write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
-            mark_complete(data_dir)
-    stage1_samples = load_world_export(data_dir, "train", cfg.data.stage1_tasks)
-    stage2_samples = load_world_export(data_dir, "train", cfg.data.stage2_tasks)
-    eval_samples = {t: load_world_export(data_dir, "val", (t,)) for t in cfg.data.eval_tasks}
-    if "res" in eval_samples and not cfg.eval.res_all_sentences:
-        first = {}
-        for s in eval_samples["res"]:  # ids are "<ref_id>-<sent_id>"
-            first.setdefault(s.id.split("-")[0], s)
-        eval_samples["res"] = list(first.values())
-    metrics |= {"data/stage1_samples": len(stage1_samples), "data/stage2_samples": len(stage2_samples)}
-    metrics |= {f"data/stage2/{k}": v for k, v in Counter(s.task for s in stage2_samples).items()}
-    metrics |= {f"data/eval/{t}": len(v) for t, v in eval_samples.items()}
-
-    # 2. segmenter
-    s_cfg = cfg.segmenter
-    if s_cfg.pretrained:
-        seg_path = Path(s_cfg.pretrained)
-    else:
-        seg_dir = root / f"segmenter-{content_hash(s_cfg.config, s_cfg.scenes, s_cfg.num_points, _train_key(s_cfg.train), cfg.data.world_seed)}"
-        seg_path = seg_dir / "model"
-        world = World(WorldConfig(), seed=cfg.data.world_seed)
-        if not reuse_or_reset(seg_dir, force):
-            torch.manual_seed(s_cfg.train.seed)
-            segmenter = OMGSegModel(OMGSegConfig(**s_cfg.config))
-            untrained = evaluate_segmenter(segmenter, world, "val", s_cfg.eval_scenes)
-            t0 = time.time()
-            train(SegmenterForTraining(segmenter, s_cfg.num_points),
-                  WorldPanopticDataset(world, "train", s_cfg.scenes, seed=s_cfg.train.seed),
-                  PanopticCollator(segmenter, seed=s_cfg.train.seed), s_cfg.train, seg_dir / "checkpoints")
-            seg_metrics = {"time/train_s": time.time() - t0}
-            seg_metrics |= evaluate_segmenter(segmenter, world, "val", s_cfg.eval_scenes)
-            seg_metrics |= {f"baseline/untrained/{k}": v for k, v in untrained.items()}
-            segmenter.save_pretrained(seg_path)
-            write_metrics(seg_dir / "metrics.json", seg_metrics, config=asdict(s_cfg))
-            mark_complete(seg_dir)
-        metrics |= {f"segmenter/{k}": v for k, v in json.loads((seg_dir / "metrics.json").read_text()).items()
-                    if k not in ("config", "git_commit")}
-    segmenter = load_pretrained(OMGSegModel, seg_path, "the OMG-Seg segmenter")
-
-    # the LLM and its tokenizer
-    if cfg.model.llm:
-        llm_path = Path(cfg.model.llm)
-
-        def fresh_llm():
-            return load_pretrained(AutoModelForCausalLM, llm_path, "the LLM")
-    else:
-        llm_path = ensure_base("llava")
-
-        def fresh_llm():
-            return llm_from_llava(llm_path)
-    template = TEMPLATES[cfg.model.template]
-
-    def fresh_model(seed: int) -> tuple[OMGLlavaForCausalLM, object]:
-        tok = AutoTokenizer.from_pretrained(llm_path)
-        torch.manual_seed(seed)
-        return build_model(segmenter, fresh_llm(), tok, cfg.model), tok
-
-    model, tok = fresh_model(cfg.stage1.seed)
-    all_samples = stage1_samples + stage2_samples + [s for v in eval_samples.values() for s in v]
+    recipe = Recipe("omg_llava", cfg.name, force)
+    data = prepare_data(recipe, cfg)
+    builder = ModelBuilder(cfg, pretrain_segmenter(recipe, cfg))
+    model, tok = builder.fresh(cfg.stage1.seed)
     t0 = time.time()
-    cache = PerceptionCache(model, image_paths(all_samples))
-    metrics["time/perception_s"] = time.time() - t0
-    stamp = content_hash(asdict(cfg.model), str(llm_path), str(seg_path), weights_hash(seg_path),
-                         str(data_dir), cfg.data.max_length)
-
-    def dataset(samples):
-        return OMGDataset(samples, tok, template, model, cache, cfg.data.max_length)
-
-    # 3. stage 1
-    s1_dir = root / f"stage1-{content_hash(stamp, _train_key(cfg.stage1), cfg.data.stage1_tasks)}"
-    if not reuse_or_reset(s1_dir, force):
-        t0 = time.time()
-        wrapper = Stage1(model)
-        train(wrapper, dataset(stage1_samples), OMGCollator(tok.pad_token_id), cfg.stage1, s1_dir / "checkpoints")
-        metrics["time/stage1_s"] = time.time() - t0
-        torch.save({"projector": model.projector.state_dict(), "text2vision": model.text2vision.state_dict()},
-                   s1_dir / "stage1.pt")
-        mark_complete(s1_dir)
-    stage1 = torch_load(s1_dir / "stage1.pt", "stage-1 weights")
-    load_state(model.projector, stage1["projector"], f"{s1_dir / 'stage1.pt'}: projector")
-    load_state(model.text2vision, stage1["text2vision"], f"{s1_dir / 'stage1.pt'}: text2vision")
-
-    # 4. stage 2
-    s2_dir = root / f"stage2-{content_hash(stamp, str(s1_dir), _train_key(cfg.stage2), cfg.data.stage2_tasks)}"
-    if not reuse_or_reset(s2_dir, force):
-        t0 = time.time()
-        wrapper = Stage2(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
-        train(wrapper, dataset(stage2_samples), OMGCollator(tok.pad_token_id), cfg.stage2, s2_dir / "checkpoints")
-        metrics["time/stage2_s"] = time.time() - t0
-        metrics["stage2/seg_mismatched"] = wrapper.mismatched
-        model = wrapper.merged()
-        model.save_pretrained(s2_dir / "model")
-        tok.save_pretrained(s2_dir / "model")
-        mark_complete(s2_dir)
+    cache = PerceptionCache(model, image_paths(data.stage1 + data.stage2 + [s for v in data.eval.values() for s in v]))
+    recipe.metrics["time/perception_s"] = time.time() - t0
+    stamp = content_hash(asdict(cfg.model), str(builder.llm_path), str(builder.seg_path), weights_hash(builder.seg_path),
+                         str(data.root), cfg.data.max_length)
+    s1_dir = train_stage1(recipe, cfg, model, tok, cache, data, stamp)
+    s2_dir = train_stage2(recipe, cfg, model, tok, cache, data, stamp, s1_dir)
     model = load_pretrained(OMGLlavaForCausalLM, s2_dir / "model", "OMG-LLaVA")
     tok = AutoTokenizer.from_pretrained(s2_dir / "model")
     model.check_tokenizer(tok)
     cache.model = model
+    evaluate_run(recipe, cfg, data, model, tok, builder.fresh(cfg.stage1.seed + 1)[0], cache)
+    return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.data.eval_tasks))
 
-    # 5. evaluation
-    untrained, _ = fresh_model(cfg.stage1.seed + 1)
-    refer = Refer(data_dir, data_dir / "images")
+
+@dataclass
+class Data:
+    """The run's exported (or real) data directory and the samples each stage reads from it."""
+
+    root: Path
+    stage1: list
+    stage2: list
+    eval: dict[str, list]
+
+
+def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
+    """1. The world exported in every format the model trains on, read back by the real loaders."""
+    world = World(WorldConfig(), seed=cfg.data.world_seed)
+
+    def export(out: Path) -> None:
+        counts = export_world(world, out, cfg.data.train_scenes, cfg.data.val_scenes, cfg.data.qa_per_scene)
+        write_metrics(out / "counts.json", counts, config=asdict(cfg.data))
+
+    root = Path(cfg.data.root) if cfg.data.root else recipe.stage("data", asdict(cfg.data), world.config.key(),
+                                                                  build=export)
+    data = Data(root, load_world_export(root, "train", cfg.data.stage1_tasks),
+                load_world_export(root, "train", cfg.data.stage2_tasks),
+                {t: load_world_export(root, "val", (t,)) for t in cfg.data.eval_tasks})
+    if "res" in data.eval and not cfg.eval.res_all_sentences:
+        first = {}
+        for s in data.eval["res"]:  # ids are "<ref_id>-<sent_id>"
+            first.setdefault(s.id.split("-")[0], s)
+        data.eval["res"] = list(first.values())
+    m = recipe.metrics
+    m |= {"data/stage1_samples": len(data.stage1), "data/stage2_samples": len(data.stage2)}
+    m |= {f"data/stage2/{k}": v for k, v in Counter(s.task for s in data.stage2).items()}
+    m |= {f"data/eval/{t}": len(v) for t, v in data.eval.items()}
+    return data
+
+
+def pretrain_segmenter(recipe: Recipe, cfg: RunConfig) -> Path:
+    """2. The tiny OMG-Seg pre-trained on the world (panoptic + prompts), or a given pretrained one;
+    returns the ``from_pretrained`` directory. Its held-out PQ / prompted mIoU join the run's metrics."""
+    s_cfg = cfg.segmenter
+    if s_cfg.pretrained:
+        return Path(s_cfg.pretrained)
+    world = World(WorldConfig(), seed=cfg.data.world_seed)
+
+    def fit(out: Path) -> None:
+        torch.manual_seed(s_cfg.train.seed)
+        segmenter = OMGSegModel(OMGSegConfig(**s_cfg.config))
+        untrained = evaluate_segmenter(segmenter, world, "val", s_cfg.eval_scenes)
+        t0 = time.time()
+        train(SegmenterForTraining(segmenter, s_cfg.num_points),
+              WorldPanopticDataset(world, "train", s_cfg.scenes, seed=s_cfg.train.seed),
+              PanopticCollator(segmenter, seed=s_cfg.train.seed), s_cfg.train, out / "checkpoints")
+        seg_metrics = {"time/train_s": time.time() - t0} | evaluate_segmenter(segmenter, world, "val", s_cfg.eval_scenes)
+        seg_metrics |= {f"baseline/untrained/{k}": v for k, v in untrained.items()}
+        segmenter.save_pretrained(out / "model")
+        write_metrics(out / "metrics.json", seg_metrics, config=asdict(s_cfg))
+
+    seg_dir = recipe.stage("segmenter", s_cfg.config, s_cfg.scenes, s_cfg.num_points, train_key(s_cfg.train),
+                           cfg.data.world_seed, build=fit)
+    recipe.metrics |= {f"segmenter/{k}": v for k, v in json.loads((seg_dir / "metrics.json").read_text()).items()
+                       if k not in ("config", "git_commit")}
+    return seg_dir / "model"
+
+
+class ModelBuilder:
+    """OMG-LLaVA as every stage starts it: the frozen segmenter + the LLM (the tiny LLaVA base's, or
+    ``model.llm``) with the special tokens added."""
+
+    def __init__(self, cfg: RunConfig, seg_path: Path):
+        self.cfg, self.seg_path = cfg, seg_path
+        self.segmenter = load_pretrained(OMGSegModel, seg_path, "the OMG-Seg segmenter")
+        self.llm_path = Path(cfg.model.llm) if cfg.model.llm else ensure_base("llava")
+
+    def fresh(self, seed: int) -> tuple[OMGLlavaForCausalLM, object]:
+        tok = AutoTokenizer.from_pretrained(self.llm_path)
+        torch.manual_seed(seed)
+        llm = (load_pretrained(AutoModelForCausalLM, self.llm_path, "the LLM") if self.cfg.model.llm
+               else llm_from_llava(self.llm_path))
+        return build_model(self.segmenter, llm, tok, self.cfg.model), tok
+
+
+def _dataset(cfg: RunConfig, samples, tok, model, cache) -> OMGDataset:
+    return OMGDataset(samples, tok, TEMPLATES[cfg.model.template], model, cache, cfg.data.max_length)
+
+
+def train_stage1(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok, cache, data: Data,
+                 stamp: str) -> Path:
+    """3. Projector + ``text2vision`` on captions, CE + reconstruction; loaded into ``model``."""
+    def fit(out: Path) -> None:
+        train(Stage1(model), _dataset(cfg, data.stage1, tok, model, cache), OMGCollator(tok.pad_token_id),
+              cfg.stage1, out / "checkpoints")
+        torch.save({"projector": model.projector.state_dict(), "text2vision": model.text2vision.state_dict()},
+                   out / "stage1.pt")
+
+    s1_dir = recipe.stage("stage1", stamp, train_key(cfg.stage1), cfg.data.stage1_tasks, build=fit)
+    stage1 = torch_load(s1_dir / "stage1.pt", "stage-1 weights")
+    load_state(model.projector, stage1["projector"], f"{s1_dir / 'stage1.pt'}: projector")
+    load_state(model.text2vision, stage1["text2vision"], f"{s1_dir / 'stage1.pt'}: text2vision")
+    return s1_dir
+
+
+def train_stage2(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok, cache, data: Data, stamp: str,
+                 s1_dir: Path) -> Path:
+    """4. LoRA on every Linear of the LLM + embeddings, LM head, projector, ``text2vision`` on the
+    instruction mix; CE + the ``[SEG]`` mask loss; merged and saved whole (``save_pretrained``)."""
+    def fit(out: Path) -> None:
+        wrapper = Stage2(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+        train(wrapper, _dataset(cfg, data.stage2, tok, model, cache), OMGCollator(tok.pad_token_id), cfg.stage2,
+              out / "checkpoints")
+        recipe.metrics["stage2/seg_mismatched"] = wrapper.mismatched
+        wrapper.merged().save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+
+    return recipe.stage("stage2", stamp, str(s1_dir), train_key(cfg.stage2), cfg.data.stage2_tasks, build=fit)
+
+
+def _instance_masks(data: Data) -> dict[str, list]:
+    """Every object's mask of each RES image (for the every-object baseline and the breakdown)."""
+    refer = Refer(data.root, data.root / "images")
     instances = {}
-    for s in eval_samples.get("res", []):
+    for s in data.eval.get("res", []):
         if str(s.image) not in instances:
             img_id = next(r.image_id for r in refer.samples("val") if r.image_path == s.image)
             instances[str(s.image)] = [refer.coco.annToMask(a).astype(bool)
                                        for a in refer.coco.loadAnns(refer.coco.getAnnIds(imgIds=[img_id]))]
+    return instances
+
+
+def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrained, cache) -> None:
+    """5. Predictions JSONL, then scores from the file, for every eval task, the trained and the
+    untrained model, beside the trivial baselines (whole image / random object / every object for RES,
+    the most frequent training answer for the others)."""
+    instances = _instance_masks(data)
+    m, root = recipe.metrics, recipe.root
     t0 = time.time()
-    for task, samples in eval_samples.items():
-        ds = dataset(samples)
-        for name, m in (("", model), ("baseline/untrained/", untrained)):
-            path = predict(m, ds, tok, root / f"predictions_{name.replace('/', '_')}{task}.jsonl",
+    for task, samples in data.eval.items():
+        ds = _dataset(cfg, samples, tok, model, cache)
+        for name, net in (("", model), ("baseline/untrained/", untrained)):
+            path = predict(net, ds, tok, root / f"predictions_{name.replace('/', '_')}{task}.jsonl",
                            cfg.eval.batch_size, cfg.eval.max_new_tokens.get(task, 48))
-            metrics |= {f"{name}{task}/{k}": v for k, v in score(task, path, samples).items()}
+            m |= {f"{name}{task}/{k}": v for k, v in score(task, path, samples).items()}
             if task == "res":
-                metrics |= {f"{name}res/{k}": v
-                            for k, v in res_breakdown(read_predictions(path, samples), samples, instances).items()}
+                m |= {f"{name}res/{k}": v
+                      for k, v in res_breakdown(read_predictions(path, samples), samples, instances).items()}
         if task == "res":
             for kind in ("whole", "random_object", "union"):
                 path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",
                                             instance_masks=instances)
-                metrics |= {f"baseline/{kind}/res/{k}": v for k, v in score(task, path, samples).items()}
+                m |= {f"baseline/{kind}/res/{k}": v for k, v in score(task, path, samples).items()}
         else:
-            train_answers = Counter(s.conversation[-1]["value"] for s in stage2_samples if s.task == task)
-            const = train_answers.most_common(1)[0][0] if train_answers else ""
+            answers = Counter(s.conversation[-1]["value"] for s in data.stage2 if s.task == task)
+            const = answers.most_common(1)[0][0] if answers else ""
             path = baseline_predictions(samples, "constant", root / f"predictions_baseline_constant_{task}.jsonl",
                                         answer=const)
-            metrics |= {f"baseline/constant/{task}/{k}": v for k, v in score(task, path, samples).items()}
-    metrics["time/eval_s"] = time.time() - t0
-    metrics["time/total_s"] = time.time() - t_start
-    path = write_metrics(root / "metrics.json", metrics, config=cfg.to_dict())
-    print_table(metrics, cfg.data.eval_tasks)
-    print(path)
-    return path
+            m |= {f"baseline/constant/{task}/{k}": v for k, v in score(task, path, samples).items()}
+    m["time/eval_s"] = time.time() - t0
 
 
 def print_table(m: dict, tasks) -> None:

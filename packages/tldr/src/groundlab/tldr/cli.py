@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from groundlab.shared.cli import ArgumentParser, add_run_commands, cli_main, run_command
+from groundlab.shared.cli import cli_main, package_cli
 from groundlab.shared.inputs import check_text
 
 
@@ -36,8 +36,8 @@ def _load(model_dir: Path):
     from groundlab.shared.config import read_json
     from groundlab.shared.lora import load_adapter
 
-    from .data import layout_for
     from .modeling import TldrRewardModel
+    from .processing import layout_for
 
     info = read_json(model_dir / "model.json", "TLDR model description")
     if not isinstance(info, dict) or not isinstance(info.get("backbone"), str):
@@ -55,9 +55,10 @@ def _load(model_dir: Path):
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="groundlab-tldr")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_run_commands(sub)
+    package_cli("groundlab-tldr", "groundlab.tldr.train", argv, _add_commands, {"score": score, "score-jsonl": score})
+
+
+def _add_commands(sub) -> None:
     s = sub.add_parser("score", help="per-token probabilities of one response, flagged tokens highlighted")
     s.add_argument("--image", required=True, type=Path)
     s.add_argument("--text", required=True)
@@ -71,15 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", required=True, type=Path)
     b.add_argument("--run", default="tiny")
     b.add_argument("--model", default=None)
-    args, extra = parser.parse_known_args(argv)
 
-    if args.cmd in ("train", "eval"):
-        from .train import RunConfig, run
 
-        run_command(RunConfig, run, args, extra)
-        return
-    if extra:
-        raise ValueError(f"unexpected arguments {extra}")
+def score(args) -> None:
+    """``score`` (one response) and ``score-jsonl`` (a file of them)."""
     from groundlab.shared.config import iter_jsonl
     from groundlab.shared.world_io import load_image
 

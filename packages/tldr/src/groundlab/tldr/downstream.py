@@ -19,12 +19,12 @@ from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import merge_scaled
 from groundlab.shared.world import Scene
 
-from .data import Layout, collator_for, encode_record, response_tokens
 from .metrics import ScoredResponse, hallucination_rates, sentence_ids_from_text
 from .modeling import GENERATORS
 from .perturb import check_caption
+from .processing import PROMPTS, Layout, collator_for, encode_record, response_tokens
 
-CAPTION_PROMPT = "caption en"
+CAPTION_PROMPT = PROMPTS["caption"]
 
 
 @torch.no_grad()

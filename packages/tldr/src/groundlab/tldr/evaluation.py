@@ -16,8 +16,9 @@ import torch
 
 from groundlab.shared.config import iter_jsonl
 
-from .data import TldrDataset, collator_for
+from .data import TldrDataset
 from .metrics import ScoredResponse, sentence_ids_from_text, tldr_metrics
+from .processing import collator_for
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,13 +26,15 @@ from groundlab.shared.bases import default_spec, ensure_base, smoke_spec
 from groundlab.shared.config import load_config, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
-from groundlab.shared.runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
+from groundlab.shared.recipe import Recipe, train_key
+from groundlab.shared.runs import write_metrics
 from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
-from .data import TldrDataset, collator_for, export_world, layout_for, read_jsonl
+from .data import TldrDataset, export_world, read_jsonl
 from .evaluation import all_good_baseline, predict, read_predictions, score_naive, score_tldr
 from .modeling import TldrRewardModel, with_lora
+from .processing import collator_for, layout_for
 
 logger = logging.getLogger("groundlab")
 
@@ -131,73 +132,101 @@ class RunConfig:
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
+    """The whole run (see the module docstring); returns the path of its ``metrics.json``."""
     setup_logging()
-    t_start = time.time()
-    root = runs_root() / "tldr" / cfg.name
     seed_everything(cfg.train.seed)
+    recipe = Recipe("tldr", cfg.name, force)
     pali = Path(cfg.model.backbone) if cfg.model.backbone else ensure_base("paligemma")
     processor = AutoProcessor.from_pretrained(pali)
-    tok = processor.tokenizer
+    data = prepare_data(recipe, cfg, pali, processor.tokenizer)
+    heads = {"tldr": "token"} | ({"naive": "last"} if cfg.naive else {})
+    models = {tag: train_reward_model(recipe, cfg, pali, processor, data, tag, head) for tag, head in heads.items()}
+    for tag, head in heads.items():
+        evaluate_reward_model(recipe, cfg, pali, processor, data, models[tag], tag, head)
+    if data.real:  # the downstream tables need the world's truth
+        return recipe.finish(cfg.to_dict(), print_table)
+    reward_model = load_adapter(_reward_model(cfg, pali), models["tldr"] / "adapter")
+    rate_captioners(recipe, cfg, processor, reward_model)
+    likelihood_optimisation(recipe, cfg, pali, processor, reward_model, models["tldr"])
+    return recipe.finish(cfg.to_dict(), print_table)
 
-    # 1. data
-    world_cfg = WorldConfig(image_size=cfg.data.image_size, glyph_prob=cfg.data.glyph_prob)
-    real = cfg.data.train_jsonl is not None
-    if real:
+
+@dataclass
+class Data:
+    """The run's TLDR JSONL files, their image root and their records."""
+
+    root: Path
+    train_file: Path
+    eval_file: Path
+    real: bool
+    train_records: list = field(default_factory=list)
+    eval_records: list = field(default_factory=list)
+
+
+def prepare_data(recipe: Recipe, cfg: RunConfig, pali: Path, tok) -> Data:
+    """1. The world exported as TLDR JSONL (train / val, negatives of every taxonomy), or real files."""
+    if cfg.data.train_jsonl is not None:
         if not (cfg.data.eval_jsonl and cfg.data.image_root):
             raise ValueError("data.train_jsonl needs data.eval_jsonl and data.image_root too")
-        data_dir = Path(cfg.data.image_root)
-        train_file, eval_file = Path(cfg.data.train_jsonl), Path(cfg.data.eval_jsonl)
+        data = Data(Path(cfg.data.image_root), Path(cfg.data.train_jsonl), Path(cfg.data.eval_jsonl), real=True)
     else:
-        data_dir = root / f"data-{content_hash(asdict(cfg.data), str(pali))}"
-        train_file, eval_file = data_dir / "tldr_train.jsonl", data_dir / "tldr_val.jsonl"
-        if not reuse_or_reset(data_dir, force):
-            world = World(world_cfg, seed=cfg.data.world_seed)
+        def export(out: Path) -> None:
+            world = World(_world_config(cfg), seed=cfg.data.world_seed)
             counts = {}
             for split, n in (("train", cfg.data.train_scenes), ("val", cfg.data.eval_scenes)):
-                _, c = export_world(world, split, n, data_dir, tok, tasks=tuple(cfg.data.tasks))
+                _, c = export_world(world, split, n, out, tok, tasks=tuple(cfg.data.tasks))
                 counts |= {f"{split}/{k}": v for k, v in c.items()}
-            write_metrics(data_dir / "counts.json", counts, config=asdict(cfg.data))
-            mark_complete(data_dir)
-    train_records = read_jsonl(train_file, tok)
-    eval_records = read_jsonl(eval_file, tok)
+            write_metrics(out / "counts.json", counts, config=asdict(cfg.data))
 
-    metrics: dict[str, float] = {"data/train_records": len(train_records), "data/eval_records": len(eval_records)}
-    heads = ["token"] + (["last"] if cfg.naive else [])
-    models, model_dirs = {}, {}
-    for head in heads:
+        root = recipe.stage("data", asdict(cfg.data), str(pali), build=export)
+        data = Data(root, root / "tldr_train.jsonl", root / "tldr_val.jsonl", real=False)
+    data.train_records, data.eval_records = read_jsonl(data.train_file, tok), read_jsonl(data.eval_file, tok)
+    recipe.metrics |= {"data/train_records": len(data.train_records), "data/eval_records": len(data.eval_records)}
+    return data
+
+
+def _world_config(cfg: RunConfig) -> WorldConfig:
+    return WorldConfig(image_size=cfg.data.image_size, glyph_prob=cfg.data.glyph_prob)
+
+
+def _reward_model(cfg: RunConfig, pali: Path, head: str = "token") -> TldrRewardModel:
+    lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
+    return TldrRewardModel.from_backbone(str(pali), head=head, **lora)
+
+
+def train_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor, data: Data, tag: str,
+                       head: str) -> Path:
+    """2. A reward model on the PaliGemma backbone with LoRA: TLDR (``token`` head) or the naive binary
+    RM (``last``-token head); the same backbone, LoRA, data and steps. Returns its directory."""
+
+    def fit(out: Path) -> None:
+        seed_everything(cfg.train.seed)  # the LoRA's initialisation, whatever ran before
+        model = with_lora(_reward_model(cfg, pali, head))
+        logger.info("%s trainable parameters:\n%s", tag, trainable_report(model, depth=3))
         layout = layout_for(processor, head)
-        tag = "tldr" if head == "token" else "naive"
-        model_dir = root / f"{tag}-{content_hash(asdict(cfg.model), asdict(cfg.train) | {'progress_bar': None}, str(data_dir), head)}"
-        lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
-        base = TldrRewardModel.from_backbone(str(pali), head=head, **lora)
-        if not reuse_or_reset(model_dir, force):
-            model = with_lora(base)
-            logger.info("%s trainable parameters:\n%s", tag, trainable_report(model, depth=3))
-            t0 = time.time()
-            train(model, TldrDataset(train_records, data_dir, tok, layout), collator_for(processor, layout), cfg.train,
-                  model_dir / "checkpoints")
-            metrics[f"time/{tag}_train_s"] = time.time() - t0
-            save_adapter(model, model_dir / "adapter")
-            (model_dir / "model.json").write_text(json.dumps({"backbone": str(Path(pali).resolve()), "head": head}))
-            mark_complete(model_dir)
-        else:
-            model = load_adapter(base, model_dir / "adapter")
-        models[tag], model_dirs[tag] = model, model_dir
-        # 3. evaluation: predictions, then scores
-        eval_ds = TldrDataset(eval_records, data_dir, tok, layout)
-        preds_path = predict(model, eval_ds, processor, root / f"predictions_{tag}.jsonl")
-        preds = read_predictions(preds_path)
-        scores = score_tldr(preds) if head == "token" else score_naive(preds)
-        metrics |= {f"{tag}/{k}": v for k, v in scores.items()}
-        if head == "token":
-            metrics |= {f"baseline/all_good/{k}": v for k, v in all_good_baseline(preds).items()}
+        train(model, TldrDataset(data.train_records, data.root, processor.tokenizer, layout),
+              collator_for(processor, layout), cfg.train, out / "checkpoints")
+        save_adapter(model, out / "adapter")
+        (out / "model.json").write_text(json.dumps({"backbone": str(Path(pali).resolve()), "head": head}))
 
-    # 4. downstream: hallucination rates of two captioners (the world only: it knows the truth)
-    from .downstream import captioner_rates, rate_captions, restore_generator, tiny_captions
+    return recipe.stage(tag, asdict(cfg.model), train_key(cfg.train), str(data.root), head, build=fit)
 
-    if real:
-        return _finish(root, metrics, cfg, t_start)
 
+def evaluate_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor, data: Data, model_dir: Path,
+                          tag: str, head: str) -> None:
+    """3. Predictions JSONL of the saved model, then scores from the file, next to the all-good
+    baseline (Table 1's shape)."""
+    model = load_adapter(_reward_model(cfg, pali, head), model_dir / "adapter")
+    layout = layout_for(processor, head)
+    eval_ds = TldrDataset(data.eval_records, data.root, processor.tokenizer, layout)
+    preds = read_predictions(predict(model, eval_ds, processor, recipe.root / f"predictions_{tag}.jsonl"))
+    scores = score_tldr(preds) if head == "token" else score_naive(preds)
+    recipe.metrics |= {f"{tag}/{k}": v for k, v in scores.items()}
+    if head == "token":
+        recipe.metrics |= {f"baseline/all_good/{k}": v for k, v in all_good_baseline(preds).items()}
+
+
+def _captioner_specs(cfg: RunConfig):
     strong = smoke_spec("llava") if cfg.captioners.smoke else default_spec("llava")
     if cfg.captioners.train_scenes:
         strong = replace(strong, train_scenes=cfg.captioners.train_scenes)
@@ -205,37 +234,43 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         strong = replace(strong, eval_scenes=cfg.captioners.eval_scenes)
     if cfg.captioners.strong_steps:
         strong = replace(strong, train=replace(strong.train, max_steps=cfg.captioners.strong_steps))
-    weak = replace(strong, train=replace(strong.train, max_steps=cfg.captioners.weak_steps))
-    # the captioners' own world (no glyphs: they were never taught to read), held-out test scenes
-    world = World(replace(world_cfg, glyph_prob=0.0), seed=cfg.data.world_seed)
-    scenes = world.scenes("test", cfg.captioners.n_scenes)
-    for name, spec in (("weak", weak), ("strong", strong)):
-        rates = captioner_rates(models["tldr"], processor, layout_for(processor, "token"),
-                                ensure_base(spec), scenes)
-        metrics |= {f"captioner_{name}/{k}": v for k, v in rates.items()}
-        metrics[f"captioner_{name}/train_steps"] = spec.train.max_steps
+    return {"weak": replace(strong, train=replace(strong.train, max_steps=cfg.captioners.weak_steps)),
+            "strong": strong}
 
-    # 5. likelihood optimisation (Table 6): the TLDR LoRA merged into the PaliGemma generator at tau
-    lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
-    scenes = world.scenes("test", cfg.likelihood.n_scenes)
-    with open(root / "likelihood_captions.jsonl", "w") as f:
+
+def _test_scenes(cfg: RunConfig, n: int):
+    """Held-out test scenes of the captioners' own world (no glyphs: they were never taught to read)."""
+    return World(replace(_world_config(cfg), glyph_prob=0.0), seed=cfg.data.world_seed).scenes("test", n)
+
+
+def rate_captioners(recipe: Recipe, cfg: RunConfig, processor, reward_model) -> None:
+    """4. Two captioners of different quality (the tiny LLaVA base trained for two lengths) caption the
+    test scenes; TLDR's token / sentence / response rates beside each one's true error (Table 3)."""
+    from .downstream import captioner_rates
+
+    scenes = _test_scenes(cfg, cfg.captioners.n_scenes)
+    for name, spec in _captioner_specs(cfg).items():
+        rates = captioner_rates(reward_model, processor, layout_for(processor, "token"), ensure_base(spec), scenes)
+        recipe.metrics |= {f"captioner_{name}/{k}": v for k, v in rates.items()}
+        recipe.metrics[f"captioner_{name}/train_steps"] = spec.train.max_steps
+
+
+def likelihood_optimisation(recipe: Recipe, cfg: RunConfig, pali: Path, processor, reward_model,
+                            model_dir: Path) -> None:
+    """5. The TLDR LoRA merged into the PaliGemma generator at each tau (Section 5.3; tau = 0 is the
+    base), its captions rated like the captioners' (Table 6's shape)."""
+    from .downstream import rate_captions, restore_generator, tiny_captions
+
+    scenes = _test_scenes(cfg, cfg.likelihood.n_scenes)
+    with open(recipe.root / "likelihood_captions.jsonl", "w") as f:
         for tau in cfg.likelihood.taus:
-            fresh = load_adapter(TldrRewardModel.from_backbone(str(pali), **lora), model_dirs["tldr"] / "adapter")
+            fresh = load_adapter(_reward_model(cfg, pali), model_dir / "adapter")
             captions = tiny_captions(restore_generator(fresh, tau, original=pali), processor, scenes)
-            rates = rate_captions(models["tldr"], processor, layout_for(processor, "token"), scenes, captions)
-            metrics |= {f"likelihood/tau_{tau:g}/{k}": v for k, v in rates.items()}
+            rates = rate_captions(reward_model, processor, layout_for(processor, "token"), scenes, captions)
+            recipe.metrics |= {f"likelihood/tau_{tau:g}/{k}": v for k, v in rates.items()}
             for scene, caption in zip(scenes, captions):
                 f.write(json.dumps({"tau": tau, "scene": f"test-{scene.index}", "caption": caption,
                                     "reference": scene.caption}) + "\n")
-    return _finish(root, metrics, cfg, t_start)
-
-
-def _finish(root: Path, metrics: dict, cfg: RunConfig, t_start: float) -> Path:
-    metrics["time/total_s"] = time.time() - t_start
-    path = write_metrics(root / "metrics.json", metrics, config=cfg.to_dict())
-    print_table(metrics)
-    print(path)
-    return path
 
 
 def print_table(m: dict) -> None:

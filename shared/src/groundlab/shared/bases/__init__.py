@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from ..attention import require_packing_support
 from ..distributed import seed_everything, setup_logging
+from ..recipe import train_key
 from ..runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
 from ..tokenizer import fixture_dir, load_tokenizer
-from ..training import TrainConfig, resolve_bf16, train
+from ..training import TrainConfig, train
 from ..world import World, WorldConfig
 
 logger = logging.getLogger("groundlab")
@@ -42,7 +44,7 @@ CHECKPOINT_DIRS = ("checkpoints", "vision_checkpoints")
 
 
 def _train_key(cfg: TrainConfig | None) -> dict | None:
-    return None if cfg is None else asdict(cfg) | {"progress_bar": None, "bf16": resolve_bf16(cfg.bf16)}
+    return None if cfg is None else train_key(cfg)
 
 
 @dataclass
@@ -64,6 +66,11 @@ class BaseSpec:
     """VLM bases: ``vlm.MixConfig`` arguments (its defaults when empty)."""
     probe_scenes: tuple[int, int] = (400, 100)
     """LLaVA: training / held-out scenes of the linear probe (``bases.probe``; IVM's numbers)."""
+    packed: bool = False
+    """VLM bases: train the instruction mix on padding-free packed batches (needs the model's
+    ``attn_implementation`` to be ``groundlab``). Not in the cache key: packed and padded batches give
+    the same loss and gradients (tested); on 2 CPU cores packing measured no faster at these sizes
+    (``python benchmarks/run.py --only vlm_step``), so it is off by default."""
 
     def key(self) -> str:
         tokenizer = (fixture_dir() / "tokenizer.json").read_bytes() if self.name in ("llava", "paligemma") else b""
@@ -182,7 +189,10 @@ def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
     t0 = time.time()  # 2. projector + language model on the instruction mix
     data = vlm.WorldVLMDataset(world, "train", spec.train_scenes, processor, cfg, mix, seed=spec.train.seed)
     metrics["data/samples"] = len(data)
-    train(model, data, vlm.VLMCollator(processor), spec.train, out / "checkpoints", callbacks=callbacks)
+    if spec.packed:
+        require_packing_support(model)
+    train(model, data, vlm.VLMCollator(processor, packed=spec.packed), spec.train, out / "checkpoints",
+          callbacks=callbacks)
     metrics["time/train_s"] = time.time() - t0
     t0 = time.time()
     metrics.update(vlm.evaluate(model, processor, cfg, world, "val", spec.eval_scenes))

@@ -56,12 +56,14 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from ..attention import register_with_transformers
 from ..boxes import box_to_loc, loc_bins, loc_to_boxes, xywh_to_xyxy
 from ..metrics import box_iou
 from ..multimodal import (
     IGNORE_INDEX,
     ChatTemplate,
     expand_token,
+    pack_batch,
     pad_batch,
     tokenize_conversation,
     tokenize_prompt,
@@ -102,7 +104,9 @@ class TinyVLMConfig:
     text_kv_heads: int = 4
     text_ffn: int = 512
     attn_implementation: str = "eager"
-    """eager: about 2x faster than SDPA under bf16 autocast at these sizes (measured on 2 CPU cores)."""
+    """transformers' eager: about 2x faster than SDPA under bf16 autocast at these sizes (measured on 2
+    CPU cores); ``groundlab`` (the shared attention, the same figures, tested) is needed for packed
+    batches. ``python benchmarks/run.py --only vlm_step`` measures them side by side."""
 
     def __post_init__(self) -> None:
         if self.kind not in VLM_KINDS:
@@ -161,6 +165,7 @@ def build_processor(cfg: TinyVLMConfig, tokenizer):
 def build_model(cfg: TinyVLMConfig, tokenizer):
     """A randomly initialised tiny LLaVA or PaliGemma for ``tokenizer``'s vocabulary, with the 2-D
     position code of the vision tower and the ordinal code of the location tokens."""
+    register_with_transformers()  # attn_implementation="groundlab" (the shared attention) is one choice
     vocab = len(tokenizer)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
@@ -488,18 +493,27 @@ def encode_text(tok, cfg: TinyVLMConfig, prompt: str, answer: str | None) -> dic
 
 
 class VLMCollator:
-    """Pads the token side and runs the model's image processor over the batch's images."""
+    """Pads the token side and runs the model's image processor over the batch's images.
 
-    def __init__(self, processor, padding_side: str = "right"):
-        self.processor, self.padding_side = processor, padding_side
+    ``packed``: the samples concatenated into one padding-free row instead
+    (:func:`~groundlab.shared.multimodal.pack_batch`; models built with the ``groundlab`` attention):
+    the same loss and gradients, no FLOP spent on padding. PaliGemma's prefix-LM goes in as
+    ``prefix_lens`` instead of ``token_type_ids`` and its positions count from 1, as the model's own do."""
+
+    def __init__(self, processor, padding_side: str = "right", packed: bool = False):
+        self.processor, self.padding_side, self.packed = processor, padding_side, packed
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_batch(samples, self.processor.tokenizer.pad_token_id, self.padding_side)
+        paligemma = "token_type_ids" in samples[0]
+        if self.packed:
+            batch = pack_batch(samples, position_offset=int(paligemma))
+        else:
+            batch = pad_batch(samples, self.processor.tokenizer.pad_token_id, self.padding_side)
+            if paligemma:
+                tt = pad_batch([{"input_ids": s["token_type_ids"]} for s in samples], 0, self.padding_side)
+                batch["token_type_ids"] = tt["input_ids"]
         batch["pixel_values"] = self.processor.image_processor([s["image"] for s in samples],
                                                                return_tensors="pt")["pixel_values"]
-        if "token_type_ids" in samples[0]:
-            tt = pad_batch([{"input_ids": s["token_type_ids"]} for s in samples], 0, self.padding_side)
-            batch["token_type_ids"] = tt["input_ids"]
         return batch
 
 

@@ -1,0 +1,104 @@
+"""The shared attention registered with transformers (``attn_implementation="groundlab"``) and packed
+training batches, on the tiny LLaVA (Llama, causal) and PaliGemma (Gemma, prefix-LM) of the bases."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from groundlab.shared.attention import HF_ATTENTION
+from groundlab.shared.bases import vlm
+from groundlab.shared.tokenizer import load_tokenizer
+from groundlab.shared.world import World, WorldConfig
+
+
+def _setup(kind: str, attn: str, n_samples: int = 6):
+    cfg = replace(vlm.TinyVLMConfig(kind=kind), attn_implementation=attn)
+    tok = load_tokenizer()
+    processor = vlm.build_processor(cfg, tok)
+    torch.manual_seed(0)
+    model = vlm.build_model(cfg, tok)
+    data = vlm.WorldVLMDataset(World(WorldConfig(), seed=0), "train", 3, processor, cfg)
+    samples = [data[i] for i in range(min(n_samples, len(data)))]
+    assert len({len(s["input_ids"]) for s in samples}) > 1  # padding is really exercised
+    return cfg, processor, model, samples
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", vlm.VLM_KINDS)
+def test_groundlab_attention_equals_transformers_eager(kind):
+    """Same weights, same padded batch: logits of every real token and greedy answers (left-padded
+    generation with a KV cache) equal HF's own eager attention."""
+    cfg, processor, model, samples = _setup(kind, HF_ATTENTION)
+    batch = vlm.VLMCollator(processor)(samples)
+    model.eval()
+    with torch.no_grad():
+        ours = model(**batch).logits
+        model.config._attn_implementation = "eager"  # the same model through transformers' kernel
+        for sub in (model.config.text_config, model.config.vision_config):
+            sub._attn_implementation = "eager"
+        theirs = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+    world = World(WorldConfig(), seed=0)
+    scenes = list(world.scenes("val", 3))
+    prompts = [vlm.CAPTION_PROMPT[kind], "answer en how many shapes are there?" if kind == "paligemma"
+               else "How many shapes are there?", vlm.CAPTION_PROMPT[kind]]
+    eager = vlm.generate(model, processor, cfg, [s.image for s in scenes], prompts, max_new_tokens=6)
+    for sub in (model.config, model.config.text_config, model.config.vision_config):
+        sub._attn_implementation = HF_ATTENTION
+    assert vlm.generate(model, processor, cfg, [s.image for s in scenes], prompts, max_new_tokens=6) == eager
+
+
+@pytest.mark.parametrize("kind", vlm.VLM_KINDS)
+def test_packed_batches_give_the_padded_loss_and_gradients(kind):
+    """One padding-free row (PaliGemma's prefix-LM through prefix_lens) == the padded batch."""
+    _, processor, model, samples = _setup(kind, HF_ATTENTION)
+    model.train()
+    padded, packed = vlm.VLMCollator(processor)(samples), vlm.VLMCollator(processor, packed=True)(samples)
+    assert packed["input_ids"].shape == (1, sum(len(s["input_ids"]) for s in samples))
+    loss_a, grads_a = _loss_and_grads(model, padded)
+    loss_b, grads_b = _loss_and_grads(model, packed)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_paligemma_needs_its_prefix():
+    """Without prefix_lens the packed PaliGemma row is plain causal: a different loss (the prefix
+    mask is really what makes the two equal above)."""
+    _, processor, model, samples = _setup("paligemma", HF_ATTENTION)
+    packed = vlm.VLMCollator(processor, packed=True)(samples)
+    with torch.no_grad():
+        with_prefix = model(**packed).loss
+        packed.pop("prefix_lens")
+        causal_only = model(**packed).loss
+    assert abs(float(with_prefix) - float(causal_only)) > 1e-4
+
+
+def test_float_masks_from_another_implementation_are_refused():
+    from groundlab.shared.attention import hf_attention_forward
+
+    q = torch.randn(1, 2, 3, 4)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="boolean masks"):
+        hf_attention_forward(module, q, q, q, torch.zeros(1, 1, 3, 3))
+
+
+def test_packing_is_refused_for_implementations_that_ignore_the_bounds():
+    from groundlab.shared.attention import require_packing_support
+
+    _, _, model, _ = _setup("llava", "eager", n_samples=2)
+    with pytest.raises(ValueError, match="packed batches need"):
+        require_packing_support(model)
+    for c in (model.config, model.config.text_config):
+        c._attn_implementation = HF_ATTENTION
+    require_packing_support(model)
