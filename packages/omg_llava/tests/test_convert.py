@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from groundlab.omg_llava.configuration import OMGLlavaConfig
 from groundlab.omg_llava.convert import INTERNLM2_VOCAB, load_official, load_omg_seg, split_wqkv
-from groundlab.omg_llava.modeling import OMGLlavaConfig, OMGLlavaForCausalLM
+from groundlab.omg_llava.modeling import OMGLlavaForCausalLM
 from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
 from groundlab.omg_llava.processing import IMAGE_TOKEN, SPECIAL_TOKENS
 

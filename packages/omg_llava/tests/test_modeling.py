@@ -3,8 +3,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from groundlab.omg_llava.configuration import OMGLlavaConfig
 from groundlab.omg_llava.inference import OMGLlavaPipeline
-from groundlab.omg_llava.modeling import OMGLlavaConfig, OMGLlavaForCausalLM
+from groundlab.omg_llava.modeling import OMGLlavaForCausalLM
 from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
 from groundlab.omg_llava.processing import IMAGE_TOKEN, SPECIAL_TOKENS
 from groundlab.shared.loading import load_pretrained

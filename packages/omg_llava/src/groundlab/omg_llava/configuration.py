@@ -1,4 +1,5 @@
-"""Real-size OMG-LLaVA configs: the release's OMG-Seg with the paper's LLMs (main text and appendix).
+"""OMG-LLaVA's model config (``OMGLlavaConfig``), and the real-size ones: the release's OMG-Seg with the
+paper's LLMs (main text and appendix).
 
 InternLM2 is not a transformers architecture (it ships as remote code with a fused ``wqkv``); its
 7B chat model is, layer for layer, a Llama with grouped-query attention, so it is described here by
@@ -8,10 +9,66 @@ an equivalent ``LlamaConfig`` (32 layers, 4096 hidden, 14336 FFN, 32 heads, 8 KV
 
 from __future__ import annotations
 
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from .modeling import OMGLlavaConfig
 from .omg_seg import OMGSegConfig
+
+
+class OMGLlavaConfig(PretrainedConfig):
+    model_type = "groundlab_omg_llava"
+
+    def __init__(self, seg_config: dict | PretrainedConfig | None = None, text_config: dict | PretrainedConfig | None = None,
+                 shuffle: int = 2, use_prior: bool = True, use_object_tokens: bool = True,
+                 token_ids: dict[str, int] | None = None, seg_bce_weight: float = 2.0, seg_dice_weight: float = 0.5,
+                 seg_points: int = 12544, reconstruction_weight: float = 10.0, template: str = "internlm2", **kwargs):
+        """
+        Args:
+            seg_config: the segmenter (:class:`OMGSegConfig`; the release's OMG-Seg by default).
+            text_config: any causal LM's config (a dict with ``model_type``: llama, internlm2 via remote
+                code, phi3, qwen2, ...).
+            shuffle: the pixel-unshuffle factor of the stride-32 features (2: 32x32 -> 16x16 at 1024 px).
+            use_prior, use_object_tokens: the paper's Table 5 ablations (prior zeroed; no object tokens).
+            token_ids: ids of ``<image>`` and the special tokens in the tokenizer.
+            seg_bce_weight, seg_dice_weight, seg_points: the ``[SEG]`` mask loss (2.0 / 0.5 / 12544).
+            reconstruction_weight: stage 1's ``10 * MSE(text2vision(object token), [Q ; E])``.
+            template: the chat layout the LLM was tuned with (``groundlab.omg_llava.inference.TEMPLATES``).
+        """
+        if isinstance(seg_config, dict):
+            seg_config = OMGSegConfig(**seg_config)
+        self.seg_config = seg_config or OMGSegConfig()
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
+        self.text_config = text_config or AutoConfig.for_model("llama")
+        self.shuffle = shuffle
+        self.use_prior, self.use_object_tokens = use_prior, use_object_tokens
+        self.token_ids = dict(token_ids or {})
+        self.seg_bce_weight, self.seg_dice_weight, self.seg_points = seg_bce_weight, seg_dice_weight, seg_points
+        self.reconstruction_weight = reconstruction_weight
+        self.template = template
+        super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["seg_config"] = self.seg_config.to_dict()
+        out["text_config"] = self.text_config.to_dict()
+        return out
+
+    @property
+    def grid(self) -> int:
+        return self.seg_config.image_size // 32 // self.shuffle
+
+    @property
+    def query_dim(self) -> int:
+        return 2 * self.seg_config.dim
+
+    @property
+    def clip_dim(self) -> int:
+        return self.seg_config.dims[-1] * self.shuffle**2
+
+
+AutoConfig.register(OMGLlavaConfig.model_type, OMGLlavaConfig, exist_ok=True)
+
 
 N_SPECIAL = 6  # <image> and the five special tokens, appended to the vocabulary
 

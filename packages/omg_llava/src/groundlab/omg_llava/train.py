@@ -43,10 +43,11 @@ from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import Refer
 
+from .configuration import OMGLlavaConfig
 from .data import export_world, load_world_export
 from .dataset import OMGDataset, PerceptionCache, image_paths
 from .evaluation import baseline_predictions, predict, read_predictions, res_breakdown, score
-from .modeling import OMGLlavaConfig, OMGLlavaForCausalLM
+from .modeling import OMGLlavaForCausalLM
 from .omg_seg import OMGSegConfig, OMGSegModel
 from .processing import IMAGE_TOKEN, SPECIAL_TOKENS, TEMPLATES, OMGCollator
 from .seg_pretrain import PanopticCollator, SegmenterForTraining, WorldPanopticDataset
