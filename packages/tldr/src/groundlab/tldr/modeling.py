@@ -75,9 +75,12 @@ class TldrRewardModel(PreTrainedModel):
         return model
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None, token_type_ids=None,
-                **backbone_kwargs) -> TokenClassifierOutput:
+                num_items_in_batch=None, **backbone_kwargs) -> TokenClassifierOutput:
         """``labels`` (B, T): 1 good / 0 hallucinated at scored positions, -100 elsewhere.
-        Returns ``logits`` (B, T) of P(good) at every position and the mean BCE over scored ones."""
+        Returns ``logits`` (B, T) of P(good) at every position and the mean BCE over scored ones:
+        over the ``num_items_in_batch`` scored tokens of the whole step when the Trainer passes it (every
+        process and accumulated micro-batch; it then scales the loss by the process count, so several
+        processes train exactly as one), else over this batch's."""
         if self.config.backbone_type == "paligemma" and token_type_ids is not None:
             backbone_kwargs["token_type_ids"] = token_type_ids
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -89,7 +92,8 @@ class TldrRewardModel(PreTrainedModel):
             scored = labels != IGNORE_INDEX
             if not bool(scored.any()):
                 raise ValueError("no scored token in the batch (every label is -100)")
-            loss = F.binary_cross_entropy_with_logits(logits[scored], labels[scored].float())
+            bce = F.binary_cross_entropy_with_logits(logits[scored], labels[scored].float(), reduction="sum")
+            loss = bce / (num_items_in_batch if num_items_in_batch is not None else scored.sum())
         return TokenClassifierOutput(loss=loss, logits=logits)
 
 
