@@ -43,6 +43,9 @@ def main():
         params = {n: prm.detach().clone() for n, prm in engine.module.named_parameters()}
     os.makedirs(args.out, exist_ok=True)
     torch.save(params, os.path.join(args.out, f"rank{rank}.pt"))
+    # leave together: a rank exiting while another still talks to it can abort the other at teardown
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

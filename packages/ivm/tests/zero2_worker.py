@@ -47,6 +47,9 @@ def main():
     if int(os.environ.get("RANK", 0)) == 0:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         (args.out / "losses.json").write_text(json.dumps(losses))
+    if torch.distributed.is_initialized():  # leave together (see shared/tests/ds_worker.py)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
