@@ -279,21 +279,14 @@ def test_heatmaps_do_not_depend_on_the_batch_size():
 def test_generator_training_under_torchrun_zero2_matches_one_process(tmp_path):
     """The multi-GPU path users take: 2 processes (torchrun, gloo) with the shared ZeRO-2 config give
     the single process's per-step losses over the same global batches."""
-    import json
     from pathlib import Path
 
     from groundlab.ivm.data import export_world
-    from groundlab.shared.distributed import launch
+    from groundlab.shared.testing import losses_one_and_two_processes
     from groundlab.shared.world import World, WorldConfig
 
     export_world(World(WorldConfig(), seed=0), tmp_path / "data", 8, 0, 0.5, seed=0)
-    worker = Path(__file__).with_name("zero2_worker.py")
-    losses = {}
-    for n, ds in ((2, ["--deepspeed", "zero2"]), (1, [])):
-        out = tmp_path / f"n{n}"
-        res = launch(worker, ["--data", str(tmp_path / "data"), "--out", str(out), *ds], nproc_per_node=n,
-                     env={"PYTHONWARNINGS": "ignore"}, timeout=900)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        losses[n] = json.loads((out / "losses.json").read_text())
+    losses = losses_one_and_two_processes(Path(__file__).with_name("zero2_worker.py"),
+                                          ["--data", str(tmp_path / "data")], tmp_path)
     assert len(losses[1]) == 4 and losses[1][-1] < losses[1][0]
     torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=5e-4, rtol=0)

@@ -2,12 +2,7 @@
 MLP, mask generator) with the shared ``train`` for a few steps, under DeepSpeed ZeRO-2 when asked,
 and writes rank 0's per-step losses. The global batch is the same whatever the number of processes."""
 
-import argparse
-import json
-import os
-from pathlib import Path
 
-import torch
 
 from groundlab.ivm.configuration import IVMConfig
 from groundlab.ivm.data import IVMDataset, read_split
@@ -16,6 +11,7 @@ from groundlab.ivm.processing import IVMCollator
 from groundlab.ivm.train import GeneratorForTraining, load_llava_into
 from groundlab.shared.bases.vlm import TinyVLMConfig, build_model, build_processor
 from groundlab.shared.distributed import seed_everything
+from groundlab.shared.testing import finish_worker, worker_args
 from groundlab.shared.tokenizer import load_tokenizer
 from groundlab.shared.training import TrainConfig, train
 
@@ -25,13 +21,7 @@ TINY_SAM = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, w
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--deepspeed", default=None)
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    args, world = worker_args()
     seed_everything(0)
     tok, vcfg = load_tokenizer(), TinyVLMConfig(kind="llava")
     llava = build_model(vcfg, tok)
@@ -44,12 +34,7 @@ def main():
     tc = TrainConfig(max_steps=4, batch_size=GLOBAL_BATCH // world, lr=1e-3, save_steps=100, logging_steps=1,
                      progress_bar=False, deepspeed=args.deepspeed)
     trainer = train(GeneratorForTraining(model, "uniform"), data, IVMCollator(processor), tc, args.out / "checkpoints")
-    if int(os.environ.get("RANK", 0)) == 0:
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        (args.out / "losses.json").write_text(json.dumps(losses))
-    if torch.distributed.is_initialized():  # leave together (see shared/tests/ds_worker.py)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_worker(trainer, args.out)
 
 
 if __name__ == "__main__":

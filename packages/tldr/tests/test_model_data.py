@@ -367,17 +367,11 @@ def test_predictions_do_not_depend_on_the_batch_size(tmp_path):
 def test_reward_model_training_under_torchrun_zero2_matches_one_process(tmp_path):
     """The multi-GPU path users take: 2 processes (torchrun, gloo) with the shared ZeRO-2 config give
     the single process's per-step losses over the same global batches."""
-    from groundlab.shared.distributed import launch
+    from groundlab.shared.testing import losses_one_and_two_processes
 
     export_world(World(WorldConfig(), seed=0), "train", 6, tmp_path / "data", load_tokenizer())
-    worker = Path(__file__).with_name("zero2_worker.py")
-    losses = {}
-    for n, ds in ((2, ["--deepspeed", "zero2"]), (1, [])):
-        out = tmp_path / f"n{n}"
-        res = launch(worker, ["--data", str(tmp_path / "data"), "--out", str(out), *ds], nproc_per_node=n,
-                     env={"PYTHONWARNINGS": "ignore"}, timeout=900)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        losses[n] = json.loads((out / "losses.json").read_text())
+    losses = losses_one_and_two_processes(Path(__file__).with_name("zero2_worker.py"),
+                                          ["--data", str(tmp_path / "data")], tmp_path)
     assert len(losses[1]) == 4 and losses[1][-1] < losses[1][0]
     # per-rank means averaged, or the loss scaled by the process count, would miss by 5e-3 to 0.6
     torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=5e-4, rtol=0)
