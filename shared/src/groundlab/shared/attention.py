@@ -297,8 +297,7 @@ def hf_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
         out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                         causal=bool(kwargs.get("is_causal", True)),
                         cu_seqlens=cu, max_seqlen=kwargs.get("max_length_q"), prefix_lengths=prefix,
-                        dropout_p=dropout, scale=scaling,
-                        implementation="sdpa" if query.is_cuda and prefix is not None else implementation)
+                        dropout_p=dropout, scale=scaling, implementation=implementation)
         return out[None], None
     out = attention(query, key, value, causal=causal and attention_mask is None, attn_mask=attention_mask,
                     dropout_p=dropout, scale=scaling, implementation=implementation)

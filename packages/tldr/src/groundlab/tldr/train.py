@@ -141,11 +141,11 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     data = prepare_data(recipe, cfg, pali, processor.tokenizer)
     heads = {"tldr": "token"} | ({"naive": "last"} if cfg.naive else {})
     models = {tag: train_reward_model(recipe, cfg, pali, processor, data, tag, head) for tag, head in heads.items()}
-    for tag, head in heads.items():
-        evaluate_reward_model(recipe, cfg, pali, processor, data, models[tag], tag, head)
+    scored = {tag: evaluate_reward_model(recipe, cfg, pali, processor, data, models[tag], tag, head)
+              for tag, head in heads.items()}
     if data.real:  # the downstream tables need the world's truth
         return recipe.finish(cfg.to_dict(), print_table)
-    reward_model = load_adapter(_reward_model(cfg, pali), models["tldr"] / "adapter")
+    reward_model = scored["tldr"]
     rate_captioners(recipe, cfg, processor, reward_model)
     likelihood_optimisation(recipe, cfg, pali, processor, reward_model, models["tldr"])
     return recipe.finish(cfg.to_dict(), print_table)
@@ -213,9 +213,9 @@ def train_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor, da
 
 
 def evaluate_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor, data: Data, model_dir: Path,
-                          tag: str, head: str) -> None:
+                          tag: str, head: str) -> TldrRewardModel:
     """3. Predictions JSONL of the saved model, then scores from the file, next to the all-good
-    baseline (Table 1's shape)."""
+    baseline (Table 1's shape). Returns the loaded model."""
     model = load_adapter(_reward_model(cfg, pali, head), model_dir / "adapter")
     layout = layout_for(processor, head)
     eval_ds = TldrDataset(data.eval_records, data.root, processor.tokenizer, layout)
@@ -224,6 +224,7 @@ def evaluate_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor,
     recipe.metrics |= {f"{tag}/{k}": v for k, v in scores.items()}
     if head == "token":
         recipe.metrics |= {f"baseline/all_good/{k}": v for k, v in all_good_baseline(preds).items()}
+    return model
 
 
 def _captioner_specs(cfg: RunConfig):

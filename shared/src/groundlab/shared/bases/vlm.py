@@ -56,7 +56,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ..attention import register_with_transformers
+from .. import attention  # noqa: F401  (registers attn_implementation="groundlab" with transformers)
 from ..boxes import box_to_loc, loc_bins, loc_to_boxes, xywh_to_xyxy
 from ..metrics import box_iou
 from ..multimodal import (
@@ -165,7 +165,6 @@ def build_processor(cfg: TinyVLMConfig, tokenizer):
 def build_model(cfg: TinyVLMConfig, tokenizer):
     """A randomly initialised tiny LLaVA or PaliGemma for ``tokenizer``'s vocabulary, with the 2-D
     position code of the vision tower and the ordinal code of the location tokens."""
-    register_with_transformers()  # attn_implementation="groundlab" (the shared attention) is one choice
     vocab = len(tokenizer)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
