@@ -148,3 +148,53 @@ def test_flash_packed_matches_sdpa_on_gpu():
     flash = attention(qh, kh, vh, cu_seqlens=cu, implementation="flash").float()
     ref = attention(q, k, v, cu_seqlens=cu, implementation="sdpa")
     torch.testing.assert_close(flash, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_multihead_attention_is_torch_s_with_the_same_parameters_initialisation_and_function():
+    from torch import nn
+
+    from groundlab.shared.attention import MultiheadAttention
+
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(32, 4, batch_first=True)
+    torch.manual_seed(0)
+    ours = MultiheadAttention(32, 4)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    blocked = torch.rand(2, 5, 7) > 0.5  # torch's convention: True = may not attend
+    blocked[..., 0] = False
+    want = theirs(q, kv, kv, attn_mask=blocked.repeat_interleave(4, 0), need_weights=False)[0]
+    torch.testing.assert_close(ours(q, kv, kv, ~blocked[:, None]), want)
+    torch.testing.assert_close(ours(q, kv, kv), theirs(q, kv, kv, need_weights=False)[0])
+
+
+def test_segment_anything_modules_run_through_the_shared_attention_with_the_same_function():
+    import copy
+
+    from segment_anything.modeling import image_encoder
+    from segment_anything.modeling import transformer as two_way
+
+    from groundlab.shared.bases import sam as tiny_sam
+
+    torch.manual_seed(0)
+    model = tiny_sam.build_tiny_sam(tiny_sam.TinySamConfig())
+    kinds = [type(m) for m in model.modules()]
+    assert image_encoder.Attention not in kinds and two_way.Attention not in kinds  # every one re-routed
+    for m in model.modules():  # non-zero relative positions, so the bias path is exercised
+        if hasattr(m, "rel_pos_h"):
+            torch.nn.init.normal_(m.rel_pos_h)
+            torch.nn.init.normal_(m.rel_pos_w)
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        m.__class__ = {tiny_sam._EncoderAttention: image_encoder.Attention,
+                       tiny_sam._DecoderAttention: two_way.Attention}.get(type(m), type(m))
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = model.image_encoder(image), plain.image_encoder(image)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        sparse, dense = model.prompt_encoder(points=(torch.rand(1, 1, 2) * 64, torch.ones(1, 1)), boxes=None, masks=None)
+        pe = model.prompt_encoder.get_dense_pe()
+        torch.testing.assert_close(model.mask_decoder(ours[:1], pe, sparse, dense, False)[0],
+                                   plain.mask_decoder(ours[:1], pe, sparse, dense, False)[0], atol=1e-5, rtol=1e-5)

@@ -84,13 +84,23 @@ def test_packed_paligemma_needs_its_prefix():
     assert abs(float(with_prefix) - float(causal_only)) > 1e-4
 
 
-def test_float_masks_from_another_implementation_are_refused():
-    from groundlab.shared.attention import hf_attention_forward
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_additive_float_masks_equal_their_boolean_form_and_integer_masks_are_refused(kernel):
+    """Models that build their own masks (Mllama's cross-attention, its vision encoder) hand over an
+    additive bias: 0 where a key is seen, the dtype's minimum where not."""
+    from groundlab.shared.attention import attention, hf_attention_forward
 
-    q = torch.randn(1, 2, 3, 4)
-    module = torch.nn.Module()
-    with pytest.raises(ValueError, match="boolean masks"):
-        hf_attention_forward(module, q, q, q, torch.zeros(1, 1, 3, 3))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    seen = torch.rand(2, 1, 5, 7) > 0.3
+    seen[..., 0] = True
+    bias = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)
+    want = attention(q, k, v, causal=False, attn_mask=seen, implementation=kernel)
+    torch.testing.assert_close(attention(q, k, v, causal=False, attn_mask=bias, implementation=kernel), want)
+    out, _ = hf_attention_forward(torch.nn.Module(), q, k, v, bias)
+    torch.testing.assert_close(out, want.transpose(1, 2))
+    with pytest.raises(ValueError, match="floating-point bias"):
+        attention(q, k, v, causal=False, attn_mask=seen.long())
 
 
 def test_packing_is_refused_for_implementations_that_ignore_the_bounds():
@@ -102,3 +112,16 @@ def test_packing_is_refused_for_implementations_that_ignore_the_bounds():
     for c in (model.config, model.config.text_config):
         c._attn_implementation = HF_ATTENTION
     require_packing_support(model)
+
+
+def test_the_bases_run_through_the_shared_attention():
+    from groundlab.shared.bases.sam import build_tiny_sam
+    from groundlab.shared.testing import attention_outside_the_shared_dispatch
+
+    for kind in vlm.VLM_KINDS:
+        _, _, model, _ = _setup(kind, vlm.TinyVLMConfig().attn_implementation, n_samples=2)
+        assert attention_outside_the_shared_dispatch(model) == []
+    assert attention_outside_the_shared_dispatch(build_tiny_sam()) == []
+    _, _, eager, _ = _setup("llava", "eager", n_samples=2)  # the check can fail
+    assert "attn_implementation='eager'" in attention_outside_the_shared_dispatch(eager)[0]
+    assert "MultiheadAttention" in attention_outside_the_shared_dispatch(torch.nn.MultiheadAttention(8, 2))[0]

@@ -4,6 +4,7 @@ import torch
 from groundlab.ivm.checkpoint import convert_official, load_official, map_key, to_official, trained_keys
 from groundlab.ivm.configuration import IVMConfig, ivm_release
 from groundlab.ivm.modeling import (
+    DiscriminatorForTraining,
     IVMModel,
     dwsl_weights,
     label_weights,
@@ -12,8 +13,9 @@ from groundlab.ivm.modeling import (
     soft_dice,
 )
 from groundlab.ivm.processing import POLICY_PROMPT, encode_prompt
-from groundlab.ivm.train import load_llava_into
+from groundlab.ivm.train import GeneratorForTraining, load_llava_into
 from groundlab.shared.bases.vlm import TinyVLMConfig, build_model, build_processor
+from groundlab.shared.testing import attention_outside_the_shared_dispatch
 from groundlab.shared.tokenizer import load_tokenizer
 
 TINY_SAM = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
@@ -153,6 +155,38 @@ def test_weights_scale_each_samples_loss():
         model(**b, masks=torch.rand(2, 32, 32))
 
 
+def _loss_and_grads(module, batch):
+    module.zero_grad()
+    loss = module(**batch)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("role", ["generator", "discriminator"])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(role):
+    """``train.packed``: the LMM runs on one padding-free row; the generator's condition token and the
+    discriminator's last token are read back at their places."""
+    model, processor, vcfg = tiny_ivm()
+    _randomise(model, 3)
+    for m in model.modules():  # LoRA dropout would draw other masks for the other layout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    b = batch_for(model, processor, vcfg, ["the red circle", "what colour is the big square?", "the star"])
+    assert len(set(b["attention_mask"].sum(1).tolist())) > 1  # padding is really there
+    if role == "generator":
+        b |= {"masks": torch.rand(3, 64, 64), "is_human": torch.tensor([1, 0, 1]), "index": torch.tensor([0, 1, 2])}
+        padded, packed = GeneratorForTraining(model, "label"), GeneratorForTraining(model, "label", packed=True)
+    else:
+        b = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")} | {"is_human": torch.tensor([1, 0, 1])}
+        padded, packed = DiscriminatorForTraining(model), DiscriminatorForTraining(model, packed=True)
+    loss, grads = _loss_and_grads(padded, b)
+    loss_p, grads_p = _loss_and_grads(packed, b)
+    assert any(".lora_" in n for n in grads) and grads.keys() == grads_p.keys()
+    torch.testing.assert_close(loss_p, loss, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_p[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_official_checkpoint_layout_loads_strictly():
     model, _, _ = tiny_ivm(seed=0)
     donor, _, _ = tiny_ivm(seed=1)
@@ -235,6 +269,7 @@ def test_saved_model_reloads_to_the_same_heatmaps_both_ways(tmp_path):
         before = model(**b).logits
     model.save_pretrained(tmp_path / "hf")
     back = load_pretrained(IVMModel, tmp_path / "hf").eval()
+    assert attention_outside_the_shared_dispatch(model) == attention_outside_the_shared_dispatch(back) == []
     with torch.no_grad():
         torch.testing.assert_close(back.preprocess(b["images"]), model.preprocess(b["images"]))
         torch.testing.assert_close(back(**b).logits, before)

@@ -10,6 +10,7 @@ from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
 from groundlab.omg_llava.processing import IMAGE_TOKEN, SPECIAL_TOKENS
 from groundlab.shared.loading import load_pretrained
 from groundlab.shared.multimodal import expand_token
+from groundlab.shared.testing import attention_outside_the_shared_dispatch
 from groundlab.shared.tokenizer import load_tokenizer
 from groundlab.shared.world import World, WorldConfig
 
@@ -62,6 +63,35 @@ def test_forward_backward_reaches_llm_projector_and_text2vision_not_the_segmente
     out.loss.backward()
     grads = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert {"llm", "projector", "text2vision"} <= grads and "segmenter" not in grads
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stage):
+    """``train.packed``: the LLM runs on one padding-free row; logits, CE, the ``[SEG]`` hidden states
+    and the mask loss come back as from the padded batch."""
+    from groundlab.omg_llava.train import Stage1, Stage2
+
+    model, tok = tiny()
+    perception, ids, labels, att = batch(tok, model, ["It is [SEG].", "Sure, [SEG] and [SEG].", "No."])
+    assert len(set(att.sum(1).tolist())) > 1  # padding is really there
+    masks = [torch.rand(1, 64, 64).round(), torch.rand(2, 64, 64).round(), torch.zeros(0, 64, 64)]
+    wrap = Stage1 if stage == 1 else (lambda m, packed: Stage2(m, r=4, alpha=8, dropout=0.0, packed=packed))
+    results = []
+    for packed in (False, True):
+        torch.manual_seed(4)  # the same LoRA initialisation
+        module = wrap(model, packed=packed)
+        module.zero_grad()
+        torch.manual_seed(5)  # the same sampled points for the mask loss
+        loss = module(ids, att, labels, perception, [None] * 3, masks)["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+        if stage == 2:
+            model.llm = model.llm.unload()  # the next wrapper puts a fresh (zero-B) LoRA on the plain LLM
+    (loss, grads), (loss_p, grads_p) = results
+    assert grads and grads.keys() == grads_p.keys()
+    torch.testing.assert_close(loss_p, loss, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_p[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_batched_seg_decoding_equals_one_image_at_a_time():
@@ -230,6 +260,7 @@ def test_omg_llava_pipeline_reloads_to_the_same_answer_and_masks(tmp_path):
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     pipe = OMGLlavaPipeline.from_pretrained(tmp_path)
+    assert attention_outside_the_shared_dispatch(model) == attention_outside_the_shared_dispatch(pipe.model) == []
     p = pipe.model.perceive(pipe.model.segmenter.preprocess([image]))[0]
     assert torch.isfinite(p.pixels).all() and torch.isfinite(p.mask_features).all()
     after = pipe(image, "Please segment the red circle in this image.", max_new_tokens=6)

@@ -8,6 +8,7 @@ import torch
 from groundlab.shared.bases import ensure_base, smoke_spec
 from groundlab.shared.bases.vlm import TinyVLMConfig, build_model, build_processor
 from groundlab.shared.lora import lora_parameter_count, trainable_report
+from groundlab.shared.testing import attention_outside_the_shared_dispatch
 from groundlab.shared.tokenizer import load_tokenizer
 from groundlab.shared.world import World, WorldConfig
 from groundlab.tldr.configuration import TldrConfig, llama32_11b_vision, paligemma_3b_448
@@ -332,6 +333,7 @@ def test_mllama_layout_collator_training_and_restore(tmp_path):
     gen = restore_generator(with_lora(TldrRewardModel.from_backbone(str(path), lora_r=4, lora_alpha=1)), tau=0.0,
                             original=path)
     ref = MllamaForConditionalGeneration.from_pretrained(path).eval()
+    assert attention_outside_the_shared_dispatch(gen) == attention_outside_the_shared_dispatch(peft) == []
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         assert torch.allclose(gen.eval()(**inputs).logits, ref(**inputs).logits, atol=1e-5)
@@ -375,3 +377,50 @@ def test_reward_model_training_under_torchrun_zero2_matches_one_process(tmp_path
     assert len(losses[1]) == 4 and losses[1][-1] < losses[1][0]
     # per-rank means averaged, or the loss scaled by the process count, would miss by 5e-3 to 0.6
     torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", ["paligemma", "mllama"])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(backbone, tmp_path):
+    """``train.packed``: one padding-free row per batch. PaliGemma's prefix-LM goes in as ``prefix_lens``;
+    Mllama's images become the row's images, each token cross-attending to its own sample's only."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from groundlab.tldr.processing import collator_for, layout_for
+
+    if backbone == "mllama":
+        path = _tiny_mllama_dir(tmp_path)
+        processor = AutoProcessor.from_pretrained(path)
+        model = TldrRewardModel.from_backbone(str(path), lora_r=4, lora_alpha=1)
+    else:
+        model, processor, _ = _tiny()
+    tok, layout = processor.tokenizer, layout_for(processor)
+    records = [make_record(tok, "a", "a.jpg", "caption en", "a large blue circle.", "caption",
+                           original="a small blue circle.", taxonomy="visual_attribute"),
+               make_record(tok, "b", "b.jpg", "describe en", "there are two shapes. a red square and a star.",
+                           "description"),
+               make_record(tok, "c", "c.jpg", "caption en", "a green star.", "caption")]
+    images = [np.full((64, 64, 3), 200, np.uint8), np.zeros((32, 64, 3), np.uint8), np.full((64, 32, 3), 90, np.uint8)]
+    samples = [{**encode_record(tok, r, layout), "image": im} for r, im in zip(records, images)]
+    peft = with_lora(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:  # LoRA B and the head start at zero: values of their own
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    for m in peft.modules():  # LoRA dropout would draw other masks for the other layout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    results = []
+    for packed in (False, True):
+        batch = collator_for(processor, layout, packed=packed)(samples)
+        assert batch["input_ids"].shape[0] == (1 if packed else 3)
+        peft.zero_grad()
+        loss = peft(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_p, grads_p) = results
+    assert grads and grads.keys() == grads_p.keys()
+    torch.testing.assert_close(loss_p, loss, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_p[name], g, atol=1e-5, rtol=1e-4, msg=name)

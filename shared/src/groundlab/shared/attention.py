@@ -32,6 +32,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IMPLEMENTATIONS = ("auto", "flash", "sdpa", "eager")
 
@@ -89,7 +90,9 @@ def packed_mask(cu_seqlens: torch.Tensor, causal: bool) -> torch.Tensor:
 
 def _eager(q, k, v, mask, scale, dropout_p):  # q (B, H, T, D), mask broadcastable to (B, H, T, S)
     scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q: T x D products, not T x S
-    if mask is not None:  # a finite minimum: a query with no key gets uniform weights, zeroed by _padded
+    if mask is not None and mask.dtype != torch.bool:  # an additive bias
+        scores = scores + mask
+    elif mask is not None:  # a finite minimum: a query with no key gets uniform weights, zeroed by _padded
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout_p > 0:
@@ -118,8 +121,8 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention on the padded or the packed layout (see the module docstring).
 
-    Shapes: padded q (B, Hq, T, D), k/v (B, Hkv, S, D), ``attn_mask`` bool broadcastable to
-    (B, Hq, T, S); packed q (N, Hq, D), k/v (N, Hkv, D) with ``cu_seqlens`` (int32, S+1) or
+    Shapes: padded q (B, Hq, T, D), k/v (B, Hkv, S, D), ``attn_mask`` broadcastable to (B, Hq, T, S):
+    bool (True = attend) or a floating-point bias added to the scores; packed q (N, Hq, D), k/v (N, Hkv, D) with ``cu_seqlens`` (int32, S+1) or
     ``position_ids`` (N,) or (1, N). Hq must be a multiple of Hkv (grouped-query attention).
     With ``causal`` on a padded (T != S) call the mask is aligned bottom-right, as flash-attn does.
     ``prefix_lengths`` (packed only, one per sequence): that many first tokens of each sequence see
@@ -226,18 +229,24 @@ def _packed_layout(cu_seqlens, prefix_lengths, causal, device) -> list[tuple]:
 
 def _padded(q, k, v, mask, causal, dropout_p, scale, implementation):
     t, s = q.shape[-2], k.shape[-2]
-    if mask is not None and mask.dtype != torch.bool:
-        raise ValueError(f"attn_mask must be bool (True = attend), got {mask.dtype}")
+    additive = mask is not None and mask.dtype != torch.bool
+    if additive and not mask.is_floating_point():
+        raise ValueError(f"attn_mask must be bool (True = attend) or a floating-point bias, got {mask.dtype}")
+    if additive and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
     if causal:
         causal_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-        mask = causal_mask if mask is None else mask & causal_mask
+        if additive:
+            mask = mask.masked_fill(~causal_mask, torch.finfo(mask.dtype).min)
+        else:
+            mask = causal_mask if mask is None else mask & causal_mask
     n_rep = q.shape[1] // k.shape[1]
     if implementation == "eager":
         out = _eager(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, scale, dropout_p)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                              enable_gqa=n_rep > 1)
-    if mask is not None:  # a query that sees no key: SDPA gives NaN, eager uniform weights; define it as zeros
+    if mask is not None and not additive:  # a query that sees no key: SDPA gives NaN, eager uniform weights; zeros
         has_key = mask.any(dim=-1, keepdim=True)
         if not bool(has_key.all()):
             out = out.masked_fill(~has_key, 0.0)
@@ -260,6 +269,37 @@ def _flash(q, k, v, causal, cu_seqlens, max_seqlen, dropout_p, scale, packed):
     return out.transpose(1, 2)
 
 
+class MultiheadAttention(nn.Module):
+    """Multi-head attention through :func:`attention`, for the attention modules the packages own.
+
+    Its parameters are ``nn.MultiheadAttention``'s (``in_proj_weight`` / ``in_proj_bias`` / ``out_proj``,
+    initialised by the same draws in the same order), so checkpoints of either load into the other.
+    ``forward(query (B, T, D), key (B, S, D), value (B, S, D), mask=None)``: ``mask`` broadcastable to
+    (B, H, T, S), bool with True = may attend (the inverse of ``nn.MultiheadAttention``'s ``attn_mask``)
+    or a floating-point bias. Returns (B, T, D).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.dim, self.heads, self.dropout = dim, heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim)) if bias else None
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if bias:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for x, w, b in zip((query, key, value), self.in_proj_weight.chunk(3), biases))
+        out = attention(q, k, v, causal=False, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
 # ----------------------------------------------------------------------------------------------
 # transformers integration
 
@@ -273,22 +313,25 @@ def hf_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
                          **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature over :func:`attention`.
 
-    ``query`` (B, Hq, T, D), ``key`` / ``value`` (B, Hkv, S, D); ``attention_mask`` None or bool
-    (B or 1, 1, T, S), True = attend (what the registered mask function gives).
-    A batch with ``cu_seq_lens_q`` (and no mask) is one packed row of causal sequences (``prefix_lens``:
+    ``query`` (B, Hq, T, D), ``key`` / ``value`` (B, Hkv, S, D); ``attention_mask`` None, bool
+    (B or 1, 1, T, S), True = attend (what the registered mask function gives), or a floating-point
+    bias added to the scores (the masks some models build themselves: Mllama's cross-attention and
+    vision encoder).
+    A batch with ``cu_seq_lens_q`` is one packed row of causal sequences (``prefix_lens``:
     their prefix-LM prefixes; :func:`groundlab.shared.multimodal.pack_batch` gives both); otherwise the
     call is causal where the module is and no mask was built (HF drops the mask of an unpadded causal
     batch).
     Returns (B, T, Hq, D) and no attention weights.
     """
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        raise ValueError(f"{HF_ATTENTION} attention takes boolean masks (True = attend), got {attention_mask.dtype}; "
-                         "was the model's mask built by another implementation?")
     dropout = dropout if module.training else 0.0
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
     implementation = "auto" if query.is_cuda else CPU_KERNEL
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and attention_mask is None:
+    # a packed row's self-attention: its bounds describe it whole (a mask HF derived from the restarting
+    # position_ids is the same block-diagonal causal mask, without PaliGemma's prefixes); a
+    # cross-attention of the row (Mllama's, to the images: another length, an additive mask) is not one
+    self_attention = cu is not None and query.shape[-2] == key.shape[-2] == int(cu[-1])
+    if self_attention and (attention_mask is None or attention_mask.dtype == torch.bool):
         if query.shape[0] != 1:
             raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {query.shape[0]}")
         # a packed row is a language model's: causal (PaliGemma's Gemma says is_causal=False because HF

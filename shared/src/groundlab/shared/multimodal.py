@@ -236,3 +236,58 @@ def pack_batch(samples: Sequence[dict[str, list[int]]], position_offset: int = 0
     if prefix:
         out["prefix_lens"] = torch.tensor(prefix, dtype=torch.int32)
     return out
+
+
+@dataclass
+class PackedRows:
+    """The real tokens of a padded batch laid end to end in one padding-free row, for a model that
+    builds its language model's input padded (splicing per sample) and runs the language model packed:
+    ``pack`` (B, T, ...) -> (1, N, ...), ``unpack`` back (zeros at padding), ``kwargs`` the row's
+    ``position_ids`` and sequence bounds under transformers' padding-free names (what
+    :func:`pack_batch` gives; read by the ``groundlab`` attention). Built by :func:`pack_rows`."""
+
+    index: torch.Tensor  # (N,) flat (B * T) position of each real token, row-major
+    shape: tuple[int, int]  # (B, T)
+    kwargs: dict
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """(B,) index in the row of each sequence's first token."""
+        return self.kwargs["cu_seq_lens_q"][:-1].long()
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """(B,) index in the row of each sequence's last token."""
+        return self.kwargs["cu_seq_lens_q"][1:].long() - 1
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(0, 1).index_select(0, self.index.to(x.device))[None]
+
+    def pack_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """:meth:`pack` with each sequence's first label ignored: a causal LM's loss shifts by one, so
+        the row's last token of one sequence must not learn to predict the next sequence's first (in
+        the padded batch no token predicts a first label either)."""
+        return self.pack(labels).index_fill(1, self.starts.to(labels.device), IGNORE_INDEX)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = self.shape
+        flat = x.new_zeros(b * t, *x.shape[2:])
+        return flat.index_copy(0, self.index.to(x.device), x[0]).view(b, t, *x.shape[2:])
+
+
+def pack_rows(attention_mask: torch.Tensor, position_offset: int = 0) -> PackedRows:
+    """:class:`PackedRows` of a padded batch (either padding side): sequences in batch order, positions
+    restarting at ``position_offset`` for each (0: Llama; 1: PaliGemma). Every row needs a real token."""
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be (B, T), got {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()
+    lengths = real.sum(1)
+    if bool((lengths == 0).any()):
+        raise ValueError(f"row {int((lengths == 0).nonzero()[0])} of the batch has no real token")
+    index = real.flatten().nonzero().flatten()
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    positions = torch.cat([torch.arange(int(n)) for n in lengths]) + position_offset
+    longest = int(lengths.max())
+    kwargs = {"position_ids": positions[None].to(attention_mask.device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+              "max_length_q": longest, "max_length_k": longest}
+    return PackedRows(index, tuple(attention_mask.shape), kwargs)

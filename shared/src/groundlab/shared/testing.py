@@ -1,6 +1,10 @@
-"""What the packages' tests share: the check that a training stage runs the same under
-``torchrun --nproc_per_node 2`` with the shared ZeRO-2 config as in one process.
+"""What the packages' tests share.
 
+:func:`attention_outside_the_shared_dispatch` names every attention in a model that does not run
+through :mod:`groundlab.shared.attention`.
+
+The check that a training stage runs the same under ``torchrun --nproc_per_node 2`` with the shared
+ZeRO-2 config as in one process:
 A package writes a worker script that builds its stage (model, data, collator), trains it with
 :func:`groundlab.shared.training.train` for a few steps with ``batch_size = global_batch // WORLD_SIZE``
 and ``deepspeed`` from the command line, and ends with :func:`finish_worker`; its test calls
@@ -57,3 +61,25 @@ def losses_one_and_two_processes(worker: str | Path, args: list[str], out: str |
             raise RuntimeError(f"{worker} on {n} process(es) failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         losses[n] = json.loads((run_out / "losses.json").read_text())
     return losses
+
+
+def attention_outside_the_shared_dispatch(model) -> list[str]:
+    """The modules of ``model`` whose attention bypasses the shared dispatch: HF (sub)models built with
+    another ``attn_implementation``, ``torch.nn.MultiheadAttention``, ``segment_anything``'s own
+    attention. Empty when every attention runs through :mod:`groundlab.shared.attention`."""
+    from segment_anything.modeling import image_encoder
+    from segment_anything.modeling import transformer as two_way
+    from torch import nn
+
+    from .attention import HF_ATTENTION
+
+    bypass = (nn.MultiheadAttention, image_encoder.Attention, two_way.Attention)
+    found = []
+    for name, module in model.named_modules():
+        if type(module) in bypass:
+            found.append(f"{name}: {type(module).__module__}.{type(module).__name__}")
+        # transformers' attention layers read the implementation from their config at every call
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if "Attention" in type(module).__name__ and impl not in (None, HF_ATTENTION):
+            found.append(f"{name}: {type(module).__name__} with attn_implementation={impl!r}")
+    return found

@@ -35,6 +35,10 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
+from groundlab.shared.attention import HF_ATTENTION, require_packing_support
+from groundlab.shared.bases.sam import use_shared_attention
+from groundlab.shared.multimodal import pack_rows
+
 from .configuration import IVMConfig
 
 ADAPTERS = ("generator", "discriminator")
@@ -122,11 +126,13 @@ class IVMModel(PreTrainedModel):
             norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=s["window_size"],
             global_attn_indexes=tuple(s["global_attn_indexes"]))
         self.lmm = LlavaForConditionalGeneration(config.lmm_config)
+        self.lmm.set_attn_implementation(HF_ATTENTION)  # every attention layer through the shared dispatch
         d, c = config.lmm_hidden, s["out_chans"]
         self.condition_proj = ConditionMLP(d, config.condition_hidden, c)
         self.generator = ConditionedMaskGenerator(c, config.decoder_depth, config.decoder_mlp, config.decoder_heads,
                                                   config.embedding_grid, config.num_mask_tokens)
         self.discriminator_head = ConditionMLP(d, config.discriminator_hidden, 1)
+        use_shared_attention(self)  # SAM's encoder and the two-way transformer through the shared dispatch
         # SAM's normalisation is read from the config at each call, not kept in buffers: from_pretrained
         # builds on the meta device and would leave non-persistent buffers as uninitialised memory.
         self.post_init()
@@ -193,28 +199,37 @@ class IVMModel(PreTrainedModel):
         with torch.no_grad():
             return self.image_encoder(self.preprocess(images))
 
-    def _lmm_hidden(self, input_ids, attention_mask, pixel_values) -> torch.Tensor:
-        out = self.lmm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             use_cache=False)
-        return out.last_hidden_state
+    def _lmm_hidden(self, input_ids, attention_mask, pixel_values, packed: bool = False) -> torch.Tensor:
+        """The LMM's last hidden states (B, T, D). ``packed``: the language model runs on the batch's
+        real tokens laid end to end in one padding-free row (the same function, no FLOP on padding)."""
+        if not packed:
+            return self.lmm.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                  use_cache=False).last_hidden_state
+        require_packing_support(self.lmm)
+        rows = pack_rows(attention_mask)
+        ids = rows.pack(input_ids)
+        out = self.lmm.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                             use_cache=False, **rows.kwargs)
+        return rows.unpack(out.last_hidden_state)
 
-    def condition(self, input_ids, attention_mask, pixel_values) -> torch.Tensor:
+    def condition(self, input_ids, attention_mask, pixel_values, packed: bool = False) -> torch.Tensor:
         """(B, 1, C): the LMM's last hidden state at each row's second-to-last real token, projected."""
         self.use_adapter("generator")
-        hidden = self._lmm_hidden(input_ids, attention_mask, pixel_values)
+        hidden = self._lmm_hidden(input_ids, attention_mask, pixel_values, packed)
         idx = last_token_index(attention_mask) - 1
         token = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         return self.condition_proj(token).unsqueeze(1)
 
     def forward(self, input_ids, attention_mask, pixel_values, images=None, image_embeddings=None,
-                masks=None, weights=None) -> IVMOutput:
+                masks=None, weights=None, packed: bool = False) -> IVMOutput:
         """Heatmap logits (B, img_size, img_size). With ``masks`` (B, img_size, img_size) soft targets
-        in [0, 1], the loss is ``mean(w * (BCE + Dice))`` with per-sample ``weights`` (1 by default)."""
+        in [0, 1], the loss is ``mean(w * (BCE + Dice))`` with per-sample ``weights`` (1 by default).
+        ``packed``: the language model runs padding-free (see :meth:`_lmm_hidden`)."""
         if image_embeddings is None:
             if images is None:
                 raise ValueError("IVMModel needs images or precomputed image_embeddings")
             image_embeddings = self.embed_images(images)
-        cond = self.condition(input_ids, attention_mask, pixel_values)
+        cond = self.condition(input_ids, attention_mask, pixel_values, packed)
         low = self.generator(image_embeddings, cond)
         size = self.config.sam["img_size"]
         logits = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
@@ -226,11 +241,11 @@ class IVMModel(PreTrainedModel):
         w = torch.ones_like(bce) if weights is None else weights.to(bce.dtype).detach()
         return IVMOutput(loss=(w * (bce + dice)).mean(), logits=logits, bce=bce.detach(), dice=dice.detach())
 
-    def discriminate(self, input_ids, attention_mask, pixel_values) -> torch.Tensor:
+    def discriminate(self, input_ids, attention_mask, pixel_values, packed: bool = False) -> torch.Tensor:
         """(B,) logits of P(human-annotated) from the discriminator prompt over the label-masked image."""
         self.use_adapter("discriminator")
         try:
-            hidden = self._lmm_hidden(input_ids, attention_mask, pixel_values)
+            hidden = self._lmm_hidden(input_ids, attention_mask, pixel_values, packed)
         finally:
             self.use_adapter("generator")
         token = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
@@ -240,13 +255,13 @@ class IVMModel(PreTrainedModel):
 class DiscriminatorForTraining(nn.Module):
     """DWSL stage I: BCE of the discriminator's logit against ``is_human`` (1 human, 0 machine)."""
 
-    def __init__(self, model: IVMModel):
+    def __init__(self, model: IVMModel, packed: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.packed = model, packed
         model.set_trainable("discriminator")
 
     def forward(self, input_ids, attention_mask, pixel_values, is_human):
-        logits = self.model.discriminate(input_ids, attention_mask, pixel_values)
+        logits = self.model.discriminate(input_ids, attention_mask, pixel_values, self.packed)
         return {"loss": F.binary_cross_entropy_with_logits(logits, is_human.float()), "logits": logits}
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
+from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.bases import ensure_base
 from groundlab.shared.bases.sam import TinySamConfig, load_sam_checkpoint
 from groundlab.shared.bases.vlm import TinyVLMConfig
@@ -185,13 +186,14 @@ def build_from_bases(llava_path: str | Path, sam_path: str | Path, m: ModelConfi
 class GeneratorForTraining(nn.Module):
     """DWSL stage II with one weighting: ``uniform``, ``label`` or ``dwsl`` (a weight per item)."""
 
-    def __init__(self, model: IVMModel, weighting: str, item_weights: torch.Tensor | None = None):
+    def __init__(self, model: IVMModel, weighting: str, item_weights: torch.Tensor | None = None,
+                 packed: bool = False):
         super().__init__()
         if weighting not in ("uniform", "label", "dwsl"):
             raise ValueError(f"weighting must be uniform, label or dwsl, got {weighting!r}")
         if weighting == "dwsl" and item_weights is None:
             raise ValueError("dwsl weighting needs per-item weights (the discriminator's, or the oracle's)")
-        self.model, self.weighting = model, weighting
+        self.model, self.weighting, self.packed = model, weighting, packed
         self.register_buffer("item_weights", item_weights if item_weights is not None else torch.ones(0), persistent=False)
         model.set_trainable("generator")
 
@@ -202,7 +204,7 @@ class GeneratorForTraining(nn.Module):
         elif self.weighting == "dwsl":
             w = self.item_weights[index]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                         images=images, masks=masks, weights=w)
+                         images=images, masks=masks, weights=w, packed=self.packed)
         return {"loss": out.loss, "logits": out.logits}
 
 
@@ -316,7 +318,7 @@ def train_discriminator(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data
         model = bases.fresh(cfg)
         ds = IVMDataset(data.mixed, bases.processor.tokenizer, bases.n_image_tokens, bases.image_size,
                         role="discriminator", augment=True, seed=cfg.discriminator.seed)
-        train(DiscriminatorForTraining(model), ds, IVMCollator(bases.processor, role="discriminator"),
+        train(DiscriminatorForTraining(model, cfg.discriminator.packed), ds, IVMCollator(bases.processor, role="discriminator"),
               cfg.discriminator, out / "checkpoints")
         state = model.state_dict()
         torch.save({k: state[k] for k in trained_keys(model, "discriminator")}, out / "discriminator.pt")
@@ -377,7 +379,8 @@ def train_arm(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data, arm: str
             weights = oracle_weights(data.mixed)
         ds = IVMDataset(items, bases.processor.tokenizer, bases.n_image_tokens, bases.image_size, role="generator",
                         augment=True, seed=cfg.generator.seed)
-        train(GeneratorForTraining(model, ARM_WEIGHTING[arm], weights), ds, IVMCollator(bases.processor),
+        train(GeneratorForTraining(model, ARM_WEIGHTING[arm], weights, cfg.generator.packed), ds,
+              IVMCollator(bases.processor),
               cfg.generator, out / "checkpoints")
         torch.save(to_official(model), out / "ivm.pth")
 
@@ -406,7 +409,8 @@ def downstream_vqa(recipe: Recipe, cfg: RunConfig, bases: Bases, arm_models: dic
         answerer = chat_completions_answerer(cfg.vqa_url, cfg.vqa_model or "default", os.environ.get("IVM_VQA_API_KEY"))
     else:
         vision = AutoConfig.from_pretrained(bases.llava).vision_config
-        answerer = llava_answerer(load_pretrained(LlavaForConditionalGeneration, bases.llava, "the LLaVA base"),
+        answerer = llava_answerer(load_pretrained(LlavaForConditionalGeneration, bases.llava, "the LLaVA base",
+                                                  attn_implementation=HF_ATTENTION),
                                   bases.processor, TinyVLMConfig(kind="llava", image_size=vision.image_size,
                                                                  patch_size=vision.patch_size))
     recipe.metrics |= vqa_with_and_without_ivm(answerer, arm_models[best], bases.processor, clutter, cfg.vqa_threshold,

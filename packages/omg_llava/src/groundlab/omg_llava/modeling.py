@@ -29,7 +29,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from groundlab.shared.multimodal import splice_features
+from groundlab.shared.attention import HF_ATTENTION, require_packing_support
+from groundlab.shared.multimodal import pack_rows, splice_features
 
 from .configuration import OMGLlavaConfig
 from .losses import mask_loss
@@ -111,6 +112,7 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         self.segmenter = OMGSegModel(config.seg_config)
         self.segmenter.requires_grad_(False)
         self.llm = AutoModelForCausalLM.from_config(config.text_config)
+        self.llm.set_attn_implementation(HF_ATTENTION)  # every attention layer through the shared dispatch
         d = config.text_config.hidden_size
         self.projector = VisualProjector(config.clip_dim, config.query_dim, d)
         self.text2vision = mlp(d, config.query_dim)
@@ -232,23 +234,22 @@ class OMGLlavaForCausalLM(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, labels=None, perception: list[Perception] | None = None,
                 pixel_values=None, seg_masks: list[torch.Tensor] | None = None, prompts: list[dict] | None = None,
-                **unused) -> OMGLlavaOutput:
+                packed: bool = False, **unused) -> OMGLlavaOutput:
         """``perception`` (precomputed, the segmenter being frozen) or ``pixel_values``; ``prompts``: the
         visual prompts of each sample (see :meth:`embed`); ``seg_masks``: per
         sample the (n_seg, S, S) target masks of its ``[SEG]`` tokens, in reading order. A sample whose
         ``[SEG]`` count differs from its mask count is skipped for the mask loss and counted in
-        ``seg_mismatched`` (never silently zeroed)."""
+        ``seg_mismatched`` (never silently zeroed). ``packed``: the LLM runs on the batch's real tokens
+        laid end to end in one padding-free row (the same function; no FLOP on padding)."""
         if perception is None:
             if pixel_values is None:
                 raise ValueError("OMG-LLaVA needs pixel_values or a precomputed perception")
             perception = self.perceive(pixel_values)
         embeds = self.embed(input_ids, perception, prompts)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
-                       use_cache=False)
-        loss, seg_loss, mismatched, masks_out = out.loss, None, 0, []
+        logits, hidden, ce_loss = self._run_llm(embeds, attention_mask, labels, packed)
+        loss, seg_loss, mismatched, masks_out = ce_loss, None, 0, []
         if seg_masks is not None:
             seg_id = self.config.token_ids["[SEG]"]
-            hidden = out.hidden_states[-1]
             queries, percs, targets = [], [], []
             for b, (p, target) in enumerate(zip(perception, seg_masks)):
                 where = (input_ids[b] == seg_id).nonzero().flatten()
@@ -273,8 +274,25 @@ class OMGLlavaForCausalLM(PreTrainedModel):
                 masks_out = [preds[-1][i, :n] for i, n in enumerate(counts)]
                 seg_loss = torch.stack(terms).sum() / max(1, len(seg_masks) - mismatched)
                 loss = seg_loss if loss is None else loss + seg_loss
-        return OMGLlavaOutput(loss=loss, logits=out.logits, ce_loss=out.loss, seg_loss=seg_loss, seg_masks=masks_out,
+        return OMGLlavaOutput(loss=loss, logits=logits, ce_loss=ce_loss, seg_loss=seg_loss, seg_masks=masks_out,
                               seg_mismatched=mismatched)
+
+    def _run_llm(self, embeds, attention_mask, labels, packed: bool):
+        """The LLM over (B, T, D) embeddings, padded or packed: logits (B, T, V), last hidden states
+        (B, T, D) and the CE loss (None without labels)."""
+        if not packed:
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                           output_hidden_states=True, use_cache=False)
+            return out.logits, out.hidden_states[-1], out.loss
+        if attention_mask is None:
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        require_packing_support(self.llm)
+        rows = pack_rows(attention_mask)
+        flat = rows.pack(embeds)
+        out = self.llm(inputs_embeds=flat, attention_mask=torch.ones(flat.shape[:2], dtype=torch.long, device=flat.device),
+                       labels=None if labels is None else rows.pack_labels(labels), output_hidden_states=True,
+                       use_cache=False, **rows.kwargs)
+        return rows.unpack(out.logits), rows.unpack(out.hidden_states[-1]), out.loss
 
     def reconstruction_loss(self, perception: list[Perception]) -> torch.Tensor:
         """Stage 1's extra loss: ``MSE(text2vision(object_mlp(query_proj([Q;E]))), [Q;E])`` over valid queries."""

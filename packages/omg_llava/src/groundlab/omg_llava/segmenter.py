@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
+from groundlab.shared.attention import MultiheadAttention
+
 # ----------------------------------------------------------------------------------------------
 # backbone
 
@@ -235,21 +237,19 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, dim: int, heads: int, ffn: int, dropout: float = 0.0):
         super().__init__()
-        self.heads = heads
-        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = MultiheadAttention(dim, heads, dropout=dropout)
         self.norm_cross = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(dim, heads, dropout=dropout)
         self.norm_self = nn.LayerNorm(dim)
         self.linear1, self.linear2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
         self.norm_ffn = nn.LayerNorm(dim)
 
     def forward(self, q, query_pos, memory, memory_pos, attn_mask=None, self_mask=None):
         """q (B, N, D); memory (B, S, D); attn_mask (B, N, S) True = not allowed."""
-        mask = None if attn_mask is None else attn_mask.repeat_interleave(self.heads, dim=0)
-        out = self.cross_attn(q + query_pos, memory + memory_pos, memory, attn_mask=mask, need_weights=False)[0]
-        q = self.norm_cross(q + out)
-        smask = None if self_mask is None else self_mask.repeat_interleave(self.heads, dim=0)
-        out = self.self_attn(q + query_pos, q + query_pos, q, attn_mask=smask, need_weights=False)[0]
+        seen = None if attn_mask is None else ~attn_mask[:, None]  # (B, 1, N, S), True = may attend
+        q = self.norm_cross(q + self.cross_attn(q + query_pos, memory + memory_pos, memory, seen))
+        seen = None if self_mask is None else ~self_mask[:, None]
+        out = self.self_attn(q + query_pos, q + query_pos, q, seen)
         q = self.norm_self(q + out)
         return self.norm_ffn(q + self.linear2(F.relu(self.linear1(q))))
 

@@ -200,16 +200,16 @@ def build_model(segmenter: OMGSegModel, llm, tokenizer, m: ModelConfig) -> OMGLl
 class Stage1(nn.Module):
     """Projector + ``text2vision`` train; CE on the answers + the reconstruction loss."""
 
-    def __init__(self, model: OMGLlavaForCausalLM):
+    def __init__(self, model: OMGLlavaForCausalLM, packed: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.packed = model, packed
         model.requires_grad_(False)
         model.projector.requires_grad_(True)
         model.text2vision.requires_grad_(True)
 
     def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks=None):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, perception=perception,
-                         prompts=prompts)
+                         prompts=prompts, packed=self.packed)
         return {"loss": out.loss + self.model.reconstruction_loss(perception)}
 
 
@@ -217,7 +217,7 @@ class Stage2(nn.Module):
     """LoRA on every Linear of the LLM; embeddings, LM head, projector and ``text2vision`` train; CE +
     the ``[SEG]`` mask loss. ``[SEG]`` / mask mismatches are counted in ``self.mismatched``."""
 
-    def __init__(self, model: OMGLlavaForCausalLM, r: int, alpha: int, dropout: float):
+    def __init__(self, model: OMGLlavaForCausalLM, r: int, alpha: int, dropout: float, packed: bool = False):
         super().__init__()
         model.requires_grad_(False)
         targets = linear_names(model.llm, exclude=r"lm_head$")
@@ -225,11 +225,11 @@ class Stage2(nn.Module):
         for module in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings(), model.projector,
                        model.text2vision):
             module.requires_grad_(True)
-        self.model, self.mismatched = model, 0
+        self.model, self.mismatched, self.packed = model, 0, packed
 
     def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, perception=perception,
-                         prompts=prompts, seg_masks=seg_masks)
+                         prompts=prompts, seg_masks=seg_masks, packed=self.packed)
         if out.seg_mismatched:
             self.mismatched += out.seg_mismatched
             logger.warning("%d sample(s) of this batch have a [SEG] / mask count mismatch: skipped for the mask "
@@ -356,7 +356,7 @@ def train_stage1(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok
                  stamp: str) -> Path:
     """3. Projector + ``text2vision`` on captions, CE + reconstruction; loaded into ``model``."""
     def fit(out: Path) -> None:
-        train(Stage1(model), _dataset(cfg, data.stage1, tok, model, cache), OMGCollator(tok.pad_token_id),
+        train(Stage1(model, cfg.stage1.packed), _dataset(cfg, data.stage1, tok, model, cache), OMGCollator(tok.pad_token_id),
               cfg.stage1, out / "checkpoints")
         torch.save({"projector": model.projector.state_dict(), "text2vision": model.text2vision.state_dict()},
                    out / "stage1.pt")
@@ -373,7 +373,7 @@ def train_stage2(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok
     """4. LoRA on every Linear of the LLM + embeddings, LM head, projector, ``text2vision`` on the
     instruction mix; CE + the ``[SEG]`` mask loss; merged and saved whole (``save_pretrained``)."""
     def fit(out: Path) -> None:
-        wrapper = Stage2(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+        wrapper = Stage2(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.stage2.packed)
         train(wrapper, _dataset(cfg, data.stage2, tok, model, cache), OMGCollator(tok.pad_token_id), cfg.stage2,
               out / "checkpoints")
         recipe.metrics["stage2/seg_mismatched"] = wrapper.mismatched

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.bases.vlm import CAPTION_PROMPT as BASE_CAPTION_PROMPT
 from groundlab.shared.bases.vlm import TinyVLMConfig, generate
 from groundlab.shared.loading import load_pretrained
@@ -79,7 +80,8 @@ def tiny_captions(generator, processor, scenes: Sequence[Scene]) -> list[str]:
 def captioner_rates(reward_model, processor, layout: Layout, captioner_path: str | Path,
                     scenes: Sequence[Scene], threshold: float = 0.5) -> dict[str, float]:
     """Caption ``scenes`` with a saved LLaVA captioner and rate its captions (:func:`rate_captions`)."""
-    captioner = load_pretrained(LlavaForConditionalGeneration, captioner_path, "the captioner")
+    captioner = load_pretrained(LlavaForConditionalGeneration, captioner_path, "the captioner",
+                                attn_implementation=HF_ATTENTION)
     captions = tiny_captions(captioner, AutoProcessor.from_pretrained(captioner_path), scenes)
     return rate_captions(reward_model, processor, layout, scenes, captions, threshold)
 
@@ -142,6 +144,7 @@ def restore_generator(peft_reward_model, tau: float = 0.25, original: str | Path
     kind = peft_reward_model.config.backbone_type
     merged = merge_scaled(peft_reward_model, tau)
     generator = GENERATORS[kind](merged.config.backbone_config)
+    generator.set_attn_implementation(HF_ATTENTION)
     generator.model.load_state_dict(merged.backbone.state_dict(), strict=True)
     if kind == "paligemma":
         generator.tie_weights()

@@ -26,6 +26,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import TokenClassifierOutput
 
+from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.config import read_json
 from groundlab.shared.loading import load_pretrained, load_state
 from groundlab.shared.lora import apply_lora
@@ -41,11 +42,11 @@ class TldrRewardModel(PreTrainedModel):
     config_class = TldrConfig
     base_model_prefix = "tldr"
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
 
     def __init__(self, config: TldrConfig):
         super().__init__(config)
         self.backbone = BACKBONES[config.backbone_type](config.backbone_config)
+        self.backbone.set_attn_implementation(HF_ATTENTION)  # every attention layer through the shared dispatch
         # "reward_head", not "head": SigLIP has a vision_tower.head that peft's modules_to_save would also catch
         self.reward_head = nn.Linear(config.hidden_size, 1)
         self.post_init()

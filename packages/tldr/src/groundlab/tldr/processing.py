@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from groundlab.shared.bases.vlm import VLMCollator
-from groundlab.shared.multimodal import IGNORE_INDEX, pad_batch
+from groundlab.shared.multimodal import IGNORE_INDEX, pack_batch, pad_batch
 
 PROMPTS = {"description": "describe en", "caption": "caption en", "vqa": "answer en {question}"}
 """PaliGemma's task prefixes (the tiny PaliGemma base answers questions after ``answer en`` too)."""
@@ -90,31 +90,44 @@ def encode_record(tokenizer, rec: dict, layout: Layout) -> dict[str, list[int]]:
 class MllamaCollator:
     """Batches of the Mllama layout: padded text, image tiles (``pixel_values`` (B, 1, tiles, 3, H, W),
     ``aspect_ratio_ids``, ``aspect_ratio_mask``) and the dense ``cross_attention_mask`` (B, T, 1, tiles):
-    1 from the ``<|image|>`` token to the end of the text, on the tiles the image really has."""
+    1 from the ``<|image|>`` token to the end of the text, on the tiles the image really has.
 
-    def __init__(self, processor, image_token_id: int, padding_side: str = "right"):
-        self.processor, self.image_token_id, self.padding_side = processor, image_token_id, padding_side
+    ``packed``: the texts end to end in one padding-free row (:func:`pack_batch`) and the images as
+    that row's B images (``pixel_values`` (1, B, tiles, 3, H, W)); each token's cross-attention mask
+    (1, N, B, tiles) opens its own sample's image only, so a packed row computes what the padded batch
+    does (tested)."""
+
+    def __init__(self, processor, image_token_id: int, padding_side: str = "right", packed: bool = False):
+        self.processor, self.image_token_id = processor, image_token_id
+        self.padding_side, self.packed = padding_side, packed
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_batch([{k: s[k] for k in ("input_ids", "labels") if k in s} for s in samples],
-                          self.processor.tokenizer.pad_token_id, self.padding_side)
-        vision = self.processor.image_processor([[s["image"]] for s in samples], return_tensors="pt")
-        n_tiles = vision.pop("num_tiles")
+        text = [{k: s[k] for k in ("input_ids", "labels") if k in s} for s in samples]
+        images = [[s["image"] for s in samples]] if self.packed else [[s["image"]] for s in samples]
+        vision = self.processor.image_processor(images, return_tensors="pt")
+        n_tiles = [t for row in vision.pop("num_tiles") for t in row]
+        if self.packed:
+            batch = pack_batch(text)
+            bounds = batch["cu_seq_lens_q"].tolist()
+            spans = [(0, i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        else:
+            batch = pad_batch(text, self.processor.tokenizer.pad_token_id, self.padding_side)
+            real = batch["attention_mask"]
+            spans = [(i, 0, int(real[i].nonzero().min()), int(real[i].nonzero().max()) + 1) for i in range(len(samples))]
         batch |= {k: vision[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
         ids = batch["input_ids"]
-        xmask = torch.zeros(*ids.shape, 1, batch["pixel_values"].shape[2], dtype=torch.long)
-        for row in range(len(samples)):
-            where = (ids[row] == self.image_token_id).nonzero().flatten()
+        xmask = torch.zeros(*ids.shape, batch["pixel_values"].shape[1], batch["pixel_values"].shape[2], dtype=torch.long)
+        for sample, (row, image, start, end) in enumerate(spans):
+            where = (ids[row, start:end] == self.image_token_id).nonzero().flatten()
             if len(where) != 1:
-                raise ValueError(f"sample {row}: expected one <|image|> token in the text, found {len(where)}")
-            last_real = int(batch["attention_mask"][row].nonzero().max())
-            xmask[row, int(where[0]) : last_real + 1, 0, : n_tiles[row][0]] = 1
+                raise ValueError(f"sample {sample}: expected one <|image|> token in the text, found {len(where)}")
+            xmask[row, start + int(where[0]) : end, image, : n_tiles[sample]] = 1
         batch["cross_attention_mask"] = xmask
         return batch
 
 
-def collator_for(processor, layout: Layout, padding_side: str = "right"):
-    """The batch builder of ``layout``'s backbone."""
+def collator_for(processor, layout: Layout, padding_side: str = "right", packed: bool = False):
+    """The batch builder of ``layout``'s backbone; ``packed``: one padding-free row per batch (training)."""
     if layout.backbone == "mllama":
-        return MllamaCollator(processor, layout.image_token_id, padding_side)
-    return VLMCollator(processor, padding_side)
+        return MllamaCollator(processor, layout.image_token_id, padding_side, packed)
+    return VLMCollator(processor, padding_side, packed)

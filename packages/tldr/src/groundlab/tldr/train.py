@@ -205,7 +205,7 @@ def train_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor, da
         logger.info("%s trainable parameters:\n%s", tag, trainable_report(model, depth=3))
         layout = layout_for(processor, head)
         train(model, TldrDataset(data.train_records, data.root, processor.tokenizer, layout),
-              collator_for(processor, layout), cfg.train, out / "checkpoints")
+              collator_for(processor, layout, packed=cfg.train.packed), cfg.train, out / "checkpoints")
         save_adapter(model, out / "adapter")
         (out / "model.json").write_text(json.dumps({"backbone": str(Path(pali).resolve()), "head": head}))
 

@@ -66,15 +66,13 @@ class BaseSpec:
     """VLM bases: ``vlm.MixConfig`` arguments (its defaults when empty)."""
     probe_scenes: tuple[int, int] = (400, 100)
     """LLaVA: training / held-out scenes of the linear probe (``bases.probe``; IVM's numbers)."""
-    packed: bool = False
-    """VLM bases: train the instruction mix on padding-free packed batches (needs the model's
-    ``attn_implementation`` to be ``groundlab``). Not in the cache key: packed and padded batches give
-    the same loss and gradients (tested); on 2 CPU cores packing measured no faster at these sizes
-    (``python benchmarks/run.py --only vlm_step``), so it is off by default."""
 
     def key(self) -> str:
         tokenizer = (fixture_dir() / "tokenizer.json").read_bytes() if self.name in ("llava", "paligemma") else b""
-        return content_hash(VERSION, self.name, self.model, _train_key(self.train), _train_key(self.vision),
+        # the attention kernel is no part of what a base is (every implementation computes the same
+        # function, tested): the key reads the value every cached base was keyed with, whatever runs
+        model = {**self.model, "attn_implementation": "eager"} if "attn_implementation" in self.model else self.model
+        return content_hash(VERSION, self.name, model, _train_key(self.train), _train_key(self.vision),
                             self.vision_scenes, self.mix, self.world.key(), self.world_seed, self.train_scenes,
                             self.eval_scenes, list(self.probe_scenes), hashlib.sha256(tokenizer).hexdigest())
 
@@ -189,9 +187,9 @@ def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
     t0 = time.time()  # 2. projector + language model on the instruction mix
     data = vlm.WorldVLMDataset(world, "train", spec.train_scenes, processor, cfg, mix, seed=spec.train.seed)
     metrics["data/samples"] = len(data)
-    if spec.packed:
+    if spec.train.packed:
         require_packing_support(model)
-    train(model, data, vlm.VLMCollator(processor, packed=spec.packed), spec.train, out / "checkpoints",
+    train(model, data, vlm.VLMCollator(processor, packed=spec.train.packed), spec.train, out / "checkpoints",
           callbacks=callbacks)
     metrics["time/train_s"] = time.time() - t0
     t0 = time.time()

@@ -20,10 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+    image_encoder,
+)
+from segment_anything.modeling import transformer as two_way
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..attention import attention
 from ..metrics import mask_iou
 from ..world import World
 
@@ -73,6 +82,43 @@ class TinySamConfig:
         return build(cls, raw, str(path))
 
 
+class _EncoderAttention(image_encoder.Attention):
+    """The SAM image encoder's attention (decomposed relative positions as an additive bias) through
+    the shared dispatch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = None
+        if self.use_rel_pos:  # (B * heads, T, T) -> (B, heads, T, T)
+            flat = q.reshape(b * self.num_heads, h * w, -1)
+            bias = image_encoder.add_decomposed_rel_pos(flat.new_zeros(flat.shape[0], h * w, h * w), flat,
+                                                        self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            bias = bias.view(b, self.num_heads, h * w, h * w)
+        out = attention(q, k, v, causal=False, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+
+class _DecoderAttention(two_way.Attention):
+    """The SAM mask decoder's (two-way transformer's) attention through the shared dispatch."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._separate_heads(proj(x), self.num_heads)
+                   for proj, x in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
+        return self.out_proj(self._recombine_heads(attention(q, k, v, causal=False)))
+
+
+def use_shared_attention(module: nn.Module) -> nn.Module:
+    """Run every ``segment_anything`` attention inside ``module`` (image encoder, two-way transformer)
+    through :func:`groundlab.shared.attention.attention`: the same parameters and function (tested),
+    one dispatch. Returns ``module``."""
+    for sub in module.modules():
+        for plain, shared in ((image_encoder.Attention, _EncoderAttention), (two_way.Attention, _DecoderAttention)):
+            if type(sub) is plain:
+                sub.__class__ = shared
+    return module
+
+
 def build_tiny_sam(cfg: TinySamConfig | None = None, checkpoint: str | Path | None = None) -> Sam:
     """Build a ``Sam`` at the given sizes; with ``checkpoint``, load an official-layout state dict
     strictly (``weights_only``), with an error naming missing / unexpected / mis-shaped keys."""
@@ -93,6 +139,7 @@ def build_tiny_sam(cfg: TinySamConfig | None = None, checkpoint: str | Path | No
             transformer_dim=cfg.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=cfg.iou_head_hidden),
         pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD,
     )
+    use_shared_attention(sam)
     if checkpoint is not None:
         load_sam_checkpoint(sam, checkpoint)
     return sam

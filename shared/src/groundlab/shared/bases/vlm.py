@@ -56,7 +56,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .. import attention  # noqa: F401  (registers attn_implementation="groundlab" with transformers)
+from ..attention import HF_ATTENTION  # importing it registers attn_implementation="groundlab"
 from ..boxes import box_to_loc, loc_bins, loc_to_boxes, xywh_to_xyxy
 from ..metrics import box_iou
 from ..multimodal import (
@@ -103,10 +103,11 @@ class TinyVLMConfig:
     text_heads: int = 4
     text_kv_heads: int = 4
     text_ffn: int = 512
-    attn_implementation: str = "eager"
-    """transformers' eager: about 2x faster than SDPA under bf16 autocast at these sizes (measured on 2
-    CPU cores); ``groundlab`` (the shared attention, the same figures, tested) is needed for packed
-    batches. ``python benchmarks/run.py --only vlm_step`` measures them side by side."""
+    attn_implementation: str = HF_ATTENTION
+    """The shared dispatch (``groundlab.shared.attention``; on the CPU its eager kernel, as fast as
+    transformers' eager and faster than SDPA under bf16 autocast at these sizes:
+    ``python benchmarks/run.py --only vlm_step``); it also reads packed batches. Not part of what a
+    base is (every implementation computes the same function, tested): :meth:`BaseSpec.key` ignores it."""
 
     def __post_init__(self) -> None:
         if self.kind not in VLM_KINDS:
