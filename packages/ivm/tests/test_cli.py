@@ -45,3 +45,34 @@ def test_bad_input_is_one_line_and_exit_2(image, capsys, args, message):
     assert err.value.code == 2
     out = capsys.readouterr().err.strip()
     assert out.startswith("error: ") and message in out and "\n" not in out
+
+
+def test_eval_scores_a_predictions_file_without_a_model(image, capsys):
+    """``eval --predictions FILE``: perfect heatmaps score 1, the every-object heatmaps score what the
+    run's baseline does; a file that misses a sample is refused naming it."""
+    from pathlib import Path
+
+    from groundlab.ivm.evaluation import all_objects_baseline, read_heatmaps, write_heatmaps
+    from groundlab.ivm.train import RunConfig, eval_samples
+
+    config = Path(cli.__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+    samples = eval_samples(RunConfig.from_yaml(config, {"data": {"eval_scenes": 6}}))
+    argv = ["eval", "--config", str(config), "--data.eval_scenes", "6", "--predictions"]
+    def printed(path) -> dict[str, float]:
+        cli.main(argv + [str(path)])
+        return {k: float(v) for k, v in (line.split() for line in capsys.readouterr().out.splitlines())}
+
+    perfect = write_heatmaps([s.mask.astype(np.float32) for s in samples], samples, image.parent / "predictions_perfect.jsonl")
+    scores = printed(perfect)
+    assert scores["perfect/mIoU"] == scores["perfect/pixel_AP"] == scores["perfect/rec_acc"] == 1.0
+    union = write_heatmaps([s.all_objects.astype(np.float32) for s in samples], samples, image.parent / "union.jsonl")
+    scores = printed(union)
+    want = all_objects_baseline(samples, name="union")
+    assert scores.keys() == want.keys() and want["union/mIoU"] < 0.9
+    for key, value in want.items():
+        assert scores[key] == pytest.approx(value, abs=6e-5), key  # printed to 4 decimals
+    assert [h.shape for h in read_heatmaps(union, samples)] == [s.mask.shape for s in samples]
+    short = write_heatmaps([s.mask.astype(np.float32) for s in samples[:-1]], samples[:-1], image.parent / "short.jsonl")
+    with pytest.raises(SystemExit):
+        cli.main(argv + [str(short)])
+    assert f"1 sample(s) without a prediction ['{samples[-1].id}']" in capsys.readouterr().err

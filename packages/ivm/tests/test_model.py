@@ -325,3 +325,23 @@ def test_generator_training_under_torchrun_zero2_matches_one_process(tmp_path):
                                           ["--data", str(tmp_path / "data")], tmp_path)
     assert len(losses[1]) == 4 and losses[1][-1] < losses[1][0]
     torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=5e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_evaluation_under_two_processes_predicts_what_one_process_does(tmp_path):
+    """torchrun with 2 processes: each predicts its share, the first writes the file one process writes."""
+    from pathlib import Path
+
+    from groundlab.ivm.evaluation import grounding_samples, read_heatmaps
+    from groundlab.shared.testing import outputs_one_and_two_processes
+    from groundlab.shared.world import World, WorldConfig
+
+    samples = grounding_samples(World(WorldConfig(), seed=0).scenes("val", 4))
+    assert len(samples) > 4  # more samples than processes, unevenly shared
+    dirs = outputs_one_and_two_processes(Path(__file__).with_name("eval_worker.py"), [], tmp_path)
+    one, two = (read_heatmaps(dirs[n] / "predictions.jsonl", samples) for n in (1, 2))
+    # the comparison can fail: the heatmaps differ from one instruction to the next
+    assert min(float(abs(a - b).max()) for a, b in zip(one, one[1:])) > 1e-4
+    for a, b in zip(one, two):
+        torch.testing.assert_close(torch.from_numpy(b), torch.from_numpy(a), atol=1e-6, rtol=1e-5)
+    assert (dirs[1] / "predictions.jsonl").read_text() == (dirs[2] / "predictions.jsonl").read_text()

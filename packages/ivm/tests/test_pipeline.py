@@ -13,7 +13,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_config_parses_and_rejects_unknown_keys_and_arms(tmp_path):
     cfg = RunConfig.from_yaml(CONFIGS / "tiny.yaml")
-    assert cfg.arms == ARMS[:4] and (cfg.model.lora_r, cfg.model.lora_alpha) == (8, 16)
+    assert cfg.arms == ARMS[:4] and cfg.model.config["condition_hidden"] == 128
+    ivm = cfg.model.ivm_config({}, {})  # the paper's LoRA unless overridden
+    assert (ivm.lora_r, ivm.lora_alpha, ivm.lora_targets, ivm.decoder_heads) == (8, 16, ("q_proj", "v_proj"), 4)
+    with pytest.raises(ValueError, match=r"model: 'config': unknown IVMConfig arguments \['condtion_hidden'\]"):
+        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"model.config.condtion_hidden": 64})
+    with pytest.raises(ValueError, match="unknown IVMConfig arguments \\['sam'\\]"):
+        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"model.config.sam": {}})  # taken from the checkpoint
     assert cfg.generator.bf16 == "auto" and cfg.data.clutter_objects == (4, 6)
     bad = tmp_path / "bad.yaml"
     bad.write_text("generator:\n  max_stepz: 3\n")

@@ -59,3 +59,33 @@ def test_bad_config_and_overrides_are_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as err:
             cli.main(argv)
         assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_scores_a_predictions_file_without_a_model(image, capsys):
+    """``eval --predictions FILE``: a RES predictions file (here the whole-image baseline's) scored
+    against the run's held-out samples, as the run scores it; a file of two tasks is refused."""
+    import json
+    from pathlib import Path
+
+    from groundlab.omg_llava.evaluation import baseline_predictions, score
+    from groundlab.omg_llava.train import RunConfig, prepare_data
+    from groundlab.shared.recipe import Recipe
+
+    config = Path(cli.__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+    small = ["--data.train_scenes", "2", "--data.val_scenes", "4"]
+    cfg = RunConfig.from_yaml(config, {"data": {"train_scenes": 2, "val_scenes": 4}})
+    samples = prepare_data(Recipe("omg_llava", cfg.name), cfg).eval["res"]
+    path = baseline_predictions(samples, "whole", image.parent / "res.jsonl")
+    cli.main(["eval", "--config", str(config), *small, "--predictions", str(path)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("res/")]  # pycocotools prints too
+    got = {k: float(v) for k, v in (line.split() for line in lines)}
+    want = {f"res/{k}": v for k, v in score("res", path, samples).items()}
+    assert got.keys() == want.keys() and 0 < want["res/cIoU"] < 1
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=6e-5), key
+    rows = path.read_text().splitlines()
+    mixed = image.parent / "mixed.jsonl"
+    mixed.write_text("\n".join(rows[:-1] + [json.dumps({**json.loads(rows[-1]), "task": "gcg"})]) + "\n")
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--config", str(config), *small, "--predictions", str(mixed)])
+    assert "holds one task's predictions" in capsys.readouterr().err

@@ -327,3 +327,58 @@ def test_predictions_do_not_depend_on_the_batch_size(tmp_path):
         assert a["answer"] == b["answer"] and len(a["masks"]) == len(b["masks"])
         for ma, mb in zip(a["masks"], b["masks"]):
             assert (ma != mb).mean() < 0.01
+
+
+@pytest.mark.slow
+def test_evaluation_under_two_processes_predicts_what_one_process_does(tmp_path):
+    """torchrun with 2 processes: each predicts its share, the first writes the file one process writes."""
+    from pathlib import Path
+
+    from groundlab.omg_llava.data import export_world, load_world_export
+    from groundlab.omg_llava.evaluation import read_predictions
+    from groundlab.shared.testing import outputs_one_and_two_processes
+
+    export_world(World(WorldConfig(), seed=0), tmp_path / "data", 2, 4)
+    samples = load_world_export(tmp_path / "data", "val", ("res", "region", "point"))[:7]
+    dirs = outputs_one_and_two_processes(Path(__file__).with_name("eval_worker.py"), ["--data", str(tmp_path / "data")],
+                                         tmp_path)
+    one, two = (read_predictions(dirs[n] / "predictions.jsonl", samples) for n in (1, 2))
+    assert sum(len(r["masks"]) for r in one) >= 4
+    for a, b in zip(one, two):
+        assert a["answer"] == b["answer"] and len(a["masks"]) == len(b["masks"])
+        for ma, mb in zip(a["masks"], b["masks"]):
+            assert (ma != mb).mean() < 0.01
+
+
+@pytest.mark.slow
+def test_stage2_training_under_torchrun_zero2_matches_one_process(tmp_path):
+    """The multi-GPU path users take: 2 processes (torchrun, gloo) with the shared ZeRO-2 config give the
+    single process's per-step losses over the same global batches: the CE over the step's tokens, the
+    mask loss a mean over the step's samples, its random points drawn per sample."""
+    from pathlib import Path
+
+    from groundlab.omg_llava.data import export_world
+    from groundlab.shared.testing import losses_one_and_two_processes
+
+    export_world(World(WorldConfig(), seed=0), tmp_path / "data", 8, 2)
+    losses = losses_one_and_two_processes(Path(__file__).with_name("zero2_worker.py"),
+                                          ["--data", str(tmp_path / "data")], tmp_path)
+    assert len(losses[1]) == 4 and losses[1][-1] < losses[1][0]
+    torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=5e-4, rtol=0)
+
+
+def test_mask_loss_points_follow_each_samples_seed_not_the_batch():
+    """With point seeds, a sample's mask loss is the same alone and batched with others."""
+    model, tok = tiny()
+    perception, ids, labels, att = batch(tok, model, ["It is [SEG].", "Sure, [SEG] and [SEG]."])
+    masks = [torch.rand(1, 64, 64).round(), torch.rand(2, 64, 64).round()]
+    with torch.no_grad():
+        both = model(ids, att, labels, perception=perception, seg_masks=masks, point_seeds=[11, 12])
+        alone = []
+        for i in range(2):
+            n = int(att[i].sum())
+            alone.append(model(ids[i : i + 1, :n], att[i : i + 1, :n], labels[i : i + 1, :n], perception=perception[i : i + 1],
+                               seg_masks=masks[i : i + 1], point_seeds=[11 + i]).seg_loss)
+        torch.testing.assert_close(both.seg_loss, (alone[0] + alone[1]) / 2, atol=1e-5, rtol=1e-5)
+        other = model(ids, att, labels, perception=perception, seg_masks=masks, point_seeds=[13, 14])
+    assert abs(float(other.seg_loss) - float(both.seg_loss)) > 1e-6  # the seeds do choose the points

@@ -36,7 +36,8 @@ def config(llm_dir, overrides=None):
     steps = dict(max_steps=3, batch_size=4, lr=1e-3, save_steps=2, progress_bar=False)
     raw = {"name": "t", "data": {"train_scenes": 12, "val_scenes": 3},
            "segmenter": {"config": SEG, "scenes": 12, "eval_scenes": 3, "train": steps},
-           "model": {"llm": str(llm_dir), "lora_r": 4, "lora_alpha": 2}, "stage1": steps, "stage2": steps,
+           "model": {"llm": str(llm_dir), "config": {"template": "vicuna", "shuffle": 1, "seg_points": 256},
+                     "lora_r": 4, "lora_alpha": 2}, "stage1": steps, "stage2": steps,
            "eval": {"max_new_tokens": {"res": 4, "gcg": 6, "region": 6}}}
     path = llm_dir.parent / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -85,4 +86,4 @@ def test_release_config_parses_with_the_papers_settings():
     cfg = RunConfig.from_yaml(Path(__file__).parents[1] / "configs" / "release_8gpu.yaml")
     assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout) == (512, 256, 0.05)
     assert cfg.stage1.lr == 1e-3 and cfg.stage2.lr == 2e-4 and cfg.stage1.batch_size * 8 == 256
-    assert cfg.stage2.batch_size * 8 == 128 and cfg.stage2.deepspeed == "zero2" and cfg.model.template == "internlm2"
+    assert cfg.stage2.batch_size * 8 == 128 and cfg.stage2.deepspeed == "zero2" and cfg.model.config == {}

@@ -46,3 +46,35 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, args, message):
     assert err.value.code == 2
     out = capsys.readouterr().err.strip()
     assert out.startswith("error: ") and message in out and "\n" not in out
+
+
+def test_eval_scores_a_predictions_file_without_a_model(files, capsys):
+    """``eval --predictions FILE``: TLDR's token predictions and the naive RM's response predictions are
+    scored from the file alone; a record of neither shape is refused naming it."""
+    import json
+    from pathlib import Path
+
+    from groundlab.tldr.evaluation import score_naive, score_tldr
+
+    config = Path(cli.__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+    tokens = ["a", " red", " circle", ".", " it", " is", " big", "."]
+    records = [{"id": "r0", "taxonomy": "visual_attribute", "task": "caption", "tokens": tokens,
+                "labels": [1, 0, 1, 1, 1, 1, 1, 1], "probs": [0.9, 0.2, 0.6, 0.8, 0.7, 0.9, 0.4, 0.9]},
+               {"id": "r1", "taxonomy": "none", "task": "caption", "tokens": tokens,
+                "labels": [1] * 8, "probs": [0.8] * 7 + [0.3]}]
+
+    def printed(rows, name) -> dict[str, float]:
+        path = files / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cli.main(["eval", "--config", str(config), "--predictions", str(path)])
+        return {k: float(v) for k, v in (line.split() for line in capsys.readouterr().out.splitlines())}
+
+    for got, want in ((printed(records, "tldr.jsonl"), score_tldr(records)),
+                      (printed([{**r, "probs": r["probs"][-1:]} for r in records], "naive.jsonl"),
+                       score_naive([{**r, "probs": r["probs"][-1:]} for r in records]))):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=6e-5), key
+    with pytest.raises(SystemExit):
+        printed([records[0], {**records[1], "probs": [0.5, 0.5]}], "bad.jsonl")
+    assert "record r1 has neither one probability per token nor one per response" in capsys.readouterr().err

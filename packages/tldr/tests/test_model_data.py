@@ -32,10 +32,16 @@ def _tiny(head="token"):
 
 def test_configs_parse_and_reject_unknown_keys(tmp_path):
     tiny = RunConfig.from_yaml(CONFIGS / "tiny.yaml")
-    assert tiny.train.lr == 4e-3 and tiny.train.max_steps == 1200 and tiny.model.lora_alpha / tiny.model.lora_r == 0.25
+    assert tiny.train.lr == 4e-3 and tiny.train.max_steps == 1200 and tiny.model.config["lora_alpha"] / tiny.model.config["lora_r"] == 0.25
     assert tiny.data.tasks == ("description", "caption", "vqa")
     paper = RunConfig.from_yaml(CONFIGS / "paligemma_3b.yaml")
-    assert (paper.model.lora_r, paper.model.lora_alpha, paper.train.grad_accum) == (512, 128, 8)
+    release = TldrConfig(**paper.model.config)  # the paper's LoRA, TldrConfig's defaults
+    assert (release.lora_r, release.lora_alpha, release.lora_dropout, paper.train.grad_accum) == (512, 128, 0.1, 8)
+    with pytest.raises(ValueError, match=r"unknown TldrConfig arguments \['lora_rank'\]"):
+        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"model.config.lora_rank": 8})
+    with pytest.raises(ValueError, match="LoRA on neither"):
+        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"model.config.lora_projector": False,
+                                                    "model.config.lora_decoder": False})
     assert paper.train.deepspeed == "zero2"
     over = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"train.max_steps": 7, "data.train_scenes": 3})
     assert over.train.max_steps == 7 and over.data.train_scenes == 3
@@ -424,3 +430,19 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(backbone, tm
     torch.testing.assert_close(loss_p, loss, atol=1e-5, rtol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(grads_p[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_evaluation_under_two_processes_predicts_what_one_process_does(tmp_path):
+    """torchrun with 2 processes: each scores its share, the first writes the file one process writes."""
+    from groundlab.shared.testing import outputs_one_and_two_processes
+    from groundlab.tldr.evaluation import read_predictions
+
+    export_world(World(WorldConfig(), seed=0), "val", 2, tmp_path / "data", load_tokenizer())
+    dirs = outputs_one_and_two_processes(Path(__file__).with_name("eval_worker.py"), ["--data", str(tmp_path / "data")],
+                                         tmp_path)
+    one, two = (read_predictions(dirs[n] / "predictions.jsonl") for n in (1, 2))
+    assert len(one) == 13 and [r["id"] for r in two] == [r["id"] for r in one]
+    assert max(abs(p - 0.5) for r in one for p in r["probs"]) > 0.01
+    for a, b in zip(one, two):
+        torch.testing.assert_close(torch.tensor(b["probs"]), torch.tensor(a["probs"]), atol=1e-5, rtol=1e-5)

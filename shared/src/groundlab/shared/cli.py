@@ -7,6 +7,8 @@ bad input ends in one clear line on stderr and a non-zero exit, never a tracebac
 
 ``package_cli`` builds the parser (``train`` / ``eval`` from the recipe module's ``RunConfig`` and
 ``run``, then the package's own commands), dispatches, and refuses arguments a command does not take.
+``eval --predictions FILE`` scores a predictions file (the run's, or any model's in its format) with
+the recipe module's ``score_predictions(cfg, path)`` and prints the scores, running no model.
 
 ``cli_main`` turns an exception escaping ``main`` into ``error: <message>`` and exit status 2 (130 on
 Ctrl-C). ``GROUNDLAB_DEBUG=1`` re-raises instead, for the full traceback.
@@ -74,11 +76,25 @@ def add_run_commands(subparsers) -> None:
         p = subparsers.add_parser(name, help=f"{name} the run a config describes (finished stages are reused)")
         p.add_argument("--config", required=True, type=Path)
         p.add_argument("--force", action="store_true", help="recompute every stage")
+        if name == "eval":
+            p.add_argument("--predictions", type=Path, default=None,
+                           help="score this predictions file against the run's held-out data instead (no model runs)")
 
 
-def run_command(run_config_cls, run_fn, args, extra: list[str]):
-    """``train`` / ``eval``: the run config from ``--config`` and the overrides, then the run."""
-    return run_fn(run_config_cls.from_yaml(args.config, parse_overrides(extra)), force=args.force)
+def run_command(recipe, args, extra: list[str]):
+    """``train`` / ``eval``: the run config from ``--config`` and the overrides, then the run, or
+    (``eval --predictions FILE``) the scores of the file, printed one per line."""
+    cfg = recipe.RunConfig.from_yaml(args.config, parse_overrides(extra))
+    predictions = getattr(args, "predictions", None)
+    if predictions is None:
+        return recipe.run(cfg, force=args.force)
+    if not predictions.is_file():
+        raise FileNotFoundError(f"--predictions {predictions}: no such file")
+    scores = recipe.score_predictions(cfg, predictions)
+    width = max(map(len, scores), default=0)
+    for key, value in scores.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return scores
 
 
 def package_cli(prog: str, recipe_module: str, argv: list[str] | None,
@@ -93,8 +109,7 @@ def package_cli(prog: str, recipe_module: str, argv: list[str] | None,
     add_commands(sub)
     args, extra = parser.parse_known_args(argv)
     if args.cmd in ("train", "eval"):
-        recipe = importlib.import_module(recipe_module)
-        return run_command(recipe.RunConfig, recipe.run, args, extra)
+        return run_command(importlib.import_module(recipe_module), args, extra)
     if extra:
         raise ValueError(f"unexpected arguments {extra}")
     return commands[args.cmd](args)

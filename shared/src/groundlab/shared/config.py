@@ -142,6 +142,28 @@ def build(cls, raw: dict, where: str):
         raise ValueError(f"{where}: {err}") from err
 
 
+def model_overrides(config_cls, overrides: dict, filled: tuple[str, ...] = ()) -> dict:
+    """A run config's ``model.config``: arguments of the package's one model config class
+    (``config_cls``, its defaults the paper's) that this run sets otherwise. Each key must be an
+    argument of ``config_cls.__init__`` that the recipe does not fill itself (``filled``: the parts
+    it takes from the pretrained checkpoints), its value of that argument's annotated type."""
+    import inspect
+
+    if not isinstance(overrides, dict):
+        raise ValueError(f"'config' must be a mapping of {config_cls.__name__} arguments, got {overrides!r}")
+    params = inspect.signature(config_cls.__init__).parameters
+    allowed = [n for n, p in params.items() if n != "self" and n not in filled
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"'config': unknown {config_cls.__name__} arguments {unknown}; known: {sorted(allowed)}")
+    try:
+        hints = typing.get_type_hints(config_cls.__init__)
+    except (NameError, TypeError):  # an annotation that does not resolve here: left to the class
+        hints = {}
+    return {k: check_value(v, hints.get(k, typing.Any), f"'config.{k}'") for k, v in overrides.items()}
+
+
 def load_config(cls, path: str | Path, overrides: dict | None = None):
     """``cls`` from a YAML file and dotted overrides."""
     path = Path(path)

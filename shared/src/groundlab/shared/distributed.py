@@ -90,6 +90,54 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluation over several processes
+
+
+def init_process_group() -> bool:
+    """Join the torchrun job this process belongs to, when there is one (``WORLD_SIZE`` > 1) and it
+    has not joined yet: NCCL on CUDA, gloo elsewhere. Returns whether several processes run."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(get_local_rank())
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def shard(n: int) -> range:
+    """This process's share of ``n`` evaluation items: one contiguous block per rank, in rank order
+    (everything in one process). :func:`gather_shards` puts the blocks back together."""
+    init_process_group()
+    rank, world = get_rank(), get_world_size()
+    size = -(-n // world)
+    return range(min(n, rank * size), min(n, (rank + 1) * size))
+
+
+def gather_shards(rows: list) -> list:
+    """Every process's :func:`shard` results, concatenated in rank order (= the items' order), on every
+    process: prediction under torchrun gives the file one process would write."""
+    if get_world_size() == 1:
+        return list(rows)
+    parts = [None] * get_world_size()
+    dist.all_gather_object(parts, list(rows))
+    return [row for part in parts for row in part]
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """``rows`` as JSON lines at ``path``, written by the first process; every process returns once the
+    file is complete."""
+    path = Path(path)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
 # DeepSpeed
 
 

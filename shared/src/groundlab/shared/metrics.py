@@ -80,6 +80,14 @@ def res_metrics(preds: Sequence, targets: Sequence) -> dict[str, float]:
 # boxes
 
 
+def mask_box(mask) -> tuple[int, int, int, int] | None:
+    """The inclusive pixel box ``(x0, y0, x1, y1)`` of a boolean mask's pixels; None when it is empty."""
+    ys, xs = np.nonzero(_as_bool(mask, "mask"))
+    if len(ys) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
 def xywh_to_xyxy(boxes) -> np.ndarray:
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     b[:, 2:] += b[:, :2]

@@ -3,12 +3,14 @@
 :func:`attention_outside_the_shared_dispatch` names every attention in a model that does not run
 through :mod:`groundlab.shared.attention`.
 
-The check that a training stage runs the same under ``torchrun --nproc_per_node 2`` with the shared
-ZeRO-2 config as in one process:
+The checks that a training stage runs the same under ``torchrun --nproc_per_node 2`` with the shared
+ZeRO-2 config as in one process, and that evaluation predicts the same under 2 processes as under one:
 A package writes a worker script that builds its stage (model, data, collator), trains it with
 :func:`groundlab.shared.training.train` for a few steps with ``batch_size = global_batch // WORLD_SIZE``
 and ``deepspeed`` from the command line, and ends with :func:`finish_worker`; its test calls
-:func:`losses_one_and_two_processes` and compares the two lists.
+:func:`losses_one_and_two_processes` and compares the two lists. An evaluation worker predicts to
+``<out>/predictions.jsonl`` and ends with ``finish_worker(None, out)``; its test calls
+:func:`outputs_one_and_two_processes` and compares the two files.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def worker_args() -> tuple[argparse.Namespace, int]:
     import torch
 
     p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--data", default=None, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--deepspeed", default=None)
     torch.set_num_threads(1)
@@ -35,11 +37,11 @@ def worker_args() -> tuple[argparse.Namespace, int]:
 
 
 def finish_worker(trainer, out: str | Path) -> None:
-    """Rank 0 writes the run's per-step training losses to ``out/losses.json``; then every rank
-    leaves together (a rank exiting while another still talks to it can abort the other)."""
+    """Rank 0 writes the run's per-step training losses to ``out/losses.json`` (with a ``trainer``);
+    then every rank leaves together (a rank exiting while another still talks to it can abort the other)."""
     import torch.distributed as dist
 
-    if int(os.environ.get("RANK", 0)) == 0:
+    if trainer is not None and int(os.environ.get("RANK", 0)) == 0:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         Path(out, "losses.json").write_text(json.dumps(losses))
     if dist.is_available() and dist.is_initialized():
@@ -52,15 +54,23 @@ def losses_one_and_two_processes(worker: str | Path, args: list[str], out: str |
     """Run ``worker`` with ``args`` under torchrun: 2 processes with ``--deepspeed zero2`` and 1
     process without DeepSpeed, each with its own ``--out``; returns ``{2: losses, 1: losses}``.
     A failed launch raises with the end of its output."""
-    losses = {}
-    for n, ds in ((2, ["--deepspeed", "zero2"]), (1, [])):
-        run_out = Path(out) / f"n{n}"
-        res = launch(worker, [*args, "--out", str(run_out), *ds], nproc_per_node=n,
+    dirs = outputs_one_and_two_processes(worker, args, out, timeout, {2: ["--deepspeed", "zero2"]})
+    return {n: json.loads((d / "losses.json").read_text()) for n, d in dirs.items()}
+
+
+def outputs_one_and_two_processes(worker: str | Path, args: list[str], out: str | Path, timeout: float = 900,
+                                  extra: dict[int, list[str]] | None = None) -> dict[int, Path]:
+    """Run ``worker`` with ``args`` under torchrun on 2 processes and on 1, each with its own ``--out``
+    (``extra[n]``: more arguments for the n-process run); returns ``{2: out dir, 1: out dir}``.
+    A failed launch raises with the end of its output."""
+    dirs = {}
+    for n in (2, 1):
+        dirs[n] = Path(out) / f"n{n}"
+        res = launch(worker, [*args, "--out", str(dirs[n]), *(extra or {}).get(n, [])], nproc_per_node=n,
                      env={"PYTHONWARNINGS": "ignore"}, timeout=timeout)
         if res.returncode != 0:
             raise RuntimeError(f"{worker} on {n} process(es) failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-        losses[n] = json.loads((run_out / "losses.json").read_text())
-    return losses
+    return dirs
 
 
 def attention_outside_the_shared_dispatch(model) -> list[str]:

@@ -145,6 +145,19 @@ class MarkCheckpoints(TrainerCallback):
         return control
 
 
+class EpochToDataset(TrainerCallback):
+    """Tell a dataset with ``set_epoch(epoch)`` which epoch starts, on every process (resumed runs
+    included): a dataset that draws per-sample randomness from (index, epoch) then draws the same
+    whichever process or batch holds the sample. :func:`train` adds it for such datasets."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch + 1e-6) if state.epoch else 0)
+        return control
+
+
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest ``checkpoint-N`` in ``output_dir`` whose marker verifies (every file there, none
     truncated or changed); others are reported and skipped."""
@@ -166,10 +179,12 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str | Path,
           callbacks: list | None = None, compute_loss_func=None) -> Trainer:
-    """Train (resuming from the last complete checkpoint in ``output_dir`` if any); returns the Trainer."""
+    """Train (resuming from the last complete checkpoint in ``output_dir`` if any); returns the Trainer.
+    A dataset with ``set_epoch`` learns each epoch's number (:class:`EpochToDataset`)."""
     args = training_arguments(cfg, output_dir)
+    own = [MarkCheckpoints()] + ([EpochToDataset(train_dataset)] if hasattr(train_dataset, "set_epoch") else [])
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
-                      callbacks=[MarkCheckpoints(), *(callbacks or [])], compute_loss_func=compute_loss_func)
+                      callbacks=[*own, *(callbacks or [])], compute_loss_func=compute_loss_func)
     resume = last_complete_checkpoint(output_dir)
     if resume is not None:
         logger.info("resuming from %s", resume)

@@ -1,8 +1,10 @@
 """IVM evaluation: heatmap quality, REC from the heatmap's box, and downstream VQA with / without IVM.
 
-Two steps, like every groundlab evaluation: ``predict_heatmaps`` writes a predictions file (per
-sample: id, IoU at the threshold, the predicted and true boxes), then the scores are computed from it.
-The pixel AP needs the heatmaps themselves, so it is computed in the first step and stored beside.
+Two steps, like every groundlab evaluation: :func:`predict_heatmaps` writes the predictions (a JSONL
+row per sample: id, instruction, the box of its heatmap at the threshold; the heatmaps themselves,
+which the pixel AP needs, in ``<file>.npz`` beside it), then :func:`score_heatmaps` scores that file
+against the samples (``groundlab-ivm eval --config ... --predictions FILE`` does it from the command
+line).
 
 - heatmap IoU: mean over samples of IoU(heat > threshold, true mask);
 - pixel AP: average precision of the heatmap's scores for the true mask's pixels, pooled over samples;
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from groundlab.shared.metrics import average_precision, box_iou, mask_iou
+from groundlab.shared.distributed import barrier, gather_shards, is_main_process, shard
+from groundlab.shared.metrics import average_precision, mask_iou, rec_accuracy
 from groundlab.shared.world import Scene
 
 from .data import target_instructions
@@ -60,31 +63,89 @@ def grounding_samples(scenes: Sequence[Scene]) -> list[GroundingSample]:
     return out
 
 
-def _scores(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], threshold: float, name: str,
-            out_path: str | Path | None) -> dict[str, float]:
-    rows, ious, hits = [], [], []
-    labels, scores = [], []
-    for h, s in zip(heats, samples):
+def _scores(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], threshold: float, name: str
+            ) -> dict[str, float]:
+    ious, labels, scores = [], [], []
+    for h, s in zip(heats, samples, strict=True):
         if h.shape != s.mask.shape:
             raise ValueError(f"sample {s.id}: heatmap {h.shape} vs mask {s.mask.shape}")
-        iou = mask_iou(h > threshold, s.mask)
-        box = box_of(h, threshold) or (0, 0, h.shape[1] - 1, h.shape[0] - 1)
-        hit = float(box_iou([box], [s.box])[0, 0] >= 0.5)
-        ious.append(iou)
-        hits.append(hit)
+        ious.append(mask_iou(h > threshold, s.mask))
         labels.append(s.mask.reshape(-1))
         scores.append(h.reshape(-1))
-        rows.append({"id": s.id, "instruction": s.instruction, "iou": iou, "box": box, "true_box": s.box, "rec_hit": hit})
-    if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    rec = rec_accuracy([heatmap_box(h, threshold) for h in heats], [s.box for s in samples])
     out = {f"{name}/mIoU": float(np.mean(ious)), f"{name}/pixel_AP": average_precision(np.concatenate(labels),
-           np.concatenate(scores)), f"{name}/rec_acc": float(np.mean(hits)), f"{name}/n": len(samples)}
+           np.concatenate(scores)), f"{name}/rec_acc": rec["acc@0.5"], f"{name}/n": len(samples)}
     for n in sorted({s.n_objects for s in samples if s.n_objects}):  # does the heatmap pick the target?
         out[f"{name}/mIoU_{n}_objects"] = float(np.mean([i for i, s in zip(ious, samples) if s.n_objects == n]))
     return out
+
+
+def heatmap_box(heat: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """REC's box from a heatmap: the box of ``heat > threshold``, the whole image when nothing passes."""
+    return box_of(heat, threshold) or (0, 0, heat.shape[1] - 1, heat.shape[0] - 1)
+
+
+def predict_heatmaps(model, processor, samples: Sequence[GroundingSample], out_path: str | Path,
+                     threshold: float = 0.5) -> Path:
+    """The model's heatmap for every sample: ``out_path`` (JSONL: id, instruction, the box at
+    ``threshold``) and ``<out_path>.npz`` (the heatmaps, float32, by id). Returns ``out_path``. Under
+    torchrun each process predicts its share and the first writes the whole file (the same file)."""
+    mine = [samples[i] for i in shard(len(samples))]
+    heats = gather_shards([h.numpy() for h in heatmaps(model, processor, [s.image for s in mine],
+                                                        [s.instruction for s in mine])])
+    if is_main_process():
+        write_heatmaps(heats, samples, out_path, threshold)
+    barrier()
+    return Path(out_path)
+
+
+def write_heatmaps(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], out_path: str | Path,
+                   threshold: float = 0.5) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w") as f:
+        for h, s in zip(heats, samples, strict=True):
+            f.write(json.dumps({"id": s.id, "instruction": s.instruction, "box": heatmap_box(h, threshold)}) + "\n")
+    np.savez_compressed(_heatmap_file(out_path), ids=np.array([s.id for s in samples]),
+                        heatmaps=np.stack([np.asarray(h, np.float32) for h in heats]))
+    return out_path
+
+
+def _heatmap_file(path: Path) -> Path:
+    return path.with_name(path.name + ".npz")
+
+
+def read_heatmaps(path: str | Path, samples: Sequence[GroundingSample]) -> list[np.ndarray]:
+    """The heatmaps of a predictions file (:func:`write_heatmaps`), in the order of ``samples``: every
+    sample must have exactly one, and the file nothing else."""
+    path = Path(path)
+    store = _heatmap_file(path)
+    for f in (path, store):
+        if not f.is_file():
+            raise FileNotFoundError(f"no IVM predictions at {f} (write them with predict_heatmaps)")
+    try:
+        with np.load(store) as npz:
+            ids, heats = [str(i) for i in npz["ids"]], npz["heatmaps"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{store}: not an IVM heatmap file ({err})") from err
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if [r.get("id") for r in rows] != ids:
+        raise ValueError(f"{path} and {store} list different samples")
+    by_id = dict(zip(ids, heats))
+    if len(by_id) != len(ids):
+        raise ValueError(f"{store}: a sample appears twice")
+    wanted = [s.id for s in samples]
+    missing, extra = sorted(set(wanted) - set(by_id)), sorted(set(by_id) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"{path}: {len(missing)} sample(s) without a prediction {missing[:3]}, "
+                         f"{len(extra)} prediction(s) of no sample {extra[:3]}")
+    return [by_id[i] for i in wanted]
+
+
+def score_heatmaps(path: str | Path, samples: Sequence[GroundingSample], threshold: float = 0.5,
+                   name: str = "heatmap") -> dict[str, float]:
+    """Heatmap mIoU, pixel AP and REC accuracy of a predictions file against the samples' true masks."""
+    return _scores(read_heatmaps(path, samples), samples, threshold, name)
 
 
 @torch.no_grad()
@@ -108,16 +169,15 @@ def condition_cosine(model, processor, samples: Sequence[GroundingSample]) -> fl
     return float(np.mean(sims)) if sims else float("nan")
 
 
-def heatmap_quality(model, processor, samples: Sequence[GroundingSample], threshold: float = 0.5,
-                    name: str = "heatmap", out_path: str | Path | None = None) -> dict[str, float]:
-    """The model's heatmaps scored against the true masks (and written per sample to ``out_path``)."""
-    heats = [h.numpy() for h in heatmaps(model, processor, [s.image for s in samples], [s.instruction for s in samples])]
-    return _scores(heats, samples, threshold, name, out_path)
+def heatmap_quality(model, processor, samples: Sequence[GroundingSample], out_path: str | Path,
+                    threshold: float = 0.5, name: str = "heatmap") -> dict[str, float]:
+    """:func:`predict_heatmaps` to ``out_path``, then :func:`score_heatmaps` of that file."""
+    return score_heatmaps(predict_heatmaps(model, processor, samples, out_path, threshold), samples, threshold, name)
 
 
 def whole_image_baseline(samples: Sequence[GroundingSample], name: str = "baseline/whole_image") -> dict[str, float]:
     """Keep everything: the heatmap is 1 everywhere (what an image without IVM amounts to)."""
-    return _scores([np.ones(s.mask.shape, np.float32) for s in samples], samples, 0.5, name, None)
+    return _scores([np.ones(s.mask.shape, np.float32) for s in samples], samples, 0.5, name)
 
 
 def all_objects_baseline(samples: Sequence[GroundingSample], name: str = "baseline/all_objects") -> dict[str, float]:
@@ -126,7 +186,7 @@ def all_objects_baseline(samples: Sequence[GroundingSample], name: str = "baseli
     for s in samples:
         if s.all_objects is None:
             raise ValueError(f"sample {s.id}: no all-objects mask (build samples with grounding_samples)")
-    return _scores([s.all_objects.astype(np.float32) for s in samples], samples, 0.5, name, None)
+    return _scores([s.all_objects.astype(np.float32) for s in samples], samples, 0.5, name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from groundlab.shared.inputs import check_probability, check_text
+from groundlab.shared.metrics import mask_box
 
 from .processing import policy_inputs
 
@@ -79,10 +80,7 @@ def apply_mask(image: np.ndarray, m: torch.Tensor | np.ndarray, mode: str = "ove
 
 def box_of(m: torch.Tensor | np.ndarray, threshold: float = 0.5) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) inclusive pixel box of ``m > threshold``; None if empty."""
-    ys, xs = np.nonzero(np.asarray(m) > threshold)
-    if len(ys) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    return mask_box(np.asarray(m) > threshold)
 
 
 @torch.no_grad()

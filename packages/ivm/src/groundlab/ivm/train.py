@@ -37,7 +37,7 @@ from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.bases import ensure_base
 from groundlab.shared.bases.sam import TinySamConfig, load_sam_checkpoint
 from groundlab.shared.bases.vlm import TinyVLMConfig
-from groundlab.shared.config import load_config, non_negative, one_of, positive, within
+from groundlab.shared.config import load_config, model_overrides, non_negative, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, torch_load
 from groundlab.shared.recipe import Recipe, train_key
@@ -55,6 +55,7 @@ from .evaluation import (
     grounding_samples,
     heatmap_quality,
     llava_answerer,
+    score_heatmaps,
     vqa_with_and_without_ivm,
     whole_image_baseline,
 )
@@ -91,25 +92,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """Where the pretrained parts come from, and the :class:`IVMConfig` this run builds on them."""
+
     llava: str | None = None
     """A LLaVA ``from_pretrained`` directory; None = the tiny LLaVA base of ``make bases``."""
     sam: str | None = None
     """An official-layout SAM checkpoint; None = the tiny SAM base."""
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    """The language model's projections that get LoRA (the paper: q and v)."""
-    condition_hidden: int = 128
-    decoder_mlp: int = 256
-    decoder_heads: int = 4
-    discriminator_hidden: int = 64
+    config: dict = field(default_factory=dict)
+    """:class:`IVMConfig` arguments over its defaults (the paper's: LoRA r 8 / alpha 16 / dropout 0.05
+    on q/v, 2048-wide condition MLP, ...); ``sam`` and ``lmm_config`` come from the checkpoints."""
 
     def __post_init__(self) -> None:
-        positive(self, "lora_r", "lora_alpha", "condition_hidden", "decoder_mlp", "decoder_heads", "discriminator_hidden")
-        within(self, "lora_dropout", 0.0, 0.99)
-        if not self.lora_targets:
-            raise ValueError("'lora_targets' is empty")
+        self.config = model_overrides(IVMConfig, self.config, filled=("sam", "lmm_config"))
+
+    def ivm_config(self, sam: dict, lmm_config: dict) -> IVMConfig:
+        return IVMConfig(sam=sam, lmm_config=lmm_config, **self.config)
 
 
 @dataclass
@@ -174,10 +171,7 @@ def build_from_bases(llava_path: str | Path, sam_path: str | Path, m: ModelConfi
     sam = dict(img_size=sc.image_size, patch_size=sc.patch_size, embed_dim=sc.encoder_dim, depth=sc.encoder_depth,
                num_heads=sc.encoder_heads, window_size=sc.window_size, global_attn_indexes=sc.global_attn_indexes,
                out_chans=sc.prompt_dim)
-    cfg = IVMConfig(sam=sam, lmm_config=llava.config.to_dict(), lora_r=m.lora_r, lora_alpha=m.lora_alpha,
-                    lora_dropout=m.lora_dropout, lora_targets=tuple(m.lora_targets), condition_hidden=m.condition_hidden, decoder_mlp=m.decoder_mlp,
-                    decoder_heads=m.decoder_heads, discriminator_hidden=m.discriminator_hidden)
-    model = IVMModel(cfg)
+    model = IVMModel(m.ivm_config(sam, llava.config.to_dict()))
     load_llava_into(model, llava)
     load_sam_checkpoint(model.image_encoder, sam_path, prefix="image_encoder.")
     return model
@@ -242,7 +236,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if "mixed_dwsl" in cfg.arms:
         d_dir = train_discriminator(recipe, cfg, bases, data)
         item_weights = dwsl_item_weights(recipe, cfg, bases, data, d_dir)
-    samples = grounding_samples(World(WorldConfig(), seed=cfg.data.world_seed).scenes("val", cfg.data.eval_scenes))
+    samples = eval_samples(cfg)
     evaluate_baselines(recipe, cfg, bases, samples)
     arm_models = {}
     for arm in cfg.arms:
@@ -250,6 +244,17 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         arm_models[arm] = evaluate_arm(recipe, cfg, bases, samples, arm, arm_dir)
     downstream_vqa(recipe, cfg, bases, arm_models)
     return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.arms))
+
+
+def eval_samples(cfg: RunConfig) -> list:
+    """The held-out grounding samples every arm is scored on."""
+    return grounding_samples(World(WorldConfig(), seed=cfg.data.world_seed).scenes("val", cfg.data.eval_scenes))
+
+
+def score_predictions(cfg: RunConfig, path: Path) -> dict[str, float]:
+    """``eval --predictions FILE``: a heatmap predictions file (``predictions_<arm>.jsonl`` + its
+    ``.npz``, or any model's in that format) scored against the run's held-out samples."""
+    return score_heatmaps(path, eval_samples(cfg), cfg.threshold, name=Path(path).stem.removeprefix("predictions_"))
 
 
 @dataclass
@@ -359,7 +364,8 @@ def evaluate_baselines(recipe: Recipe, cfg: RunConfig, bases: Bases, samples) ->
     """The whole image, every object, and the untrained IVM on the held-out grounding samples."""
     recipe.metrics |= whole_image_baseline(samples) | all_objects_baseline(samples)
     untrained = bases.fresh(cfg)
-    recipe.metrics |= heatmap_quality(untrained, bases.processor, samples, cfg.threshold, name="baseline/untrained")
+    recipe.metrics |= heatmap_quality(untrained, bases.processor, samples, recipe.root / "predictions_untrained.jsonl",
+                                      cfg.threshold, name="baseline/untrained")
     recipe.metrics["baseline/untrained/condition_cosine"] = condition_cosine(untrained, bases.processor, samples)
 
 
@@ -392,8 +398,8 @@ def evaluate_arm(recipe: Recipe, cfg: RunConfig, bases: Bases, samples, arm: str
     """4. The saved arm's heatmaps on the held-out samples (predictions JSONL beside the scores)."""
     model = bases.fresh(cfg)
     load_official(model, arm_dir / "ivm.pth")
-    recipe.metrics |= heatmap_quality(model, bases.processor, samples, cfg.threshold, name=arm,
-                                      out_path=recipe.root / f"predictions_{arm}.jsonl")
+    recipe.metrics |= heatmap_quality(model, bases.processor, samples, recipe.root / f"predictions_{arm}.jsonl",
+                                      cfg.threshold, name=arm)
     recipe.metrics[f"{arm}/condition_cosine"] = condition_cosine(model, bases.processor, samples)
     return model
 

@@ -78,6 +78,12 @@ class OMGDataset(Dataset):
         self.size = cfg.seg_config.image_size
         for smp in samples:
             check_against_image(smp, cache[smp.image][1])
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch, which the mask loss's per-sample random points depend on (the shared
+        ``train`` sets it at every epoch's start, on every process)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -99,8 +105,9 @@ class OMGDataset(Dataset):
         except ValueError as err:
             raise ValueError(f"sample {s.id} ({s.image}): {err}") from err
         ids = expand_token(ids, self.image_id, p.num_tokens(self.use_objects))
+        # the mask loss's random points: a seed per (sample, epoch), whichever process or batch holds it
         return {**ids, "perception": p, "seg_masks": to_input_frame(s.seg_masks, self.size),
-                "prompts": self.prompts(s, hw)}
+                "prompts": self.prompts(s, hw), "point_seed": i * 1_000_003 + self.epoch}
 
     def prompt(self, i: int) -> dict:
         """The generation prompt of sample ``i`` (its conversation without the last answer)."""

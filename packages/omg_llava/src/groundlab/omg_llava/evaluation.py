@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from groundlab.shared.config import iter_jsonl
-from groundlab.shared.metrics import caption_metrics, mask_ap, mask_iou, res_metrics
+from groundlab.shared.distributed import gather_shards, shard, write_jsonl
+from groundlab.shared.metrics import caption_metrics, mask_ap, mask_box, mask_iou, res_metrics
 from groundlab.shared.world_io import decode_rle, encode_rle
 
 from .data import Sample
@@ -58,28 +59,25 @@ def seg_phrases(answer: str) -> list[str]:
 @torch.no_grad()
 def predict(model, dataset: OMGDataset, tokenizer, out_path: str | Path, batch_size: int = 32,
             max_new_tokens: int = 48) -> Path:
-    """Greedy answers and masks for every sample of ``dataset`` -> JSONL at ``out_path``."""
+    """Greedy answers and masks for every sample of ``dataset`` -> JSONL at ``out_path``. Under
+    torchrun each process predicts its share and the first writes the whole file (the same file)."""
     collate = OMGCollator(tokenizer.pad_token_id, padding_side="left")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w") as f:
-        for start in range(0, len(dataset), batch_size):
-            idx = list(range(start, min(start + batch_size, len(dataset))))
-            items = [dataset.prompt(i) for i in idx]
-            batch = collate(items)
-            results = model.generate_with_masks(batch["input_ids"], batch["attention_mask"], batch["perception"],
-                                                batch["prompts"], max_new_tokens=max_new_tokens,
-                                                eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id)
-            for i, item, (ids, logits) in zip(idx, items, results):
-                prob = from_input_frame(logits, item["hw"]).sigmoid()
-                masks = (prob > 0.5).numpy()
-                scores = [float(p[m].mean()) if m.any() else 0.0 for p, m in zip(prob.numpy(), masks)]
-                s = dataset.samples[i]
-                f.write(json.dumps({"id": s.id, "task": s.task, "image": str(s.image),
-                                    "answer": answer_text(tokenizer, ids),
-                                    "masks": [encode_rle(m) for m in masks], "scores": scores}) + "\n")
-    return out_path
+    mine, rows = shard(len(dataset)), []
+    for start in range(mine.start, mine.stop, batch_size):
+        idx = list(range(start, min(start + batch_size, mine.stop)))
+        items = [dataset.prompt(i) for i in idx]
+        batch = collate(items)
+        results = model.generate_with_masks(batch["input_ids"], batch["attention_mask"], batch["perception"],
+                                            batch["prompts"], max_new_tokens=max_new_tokens,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for i, item, (ids, logits) in zip(idx, items, results):
+            prob = from_input_frame(logits, item["hw"]).sigmoid()
+            masks = (prob > 0.5).numpy()
+            scores = [float(p[m].mean()) if m.any() else 0.0 for p, m in zip(prob.numpy(), masks)]
+            s = dataset.samples[i]
+            rows.append({"id": s.id, "task": s.task, "image": str(s.image), "answer": answer_text(tokenizer, ids),
+                         "masks": [encode_rle(m) for m in masks], "scores": scores})
+    return write_jsonl(gather_shards(rows), out_path)
 
 
 def read_predictions(path: str | Path, samples: list[Sample]) -> list[dict]:
@@ -195,10 +193,12 @@ def score_gcg(predictions: list[dict], samples: list[Sample]) -> dict[str, float
 
 
 def _bbox(m: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(m)
-    if len(ys) == 0:
+    """COCO's ``[x, y, width, height]`` of a mask (zeros when empty)."""
+    box = mask_box(m)
+    if box is None:
         return [0.0, 0.0, 0.0, 0.0]
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+    x0, y0, x1, y1 = box
+    return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
 
 
 def score_region(predictions: list[dict], samples: list[Sample]) -> dict[str, float]:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -22,16 +24,28 @@ def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, 2 * coords[:, :, None] - 1, mode="bilinear", align_corners=False)[..., 0]
 
 
-def uncertain_points(logits: torch.Tensor, num: int, oversample: float = 3.0, importance: float = 0.75) -> torch.Tensor:
+def uncertain_points(logits: torch.Tensor, num: int, oversample: float = 3.0, importance: float = 0.75,
+                     seeds: Sequence[int] | None = None) -> torch.Tensor:
     """(N, 1, H, W) logits -> (N, num, 2) points: the most uncertain of ``oversample * num`` random
-    candidates (``importance`` of them) plus uniform ones."""
+    candidates (``importance`` of them) plus uniform ones. ``seeds`` (one per mask): each mask's points
+    drawn from its own generator, so they do not depend on what else is in the batch (or on which
+    process holds it); the global generator otherwise."""
     n = logits.shape[0]
-    cand = torch.rand(n, int(num * oversample), 2, device=logits.device)
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} masks")
+    gens = None if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def uniform(count: int) -> torch.Tensor:
+        if gens is None:
+            return torch.rand(n, count, 2, device=logits.device)
+        return torch.stack([torch.rand(count, 2, generator=g) for g in gens]).to(logits.device)
+
+    cand = uniform(int(num * oversample))
     unc = -point_sample(logits.detach(), cand).abs()[:, 0]
     k = int(importance * num)
     idx = unc.topk(k, dim=1).indices
     chosen = torch.gather(cand, 1, idx[..., None].expand(-1, -1, 2))
-    return torch.cat([chosen, torch.rand(n, num - k, 2, device=logits.device)], 1)
+    return torch.cat([chosen, uniform(num - k)], 1)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,14 +60,15 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor, num_points: int = 12544, oversample: float = 3.0,
               importance: float = 0.75, bce_weight: float = 2.0, dice_weight: float = 0.5,
-              reduce: bool = True) -> torch.Tensor:
+              reduce: bool = True, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Point-sampled ``bce_weight * BCE + dice_weight * Dice`` of (N, h, w) logits against (N, H, W)
-    targets, mean over the N masks (0 when N = 0); ``reduce=False``: the (N,) per-mask losses."""
+    targets, mean over the N masks (0 when N = 0); ``reduce=False``: the (N,) per-mask losses.
+    ``seeds``: one per mask, for points that do not depend on the batch (:func:`uncertain_points`)."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0 if reduce else logits.new_zeros(0)
     if logits.shape[0] != targets.shape[0]:
         raise ValueError(f"{logits.shape[0]} predicted masks for {targets.shape[0]} targets")
-    coords = uncertain_points(logits[:, None], num_points, oversample, importance)
+    coords = uncertain_points(logits[:, None], num_points, oversample, importance, seeds)
     p = point_sample(logits[:, None], coords)[:, 0]
     t = point_sample(targets[:, None].float(), coords)[:, 0]
     per_mask = bce_weight * bce_loss(p, t) + dice_weight * dice_loss(p, t)

@@ -103,6 +103,14 @@ def padding_self_mask(counts: list[int]) -> torch.Tensor | None:
     return pad[:, None, :].expand(-1, width, -1)
 
 
+def mix_seed(*parts: int) -> int:
+    """One generator seed from several integers (a sample's seed, a mask's index, a decoder layer)."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**61 - 1)
+    return seed
+
+
 class OMGLlavaForCausalLM(PreTrainedModel):
     config_class = OMGLlavaConfig
     base_model_prefix = "omg_llava"
@@ -234,23 +242,28 @@ class OMGLlavaForCausalLM(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, labels=None, perception: list[Perception] | None = None,
                 pixel_values=None, seg_masks: list[torch.Tensor] | None = None, prompts: list[dict] | None = None,
-                packed: bool = False, **unused) -> OMGLlavaOutput:
+                packed: bool = False, point_seeds: list[int] | None = None, num_items_in_batch=None,
+                **unused) -> OMGLlavaOutput:
         """``perception`` (precomputed, the segmenter being frozen) or ``pixel_values``; ``prompts``: the
         visual prompts of each sample (see :meth:`embed`); ``seg_masks``: per
         sample the (n_seg, S, S) target masks of its ``[SEG]`` tokens, in reading order. A sample whose
         ``[SEG]`` count differs from its mask count is skipped for the mask loss and counted in
         ``seg_mismatched`` (never silently zeroed). ``packed``: the LLM runs on the batch's real tokens
-        laid end to end in one padding-free row (the same function; no FLOP on padding)."""
+        laid end to end in one padding-free row (the same function; no FLOP on padding).
+        ``point_seeds`` (one per sample): the mask loss's random points drawn per sample and ``[SEG]``
+        from these seeds, so they do not depend on the batch's make-up (or the process holding it).
+        ``num_items_in_batch``: the CE is a sum over this many label tokens (the Trainer's count over
+        the whole step), not a mean over this batch's."""
         if perception is None:
             if pixel_values is None:
                 raise ValueError("OMG-LLaVA needs pixel_values or a precomputed perception")
             perception = self.perceive(pixel_values)
         embeds = self.embed(input_ids, perception, prompts)
-        logits, hidden, ce_loss = self._run_llm(embeds, attention_mask, labels, packed)
+        logits, hidden, ce_loss = self._run_llm(embeds, attention_mask, labels, packed, num_items_in_batch)
         loss, seg_loss, mismatched, masks_out = ce_loss, None, 0, []
         if seg_masks is not None:
             seg_id = self.config.token_ids["[SEG]"]
-            queries, percs, targets = [], [], []
+            queries, percs, targets, owners = [], [], [], []
             for b, (p, target) in enumerate(zip(perception, seg_masks)):
                 where = (input_ids[b] == seg_id).nonzero().flatten()
                 if len(where) != len(target):
@@ -259,16 +272,19 @@ class OMGLlavaForCausalLM(PreTrainedModel):
                     queries.append(hidden[b, where])
                     percs.append(p)
                     targets.append(target.float())
+                    owners.append(b)
             if queries:
                 preds, counts = self.decode_segs(queries, percs)
                 sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
                 tgt = torch.cat(targets)
                 terms = []
-                for pred in preds:  # every prediction (deep supervision): per-mask losses, mean per sample
+                for layer, pred in enumerate(preds):  # every prediction (deep supervision): mean per sample
                     logits = torch.cat([pred[i, :n] for i, n in enumerate(counts)])
                     t = F.interpolate(tgt[None], size=logits.shape[-2:], mode="bilinear", align_corners=False)[0]
+                    seeds = None if point_seeds is None else [
+                        mix_seed(point_seeds[b], j, layer) for b, n in zip(owners, counts) for j in range(n)]
                     per_mask = mask_loss(logits, t, self.config.seg_points, bce_weight=self.config.seg_bce_weight,
-                                         dice_weight=self.config.seg_dice_weight, reduce=False)
+                                         dice_weight=self.config.seg_dice_weight, reduce=False, seeds=seeds)
                     terms.append(torch.zeros(len(counts), dtype=per_mask.dtype).index_add(0, sample, per_mask)
                                  / torch.tensor(counts, dtype=per_mask.dtype))
                 masks_out = [preds[-1][i, :n] for i, n in enumerate(counts)]
@@ -277,12 +293,13 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         return OMGLlavaOutput(loss=loss, logits=logits, ce_loss=ce_loss, seg_loss=seg_loss, seg_masks=masks_out,
                               seg_mismatched=mismatched)
 
-    def _run_llm(self, embeds, attention_mask, labels, packed: bool):
+    def _run_llm(self, embeds, attention_mask, labels, packed: bool, num_items_in_batch=None):
         """The LLM over (B, T, D) embeddings, padded or packed: logits (B, T, V), last hidden states
         (B, T, D) and the CE loss (None without labels)."""
+        loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         if not packed:
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                           output_hidden_states=True, use_cache=False)
+                           output_hidden_states=True, use_cache=False, **loss_kwargs)
             return out.logits, out.hidden_states[-1], out.loss
         if attention_mask is None:
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -291,7 +308,7 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         flat = rows.pack(embeds)
         out = self.llm(inputs_embeds=flat, attention_mask=torch.ones(flat.shape[:2], dtype=torch.long, device=flat.device),
                        labels=None if labels is None else rows.pack_labels(labels), output_hidden_states=True,
-                       use_cache=False, **rows.kwargs)
+                       use_cache=False, **rows.kwargs, **loss_kwargs)
         return rows.unpack(out.logits), rows.unpack(out.hidden_states[-1]), out.loss
 
     def reconstruction_loss(self, perception: list[Perception]) -> torch.Tensor:

@@ -72,4 +72,6 @@ class OMGCollator:
         batch["prompts"] = [s["prompts"] for s in samples]
         if "seg_masks" in samples[0]:
             batch["seg_masks"] = [s["seg_masks"] for s in samples]
+        if "point_seed" in samples[0]:
+            batch["point_seeds"] = [s["point_seed"] for s in samples]
         return batch

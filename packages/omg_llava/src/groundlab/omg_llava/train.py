@@ -33,8 +33,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from groundlab.shared.bases import ensure_base
-from groundlab.shared.config import load_config, one_of, positive, within
-from groundlab.shared.distributed import seed_everything, setup_logging
+from groundlab.shared.config import iter_jsonl, load_config, model_overrides, one_of, positive, within
+from groundlab.shared.distributed import get_world_size, seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, load_state, torch_load
 from groundlab.shared.lora import apply_lora, linear_names
 from groundlab.shared.recipe import Recipe, train_key
@@ -85,7 +85,7 @@ class SegmenterConfig:
     pretrained: str | None = None
     """An OMG-Seg ``from_pretrained`` directory; None = pre-train the tiny one below on the world."""
     config: dict = field(default_factory=dict)
-    """``OMGSegConfig`` arguments of the tiny segmenter."""
+    """:class:`OMGSegConfig` arguments over its defaults (the release's OMG-Seg) of the tiny segmenter."""
     scenes: int = 2000
     eval_scenes: int = 100
     num_points: int = 256
@@ -94,25 +94,33 @@ class SegmenterConfig:
 
     def __post_init__(self) -> None:
         positive(self, "scenes", "eval_scenes", "num_points")
+        self.config = model_overrides(OMGSegConfig, self.config)
 
 
 @dataclass
 class ModelConfig:
+    """The LLM the model starts from, the :class:`OMGLlavaConfig` this run builds, and stage 2's LoRA."""
+
     llm: str | None = None
     """A causal LM ``from_pretrained`` directory with its tokenizer; None = the tiny LLaVA base's LM."""
-    template: str = "vicuna"
-    use_prior: bool = True
-    use_object_tokens: bool = True
-    shuffle: int = 1
-    seg_points: int = 256
-    lora_r: int = 64
-    lora_alpha: int = 32
+    config: dict = field(default_factory=dict)
+    """:class:`OMGLlavaConfig` arguments over its defaults (the release's: InternLM2 template, pixel
+    shuffle 2, 12544 mask-loss points, ...); the segmenter, LLM and token ids come from the parts."""
+    lora_r: int = 512
+    """Stage 2's LoRA on every Linear of the LLM: the paper's r 512 / alpha 256 / dropout 0.05."""
+    lora_alpha: int = 256
     lora_dropout: float = 0.05
 
     def __post_init__(self) -> None:
-        positive(self, "shuffle", "seg_points", "lora_r", "lora_alpha")
+        self.config = model_overrides(OMGLlavaConfig, self.config, filled=("seg_config", "text_config", "token_ids"))
+        positive(self, "lora_r", "lora_alpha")
         within(self, "lora_dropout", 0.0, 0.99)
-        one_of(self, "template", tuple(TEMPLATES))
+        template = self.config.get("template")
+        if template is not None and template not in TEMPLATES:
+            raise ValueError(f"'config.template' must be one of {sorted(TEMPLATES)}, got {template!r}")
+
+    def omg_config(self, seg_config, text_config: dict, token_ids: dict[str, int]) -> OMGLlavaConfig:
+        return OMGLlavaConfig(seg_config=seg_config, text_config=text_config, token_ids=token_ids, **self.config)
 
 
 @dataclass
@@ -187,37 +195,52 @@ def add_special_tokens(tokenizer, llm) -> dict[str, int]:
 def build_model(segmenter: OMGSegModel, llm, tokenizer, m: ModelConfig) -> OMGLlavaForCausalLM:
     ids = add_special_tokens(tokenizer, llm)
     llm.config.pad_token_id = tokenizer.pad_token_id
-    cfg = OMGLlavaConfig(seg_config=segmenter.config, text_config=llm.config.to_dict(), shuffle=m.shuffle,
-                         use_prior=m.use_prior, use_object_tokens=m.use_object_tokens, token_ids=ids,
-                         seg_points=m.seg_points, template=m.template)
-    model = OMGLlavaForCausalLM(cfg)
+    model = OMGLlavaForCausalLM(m.omg_config(segmenter.config, llm.config.to_dict(), ids))
     load_state(model.segmenter, segmenter.state_dict(), "the segmenter")
     load_state(model.llm, llm.state_dict(), "the LLM")
     model.check_tokenizer(tokenizer)
     return model
 
 
+def step_loss(ce: torch.Tensor, per_sample: torch.Tensor | None, num_items_in_batch, grad_accum: int = 1
+              ) -> torch.Tensor:
+    """A stage's loss as the Trainer takes it: the CE (over the step's ``num_items_in_batch`` label
+    tokens when the Trainer counts them, every process and accumulated batch) plus a term that is a
+    mean over this batch's samples (the mask or reconstruction loss). Given ``num_items_in_batch``,
+    the Trainer neither averages accumulated batches nor lets the processes' average stand (it
+    multiplies the loss by their count): the per-sample term is divided by both first, so that N
+    processes with equal batches train as one process over the same step does."""
+    if per_sample is None:
+        return ce
+    if num_items_in_batch is not None:
+        per_sample = per_sample / (get_world_size() * grad_accum)
+    return ce + per_sample
+
+
 class Stage1(nn.Module):
     """Projector + ``text2vision`` train; CE on the answers + the reconstruction loss."""
 
-    def __init__(self, model: OMGLlavaForCausalLM, packed: bool = False):
+    def __init__(self, model: OMGLlavaForCausalLM, packed: bool = False, grad_accum: int = 1):
         super().__init__()
-        self.model, self.packed = model, packed
+        self.model, self.packed, self.grad_accum = model, packed, grad_accum
         model.requires_grad_(False)
         model.projector.requires_grad_(True)
         model.text2vision.requires_grad_(True)
 
-    def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks=None):
+    def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks=None, point_seeds=None,
+                **loss_kwargs):
+        n_items = loss_kwargs.get("num_items_in_batch")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, perception=perception,
-                         prompts=prompts, packed=self.packed)
-        return {"loss": out.loss + self.model.reconstruction_loss(perception)}
+                         prompts=prompts, packed=self.packed, num_items_in_batch=n_items)
+        return {"loss": step_loss(out.ce_loss, self.model.reconstruction_loss(perception), n_items, self.grad_accum)}
 
 
 class Stage2(nn.Module):
     """LoRA on every Linear of the LLM; embeddings, LM head, projector and ``text2vision`` train; CE +
     the ``[SEG]`` mask loss. ``[SEG]`` / mask mismatches are counted in ``self.mismatched``."""
 
-    def __init__(self, model: OMGLlavaForCausalLM, r: int, alpha: int, dropout: float, packed: bool = False):
+    def __init__(self, model: OMGLlavaForCausalLM, r: int, alpha: int, dropout: float, packed: bool = False,
+                 grad_accum: int = 1):
         super().__init__()
         model.requires_grad_(False)
         targets = linear_names(model.llm, exclude=r"lm_head$")
@@ -225,16 +248,19 @@ class Stage2(nn.Module):
         for module in (model.llm.get_input_embeddings(), model.llm.get_output_embeddings(), model.projector,
                        model.text2vision):
             module.requires_grad_(True)
-        self.model, self.mismatched, self.packed = model, 0, packed
+        self.model, self.mismatched, self.packed, self.grad_accum = model, 0, packed, grad_accum
 
-    def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks):
+    def forward(self, input_ids, attention_mask, labels, perception, prompts, seg_masks, point_seeds=None,
+                **loss_kwargs):
+        n_items = loss_kwargs.get("num_items_in_batch")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, perception=perception,
-                         prompts=prompts, seg_masks=seg_masks, packed=self.packed)
+                         prompts=prompts, seg_masks=seg_masks, packed=self.packed, point_seeds=point_seeds,
+                         num_items_in_batch=n_items)
         if out.seg_mismatched:
             self.mismatched += out.seg_mismatched
             logger.warning("%d sample(s) of this batch have a [SEG] / mask count mismatch: skipped for the mask "
                            "loss (%d so far)", out.seg_mismatched, self.mismatched)
-        return {"loss": out.loss}
+        return {"loss": step_loss(out.ce_loss, out.seg_loss, n_items, self.grad_accum)}
 
     def merged(self) -> OMGLlavaForCausalLM:
         self.model.llm = self.model.llm.merge_and_unload()
@@ -266,6 +292,19 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     cache.model = model
     evaluate_run(recipe, cfg, data, model, tok, builder.fresh(cfg.stage1.seed + 1)[0], cache)
     return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.data.eval_tasks))
+
+
+def score_predictions(cfg: RunConfig, path: Path) -> dict[str, float]:
+    """``eval --predictions FILE``: a predictions file of one task (``predictions_<task>.jsonl``, or any
+    model's in that format) scored against the run's held-out samples of that task."""
+    tasks = {r.get("task") for _, r in iter_jsonl(path, "predictions")}
+    if len(tasks) != 1 or None in tasks:
+        raise ValueError(f"{path}: a predictions file holds one task's predictions, each with its 'task'; found {sorted(map(str, tasks))}")
+    task = tasks.pop()
+    data = prepare_data(Recipe("omg_llava", cfg.name), cfg)
+    if task not in data.eval:
+        raise ValueError(f"{path}: task {task!r} is not evaluated by this run (eval_tasks: {sorted(data.eval)})")
+    return {f"{task}/{k}": v for k, v in score(task, path, data.eval[task]).items()}
 
 
 @dataclass
@@ -349,14 +388,14 @@ class ModelBuilder:
 
 
 def _dataset(cfg: RunConfig, samples, tok, model, cache) -> OMGDataset:
-    return OMGDataset(samples, tok, TEMPLATES[cfg.model.template], model, cache, cfg.data.max_length)
+    return OMGDataset(samples, tok, TEMPLATES[model.config.template], model, cache, cfg.data.max_length)
 
 
 def train_stage1(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok, cache, data: Data,
                  stamp: str) -> Path:
     """3. Projector + ``text2vision`` on captions, CE + reconstruction; loaded into ``model``."""
     def fit(out: Path) -> None:
-        train(Stage1(model, cfg.stage1.packed), _dataset(cfg, data.stage1, tok, model, cache), OMGCollator(tok.pad_token_id),
+        train(Stage1(model, cfg.stage1.packed, cfg.stage1.grad_accum), _dataset(cfg, data.stage1, tok, model, cache), OMGCollator(tok.pad_token_id),
               cfg.stage1, out / "checkpoints")
         torch.save({"projector": model.projector.state_dict(), "text2vision": model.text2vision.state_dict()},
                    out / "stage1.pt")
@@ -373,7 +412,8 @@ def train_stage2(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok
     """4. LoRA on every Linear of the LLM + embeddings, LM head, projector, ``text2vision`` on the
     instruction mix; CE + the ``[SEG]`` mask loss; merged and saved whole (``save_pretrained``)."""
     def fit(out: Path) -> None:
-        wrapper = Stage2(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.stage2.packed)
+        wrapper = Stage2(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.stage2.packed,
+                         cfg.stage2.grad_accum)
         train(wrapper, _dataset(cfg, data.stage2, tok, model, cache), OMGCollator(tok.pad_token_id), cfg.stage2,
               out / "checkpoints")
         recipe.metrics["stage2/seg_mismatched"] = wrapper.mismatched

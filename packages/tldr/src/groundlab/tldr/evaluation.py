@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from groundlab.shared.config import iter_jsonl
+from groundlab.shared.distributed import gather_shards, shard, write_jsonl
 
 from .data import TldrDataset
 from .metrics import ScoredResponse, sentence_ids_from_text, tldr_metrics
@@ -23,27 +23,24 @@ from .processing import collator_for
 
 @torch.no_grad()
 def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_size: int = 32) -> Path:
-    """Score every record of ``dataset`` and write the predictions JSONL."""
+    """Score every record of ``dataset`` and write the predictions JSONL. Under torchrun each process
+    scores its share and the first writes the whole file (the same file)."""
     model.eval()
     collate = collator_for(processor, dataset.layout)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     head = dataset.layout.head
-    with open(out_path, "w") as f:
-        for start in range(0, len(dataset), batch_size):
-            idx = list(range(start, min(start + batch_size, len(dataset))))
-            batch = collate([dataset[i] for i in idx])
-            batch.pop("labels")
-            probs = torch.sigmoid(model(**batch).logits)  # (B, T)
-            for row, i in enumerate(idx):
-                rec, enc = dataset.records[i], dataset.encoded[i]
-                s, n = enc["response_start"], enc["response_len"]
-                p = probs[row, s : s + n].tolist()
-                out = {"id": rec["id"], "taxonomy": rec["taxonomy"], "task": rec.get("task", ""),
-                       "tokens": rec["tokens"], "labels": rec["labels"],
-                       "probs": p if head == "token" else [p[-1]]}
-                f.write(json.dumps(out) + "\n")
-    return out_path
+    mine, rows = shard(len(dataset)), []
+    for start in range(mine.start, mine.stop, batch_size):
+        idx = list(range(start, min(start + batch_size, mine.stop)))
+        batch = collate([dataset[i] for i in idx])
+        batch.pop("labels")
+        probs = torch.sigmoid(model(**batch).logits)  # (B, T)
+        for row, i in enumerate(idx):
+            rec, enc = dataset.records[i], dataset.encoded[i]
+            s, n = enc["response_start"], enc["response_len"]
+            p = probs[row, s : s + n].tolist()
+            rows.append({"id": rec["id"], "taxonomy": rec["taxonomy"], "task": rec.get("task", ""),
+                         "tokens": rec["tokens"], "labels": rec["labels"], "probs": p if head == "token" else [p[-1]]})
+    return write_jsonl(gather_shards(rows), out_path)
 
 
 def read_predictions(path: str | Path) -> list[dict]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import AutoProcessor
 
 from groundlab.shared.bases import default_spec, ensure_base, smoke_spec
-from groundlab.shared.config import load_config, one_of, positive, within
+from groundlab.shared.config import load_config, model_overrides, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
 from groundlab.shared.recipe import Recipe, train_key
@@ -31,6 +31,7 @@ from groundlab.shared.runs import write_metrics
 from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
+from .configuration import TldrConfig
 from .data import TldrDataset, export_world, read_jsonl
 from .evaluation import all_good_baseline, predict, read_predictions, score_naive, score_tldr
 from .modeling import TldrRewardModel, with_lora
@@ -63,19 +64,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The backbone the reward model starts from and the :class:`TldrConfig` this run builds on it."""
+
     backbone: str | None = None
     """A PaliGemma ``from_pretrained`` directory; None = the tiny PaliGemma base of ``make bases``."""
-    lora_r: int = 16
-    lora_alpha: int = 4
-    """alpha / r = 0.25, as the paper's r=512, alpha=128."""
-    lora_dropout: float = 0.1
-    lora_projector: bool = True
-    lora_decoder: bool = True
+    config: dict = field(default_factory=dict)
+    """:class:`TldrConfig` arguments over its defaults (the paper's LoRA: r 512, alpha 128, dropout 0.1
+    on the projector and every decoder Linear); the backbone and the head come from the recipe."""
 
     def __post_init__(self) -> None:
-        positive(self, "lora_r", "lora_alpha")
-        within(self, "lora_dropout", 0.0, 0.99)
-        if not (self.lora_projector or self.lora_decoder):
+        self.config = model_overrides(TldrConfig, self.config,
+                                      filled=("backbone_type", "backbone_config", "head", "threshold"))
+        lora = TldrConfig(**self.config)
+        if not (lora.lora_projector or lora.lora_decoder):
             raise ValueError("LoRA on neither the projector nor the decoder: set lora_projector or lora_decoder")
 
 
@@ -151,6 +152,22 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     return recipe.finish(cfg.to_dict(), print_table)
 
 
+def score_predictions(cfg: RunConfig, path: Path) -> dict[str, float]:
+    """``eval --predictions FILE``: a predictions file of :func:`groundlab.tldr.evaluation.predict`'s
+    format (each record carries its labels) scored as TLDR's (a probability per token) or the naive
+    RM's (one per response)."""
+    preds = read_predictions(path)
+    if not preds:
+        raise ValueError(f"{path}: no predictions")
+    per_token = [len(p["probs"]) == len(p["labels"]) for p in preds]
+    if all(per_token):
+        return score_tldr(preds)
+    if not any(len(p["probs"]) != 1 for p in preds):
+        return score_naive(preds)
+    bad = next(p["id"] for p, ok in zip(preds, per_token) if not ok and len(p["probs"]) != 1)
+    raise ValueError(f"{path}: record {bad} has neither one probability per token nor one per response")
+
+
 @dataclass
 class Data:
     """The run's TLDR JSONL files, their image root and their records."""
@@ -190,8 +207,7 @@ def _world_config(cfg: RunConfig) -> WorldConfig:
 
 
 def _reward_model(cfg: RunConfig, pali: Path, head: str = "token") -> TldrRewardModel:
-    lora = {k: v for k, v in asdict(cfg.model).items() if k != "backbone"}
-    return TldrRewardModel.from_backbone(str(pali), head=head, **lora)
+    return TldrRewardModel.from_backbone(str(pali), head=head, **cfg.model.config)
 
 
 def train_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor, data: Data, tag: str,
