@@ -382,3 +382,35 @@ def test_mask_loss_points_follow_each_samples_seed_not_the_batch():
         torch.testing.assert_close(both.seg_loss, (alone[0] + alone[1]) / 2, atol=1e-5, rtol=1e-5)
         other = model(ids, att, labels, perception=perception, seg_masks=masks, point_seeds=[13, 14])
     assert abs(float(other.seg_loss) - float(both.seg_loss)) > 1e-6  # the seeds do choose the points
+
+
+def test_the_oracle_query_picks_the_segmenters_best_mask_for_each_target(tmp_path):
+    """RES's upper bound through the frozen segmenter: per sample, its best-overlapping query mask."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from groundlab.omg_llava.data import Sample
+    from groundlab.omg_llava.evaluation import oracle_query_predictions, read_predictions
+
+    h, w = 48, 64  # a wide image: the segmenter's square frame pads the bottom
+    quads = np.zeros((3, h, w), bool)
+    quads[0, :24, :32], quads[1, 24:, 32:], quads[2, :, :] = True, True, True
+
+    class Segmenter:  # its three queries' masks are the two quadrants and the whole image
+        def preprocess(self, images):
+            return torch.zeros(len(images), 3, 64, 64)
+
+        def __call__(self, pixel_values):
+            frame = torch.full((3, 64, 64), -10.0)
+            frame[:, :h, :w] = torch.from_numpy(quads).float() * 20 - 10
+            return [SimpleNamespace(mask_logits=frame[None].expand(len(pixel_values), -1, -1, -1))]
+
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "a.png")
+    target = np.zeros((h, w), bool)
+    target[26:, 30:] = True  # mostly the bottom-right quadrant
+    samples = [Sample("s0", tmp_path / "a.png", [], seg_masks=[target], task="res"),
+               Sample("s1", tmp_path / "a.png", [], seg_masks=[np.ones((h, w), bool)], task="res")]
+    got = read_predictions(oracle_query_predictions(Segmenter(), samples, tmp_path / "oracle.jsonl"), samples)
+    np.testing.assert_array_equal(got[0]["masks"][0], quads[1])
+    np.testing.assert_array_equal(got[1]["masks"][0], quads[2])

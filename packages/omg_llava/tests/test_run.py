@@ -55,6 +55,8 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
     assert 0 < m["baseline/whole/res/cIoU"] < 1 and 0 < m["baseline/random_object/res/gIoU"] <= 1
     # every object of the image: contains the target, so it beats the whole image on every expression
     assert m["baseline/whole/res/cIoU"] < m["baseline/union/res/cIoU"] <= 1
+    # the oracle (the segmenter's best query mask per target) is scored beside the rest
+    assert 0 < m["oracle/best_query/res/gIoU"] <= 1
     assert {"segmenter/panoptic/PQ", "segmenter/baseline/untrained/panoptic/PQ", "stage2/seg_mismatched",
             "time/stage1_s", "time/stage2_s"} <= set(m)
     assert m["stage2/seg_mismatched"] == 0

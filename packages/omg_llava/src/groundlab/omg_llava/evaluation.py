@@ -26,7 +26,7 @@ import torch
 from groundlab.shared.config import iter_jsonl
 from groundlab.shared.distributed import gather_shards, shard, write_jsonl
 from groundlab.shared.metrics import caption_metrics, mask_ap, mask_box, mask_iou, res_metrics
-from groundlab.shared.world_io import decode_rle, encode_rle
+from groundlab.shared.world_io import decode_rle, encode_rle, load_image
 
 from .data import Sample
 from .dataset import OMGDataset
@@ -248,3 +248,26 @@ def baseline_predictions(samples: list[Sample], kind: str, out_path: str | Path,
             f.write(json.dumps({"id": s.id, "task": s.task, "image": str(s.image), "answer": text,
                                 "masks": [encode_rle(m) for m in masks], "scores": [1.0] * len(masks)}) + "\n")
     return Path(out_path)
+
+
+@torch.no_grad()
+def oracle_query_predictions(segmenter, samples: list[Sample], out_path: str | Path, batch_size: int = 32) -> Path:
+    """RES's upper bound through the frozen segmenter's own queries: per sample, the one of the
+    decoder's query masks (last layer, thresholded at 0.5 in the image's frame) that overlaps the
+    target best, what a ``[SEG]`` that picked the right query would give. Scored as predictions."""
+    images = sorted({str(s.image) for s in samples})
+    masks: dict[str, np.ndarray] = {}
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        arrays = [np.asarray(load_image(p)) for p in chunk]
+        logits = segmenter(segmenter.preprocess(arrays))[-1].mask_logits  # (B, Q, s, s)
+        for path, im, q in zip(chunk, arrays, logits):
+            masks[path] = (from_input_frame(q, im.shape[:2]) > 0).numpy()
+    rows = []
+    for s in samples:
+        queries = masks[str(s.image)]
+        best = max(range(len(queries)), key=lambda i: mask_iou(queries[i], s.seg_masks[0]))
+        rows.append({"id": s.id, "task": s.task, "image": str(s.image), "answer": f"It is {SEG}.",
+                     "masks": [encode_rle(queries[best])], "scores": [1.0]})
+    return write_jsonl(rows, out_path)
+

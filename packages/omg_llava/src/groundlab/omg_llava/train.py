@@ -46,7 +46,14 @@ from groundlab.shared.world_io import Refer
 from .configuration import OMGLlavaConfig
 from .data import export_world, load_world_export
 from .dataset import OMGDataset, PerceptionCache, image_paths
-from .evaluation import baseline_predictions, predict, read_predictions, res_breakdown, score
+from .evaluation import (
+    baseline_predictions,
+    oracle_query_predictions,
+    predict,
+    read_predictions,
+    res_breakdown,
+    score,
+)
 from .modeling import OMGLlavaForCausalLM
 from .omg_seg import OMGSegConfig, OMGSegModel
 from .processing import IMAGE_TOKEN, SPECIAL_TOKENS, TEMPLATES, OMGCollator
@@ -456,6 +463,8 @@ def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrain
                 path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",
                                             instance_masks=instances)
                 m |= {f"baseline/{kind}/res/{k}": v for k, v in score(task, path, samples).items()}
+            path = oracle_query_predictions(model.segmenter, samples, root / "predictions_oracle_query_res.jsonl")
+            m |= {f"oracle/best_query/res/{k}": v for k, v in score(task, path, samples).items()}
         else:
             answers = Counter(s.conversation[-1]["value"] for s in data.stage2 if s.task == task)
             const = answers.most_common(1)[0][0] if answers else ""
@@ -474,7 +483,7 @@ def print_table(m: dict, tasks) -> None:
     cols = {"res": ("cIoU", "gIoU"), "gcg": ("METEOR", "CIDEr", "AP50", "mIoU", "recall"), "region": ("METEOR", "CIDEr")}
     rows = [("OMG-LLaVA", ""), ("untrained", "baseline/untrained/"), ("whole image", "baseline/whole/"),
             ("random object", "baseline/random_object/"), ("every object", "baseline/union/"),
-            ("constant answer", "baseline/constant/")]
+            ("constant answer", "baseline/constant/"), ("oracle query", "oracle/best_query/")]
     for task in tasks:
         print(f"{task:8s} " + "".join(f"{c:>9s}" for c in cols[task]))
         for label, prefix in rows:
