@@ -17,14 +17,20 @@ from groundlab.tldr.processing import collator_for, layout_for
 GLOBAL_BATCH = 8
 
 
-def main():
-    args, world = worker_args()
+def tiny_reward_model():
+    """A tiny random PaliGemma backbone (seeded) with TLDR's LoRA and head, and its processor."""
     seed_everything(0)
     tok = load_tokenizer()
     cfg = TinyVLMConfig(kind="paligemma", text_kv_heads=1)
     backbone = build_model(cfg, tok)
     model = with_lora(TldrRewardModel(TldrConfig(backbone_config=backbone.config.to_dict(), lora_r=4, lora_alpha=1)))
-    processor = build_processor(cfg, tok)
+    return model, build_processor(cfg, tok)
+
+
+def main():
+    args, world = worker_args()
+    model, processor = tiny_reward_model()
+    tok = processor.tokenizer
     layout = layout_for(processor)
     data = TldrDataset(read_jsonl(args.data / "tldr_train.jsonl", tok), args.data, tok, layout)
     tc = TrainConfig(max_steps=4, batch_size=GLOBAL_BATCH // world, lr=1e-2, save_steps=100, logging_steps=1,
