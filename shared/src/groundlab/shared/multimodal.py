@@ -243,7 +243,7 @@ class PackedRows:
     """The real tokens of a padded batch laid end to end in one padding-free row, for a model that
     builds its language model's input padded (splicing per sample) and runs the language model packed:
     ``pack`` (B, T, ...) -> (1, N, ...), ``unpack`` back (zeros at padding), ``kwargs`` the row's
-    ``position_ids`` and sequence bounds under transformers' padding-free names (what
+    all-ones ``attention_mask``, ``position_ids`` and sequence bounds under transformers' padding-free names (what
     :func:`pack_batch` gives; read by the ``groundlab`` attention). Built by :func:`pack_rows`."""
 
     index: torch.Tensor  # (N,) flat (B * T) position of each real token, row-major
@@ -288,6 +288,7 @@ def pack_rows(attention_mask: torch.Tensor, position_offset: int = 0) -> PackedR
     cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
     positions = torch.cat([torch.arange(int(n)) for n in lengths]) + position_offset
     longest = int(lengths.max())
-    kwargs = {"position_ids": positions[None].to(attention_mask.device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+    kwargs = {"attention_mask": torch.ones(1, int(lengths.sum()), dtype=torch.long, device=attention_mask.device),
+              "position_ids": positions[None].to(attention_mask.device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
               "max_length_q": longest, "max_length_k": longest}
     return PackedRows(index, tuple(attention_mask.shape), kwargs)

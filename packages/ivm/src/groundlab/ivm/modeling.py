@@ -207,9 +207,7 @@ class IVMModel(PreTrainedModel):
                                   use_cache=False).last_hidden_state
         require_packing_support(self.lmm)
         rows = pack_rows(attention_mask)
-        ids = rows.pack(input_ids)
-        out = self.lmm.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                             use_cache=False, **rows.kwargs)
+        out = self.lmm.model(input_ids=rows.pack(input_ids), pixel_values=pixel_values, use_cache=False, **rows.kwargs)
         return rows.unpack(out.last_hidden_state)
 
     def condition(self, input_ids, attention_mask, pixel_values, packed: bool = False) -> torch.Tensor:

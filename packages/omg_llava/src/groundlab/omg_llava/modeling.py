@@ -305,9 +305,8 @@ class OMGLlavaForCausalLM(PreTrainedModel):
             attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         require_packing_support(self.llm)
         rows = pack_rows(attention_mask)
-        flat = rows.pack(embeds)
-        out = self.llm(inputs_embeds=flat, attention_mask=torch.ones(flat.shape[:2], dtype=torch.long, device=flat.device),
-                       labels=None if labels is None else rows.pack_labels(labels), output_hidden_states=True,
+        out = self.llm(inputs_embeds=rows.pack(embeds), labels=None if labels is None else rows.pack_labels(labels),
+                       output_hidden_states=True,
                        use_cache=False, **rows.kwargs, **loss_kwargs)
         return rows.unpack(out.logits), rows.unpack(out.hidden_states[-1]), out.loss
 
