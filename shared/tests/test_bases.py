@@ -209,6 +209,38 @@ def test_batched_decoding_equals_sams_own_decoder_per_prompt():
             torch.testing.assert_close(iou[j], ref_iou[0], atol=1e-5, rtol=1e-5)
 
 
+def test_multimask_clicks_train_the_lowest_loss_output_and_answer_the_most_confident():
+    """SAM's recipe for ambiguous clicks: the batched pass gives every mask token's output, SAM's own
+    decoder answers a click with the output of the highest predicted IoU, and the training loss is
+    the lowest-loss multi-mask output's for clicks and the single-mask output's for boxes."""
+    torch.manual_seed(0)
+    world = World(WorldConfig(min_objects=2), seed=0)
+    data = sam_mod.WorldSamDataset(world, "train", 4, box_prob=0.5)
+    batch = sam_mod.collate_sam([data[i] for i in range(4)])
+    sam = sam_mod.build_tiny_sam(sam_mod.TinySamConfig(patch_size=4, multimask_clicks=True)).eval()
+    ps = batch["prompts"]
+    index = torch.cat([torch.full((len(p["use_box"]),), b) for b, p in enumerate(ps)])
+    points, boxes, use_box, masks = (torch.cat([p[k] for p in ps]) for k in ("points", "boxes", "use_box", "masks"))
+    with torch.no_grad():
+        emb = sam.image_encoder(sam.preprocess(batch["images"]))
+        logits, iou = sam_mod.predict_masks_batched(sam, emb, index, points, boxes, use_box, 64, all_outputs=True)
+        assert logits.shape == (len(index), 4, 64, 64) and iou.shape == (len(index), 4)
+        j = int((~use_box).nonzero()[0])
+        one, _ = sam_mod.predict_masks(sam, emb[index[j]:index[j] + 1], points[j:j + 1], None, 64, multimask=True)
+        best = 1 + int(iou[j, 1:].argmax())
+        torch.testing.assert_close(one[0], logits[j, best], atol=1e-5, rtol=1e-5)
+        wrapper = sam_mod.SamForTraining(sam, multimask_clicks=True)
+        loss = wrapper._multimask_loss(emb, index, points, boxes, use_box, masks, 64)
+        per = (torch.nn.functional.binary_cross_entropy_with_logits(logits, masks[:, None].expand_as(logits),
+                                                                    reduction="none").flatten(2).mean(2)
+               + sam_mod.dice_loss(logits.flatten(0, 1), masks[:, None].expand_as(logits).flatten(0, 1),
+                                   reduce=False).view(len(index), 4))
+        chosen = torch.where(use_box, per[:, 0], per[:, 1:].min(1).values)
+        target = sam_mod.achieved_iou(logits.flatten(0, 1), masks[:, None].expand_as(logits).flatten(0, 1)).view(-1, 4)
+        asked = torch.cat([use_box[:, None], (~use_box)[:, None].expand(-1, 3)], 1)
+        torch.testing.assert_close(loss, chosen.mean() + ((iou - target)[asked] ** 2).mean())
+
+
 # ----------------------------------------------------------------------------------------------
 # the VLM bases' data: what each task asks and answers
 

@@ -100,3 +100,24 @@ def test_jsonl_and_json_readers_name_file_and_line(tmp_path):
         read_json(j)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         read_json(tmp_path / "nope.json")
+
+
+def test_pretrained_configs_reject_misspelt_arguments_and_round_trip(tmp_path):
+    """A PretrainedConfig keeps any unknown keyword as an attribute; the packages' configs refuse it,
+    and still reload from their own config.json (whose keys include PretrainedConfig's)."""
+    from transformers import PretrainedConfig
+
+    from groundlab.shared.config import pretrained_config_kwargs
+
+    class Tiny(PretrainedConfig):
+        model_type = "groundlab_test_tiny"
+
+        def __init__(self, width: int = 4, **kwargs):
+            self.width = width
+            super().__init__(**pretrained_config_kwargs(type(self), kwargs))
+
+    with pytest.raises(TypeError, match=r"Tiny: unknown arguments \['widht'\]; its own: \['width'\]"):
+        Tiny(widht=8)
+    Tiny(width=8, architectures=["X"], torch_dtype="float32").save_pretrained(tmp_path)
+    back = Tiny.from_pretrained(tmp_path)
+    assert back.width == 8 and back.architectures == ["X"]

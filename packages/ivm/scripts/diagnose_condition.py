@@ -53,7 +53,7 @@ def generator_check(model, world: World, condition: str, steps: int, seed: int) 
     emb_train, emb_val = model.embed_images(images(train)), model.embed_images(images(val))
     t_train = torch.from_numpy(np.stack([i[1] for i in train])).float()
     t_val = torch.from_numpy(np.stack([i[1] for i in val]))
-    c, size = model.config.sam["out_chans"], model.config.sam["img_size"]
+    c, size = model.config.vision_config.out_chans, model.config.vision_config.img_size
     n_cls = len(world.config.colours) * len(world.config.kinds)
     vocab = {w: i for i, w in enumerate(sorted({w for it in train + val for w in words_of(it[4])}))}
     oracle = {"attr": torch.nn.Embedding(n_cls, c), "none": torch.nn.Embedding(1, c),

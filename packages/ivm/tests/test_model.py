@@ -27,7 +27,7 @@ def tiny_ivm(seed=0):
     vcfg = TinyVLMConfig(kind="llava")
     torch.manual_seed(seed)
     llava = build_model(vcfg, tok)
-    cfg = IVMConfig(sam=TINY_SAM, lmm_config=llava.config.to_dict(), condition_hidden=64, decoder_mlp=64,
+    cfg = IVMConfig(vision_config=TINY_SAM, lmm_config=llava.config.to_dict(), condition_hidden=64, decoder_mlp=64,
                     decoder_heads=2, discriminator_hidden=32)
     model = IVMModel(cfg)
     load_llava_into(model, llava)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from groundlab.ivm.configuration import IVMConfig
 from groundlab.ivm.train import ARMS, RunConfig
 from groundlab.shared.bases import ensure_base, smoke_spec
 
@@ -18,8 +19,10 @@ def test_config_parses_and_rejects_unknown_keys_and_arms(tmp_path):
     assert (ivm.lora_r, ivm.lora_alpha, ivm.lora_targets, ivm.decoder_heads) == (8, 16, ("q_proj", "v_proj"), 4)
     with pytest.raises(ValueError, match=r"model: 'config': unknown IVMConfig arguments \['condtion_hidden'\]"):
         RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"model.config.condtion_hidden": 64})
-    with pytest.raises(ValueError, match="unknown IVMConfig arguments \\['sam'\\]"):
-        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"model.config.sam": {}})  # taken from the checkpoint
+    with pytest.raises(ValueError, match="unknown IVMConfig arguments \\['vision_config'\\]"):
+        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"model.config.vision_config": {}})  # taken from the checkpoint
+    with pytest.raises(TypeError, match=r"IVMConfig: unknown arguments \['lora_rr'\]"):
+        IVMConfig(lora_rr=4)  # a misspelt argument is not kept as an attribute
     assert cfg.generator.bf16 == "auto" and cfg.data.clutter_objects == (4, 6)
     bad = tmp_path / "bad.yaml"
     bad.write_text("generator:\n  max_stepz: 3\n")

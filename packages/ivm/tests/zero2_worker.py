@@ -25,7 +25,7 @@ def main():
     seed_everything(0)
     tok, vcfg = load_tokenizer(), TinyVLMConfig(kind="llava")
     llava = build_model(vcfg, tok)
-    model = IVMModel(IVMConfig(sam=TINY_SAM, lmm_config=llava.config.to_dict(), condition_hidden=64, decoder_mlp=64,
+    model = IVMModel(IVMConfig(vision_config=TINY_SAM, lmm_config=llava.config.to_dict(), condition_hidden=64, decoder_mlp=64,
                                decoder_heads=2, discriminator_hidden=32))
     load_llava_into(model, llava)
     processor = build_processor(vcfg, tok)

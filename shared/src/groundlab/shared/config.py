@@ -275,3 +275,29 @@ def read_json(path: str | Path, what: str = "JSON file"):
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}:{err.colno}: not JSON ({err.msg})") from err
+
+
+_PRETRAINED_KEYS: frozenset[str] | None = None
+
+
+def pretrained_config_kwargs(config_cls, kwargs: dict) -> dict:
+    """``kwargs`` left over by a ``PretrainedConfig`` subclass's own arguments, checked: each must be
+    one of ``PretrainedConfig``'s (``architectures``, ``torch_dtype``, ``transformers_version``, ...),
+    not a misspelt argument that ``PretrainedConfig`` would keep as an attribute and nothing would
+    read. Call as ``super().__init__(**pretrained_config_kwargs(type(self), kwargs))``."""
+    global _PRETRAINED_KEYS
+    if _PRETRAINED_KEYS is None:
+        from transformers import PretrainedConfig
+
+        base = PretrainedConfig()
+        _PRETRAINED_KEYS = frozenset(base.to_dict()) | frozenset(vars(base)) | {
+            "transformers_version", "architectures", "name_or_path", "_name_or_path", "torch_dtype", "dtype",
+            "attn_implementation", "_attn_implementation", "_attn_implementation_autoset", "_commit_hash",
+            "auto_map", "model_type", "use_cache"}
+    unknown = sorted(k for k in kwargs if k not in _PRETRAINED_KEYS)
+    if unknown:
+        import inspect
+
+        own = [n for n in inspect.signature(config_cls.__init__).parameters if n not in ("self", "kwargs")]
+        raise TypeError(f"{config_cls.__name__}: unknown arguments {unknown}; its own: {own}")
+    return kwargs

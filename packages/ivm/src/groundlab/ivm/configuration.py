@@ -1,6 +1,6 @@
 """Configuration of IVM (Instruction-Guided Visual Masking, arXiv 2405.19783, Section 3).
 
-Three parts: a frozen SAM ViT image encoder (``sam``, the ``segment-anything`` sizes), an LMM
+Three parts: a frozen SAM ViT image encoder (``vision_config``, a :class:`SamEncoderConfig`), an LMM
 (``lmm_config``, a ``LlavaConfig``) with LoRA on the language model's q/v projections that turns the
 (image, instruction) pair into one condition token, and a SAM-style conditioned mask generator. The
 DWSL discriminator is the same LMM with its own LoRA adapter and an MLP head on the last token.
@@ -10,8 +10,26 @@ from __future__ import annotations
 
 from transformers import LlavaConfig, PretrainedConfig
 
-SAM_VIT_H = dict(img_size=1024, patch_size=16, embed_dim=1280, depth=32, num_heads=16, window_size=14,
-                 global_attn_indexes=(7, 15, 23, 31), out_chans=256)
+from groundlab.shared.config import pretrained_config_kwargs
+
+
+class SamEncoderConfig(PretrainedConfig):
+    """SAM's ``ImageEncoderViT`` (segment-anything's argument names); ViT-H, IVM's, by default."""
+
+    model_type = "groundlab_sam_encoder"
+
+    def __init__(self, img_size: int = 1024, patch_size: int = 16, embed_dim: int = 1280, depth: int = 32,
+                 num_heads: int = 16, window_size: int = 14, global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31),
+                 out_chans: int = 256, **kwargs):
+        """``out_chans`` is the image embedding's channels: the generator's width too (256 in the release)."""
+        self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
+        self.num_heads, self.window_size, self.out_chans = num_heads, window_size, out_chans
+        self.global_attn_indexes = tuple(global_attn_indexes)
+        super().__init__(**pretrained_config_kwargs(type(self), kwargs))
+
+    @property
+    def embedding_grid(self) -> int:
+        return self.img_size // self.patch_size
 
 
 class IVMConfig(PretrainedConfig):
@@ -19,7 +37,7 @@ class IVMConfig(PretrainedConfig):
 
     def __init__(
         self,
-        sam: dict | None = None,
+        vision_config: dict | SamEncoderConfig | None = None,
         lmm_config: dict | PretrainedConfig | None = None,
         lora_r: int = 8,
         lora_alpha: int = 16,
@@ -37,9 +55,7 @@ class IVMConfig(PretrainedConfig):
     ):
         """
         Args:
-            sam: ``ImageEncoderViT`` sizes (``img_size``, ``patch_size``, ``embed_dim``, ``depth``,
-                ``num_heads``, ``window_size``, ``global_attn_indexes``, ``out_chans``); ViT-H by default.
-                ``out_chans`` is the generator's width too (256 in the release).
+            vision_config: the SAM image encoder (:class:`SamEncoderConfig`); ViT-H by default.
             lmm_config: the LLaVA config (LLaVA-1.5-7B in the release).
             lora_r, lora_alpha, lora_dropout, lora_targets: LoRA of the language model (8 / 16 / 0.05 on
                 q_proj and v_proj), one adapter for the generator and one for the discriminator.
@@ -49,8 +65,9 @@ class IVMConfig(PretrainedConfig):
             discriminator_hidden: the discriminator head MLP (LMM width -> 1024 -> 1).
             pixel_mean, pixel_std: SAM's normalisation of [0, 1] pixels (ImageNet statistics).
         """
-        self.sam = dict(SAM_VIT_H) | dict(sam or {})
-        self.sam["global_attn_indexes"] = tuple(self.sam["global_attn_indexes"])
+        if isinstance(vision_config, dict):
+            vision_config = SamEncoderConfig(**vision_config)
+        self.vision_config = vision_config or SamEncoderConfig()
         if isinstance(lmm_config, dict):
             lmm_config = LlavaConfig(**lmm_config)
         self.lmm_config = lmm_config or LlavaConfig()
@@ -61,11 +78,11 @@ class IVMConfig(PretrainedConfig):
         self.num_mask_tokens = num_mask_tokens
         self.discriminator_hidden = discriminator_hidden
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
-        super().__init__(**kwargs)
+        super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
     @property
     def embedding_grid(self) -> int:
-        return self.sam["img_size"] // self.sam["patch_size"]
+        return self.vision_config.embedding_grid
 
     @property
     def n_image_tokens(self) -> int:
@@ -79,6 +96,7 @@ class IVMConfig(PretrainedConfig):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
+        out["vision_config"] = self.vision_config.to_dict()
         out["lmm_config"] = self.lmm_config.to_dict()
         return out
 
@@ -98,4 +116,4 @@ def llava15_7b() -> LlavaConfig:
 
 def ivm_release() -> IVMConfig:
     """The released IVM: SAM ViT-H + LLaVA-1.5-7B, LoRA r=8 on q/v (4,194,304 parameters)."""
-    return IVMConfig(sam=SAM_VIT_H, lmm_config=llava15_7b())
+    return IVMConfig(vision_config=SamEncoderConfig(), lmm_config=llava15_7b())

@@ -119,15 +119,15 @@ class IVMModel(PreTrainedModel):
 
     def __init__(self, config: IVMConfig):
         super().__init__(config)
-        s = config.sam
+        s = config.vision_config
         self.image_encoder = ImageEncoderViT(
-            img_size=s["img_size"], patch_size=s["patch_size"], embed_dim=s["embed_dim"], depth=s["depth"],
-            num_heads=s["num_heads"], mlp_ratio=4, out_chans=s["out_chans"], qkv_bias=True,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=s["window_size"],
-            global_attn_indexes=tuple(s["global_attn_indexes"]))
+            img_size=s.img_size, patch_size=s.patch_size, embed_dim=s.embed_dim, depth=s.depth,
+            num_heads=s.num_heads, mlp_ratio=4, out_chans=s.out_chans, qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=s.window_size,
+            global_attn_indexes=s.global_attn_indexes)
         self.lmm = LlavaForConditionalGeneration(config.lmm_config)
         self.lmm.set_attn_implementation(HF_ATTENTION)  # every attention layer through the shared dispatch
-        d, c = config.lmm_hidden, s["out_chans"]
+        d, c = config.lmm_hidden, s.out_chans
         self.condition_proj = ConditionMLP(d, config.condition_hidden, c)
         self.generator = ConditionedMaskGenerator(c, config.decoder_depth, config.decoder_mlp, config.decoder_heads,
                                                   config.embedding_grid, config.num_mask_tokens)
@@ -188,7 +188,7 @@ class IVMModel(PreTrainedModel):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or [0, 1] float images -> SAM input (resized to ``img_size``, normalised)."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        size = self.config.sam["img_size"]
+        size = self.config.vision_config.img_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(self.config.pixel_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -229,7 +229,7 @@ class IVMModel(PreTrainedModel):
             image_embeddings = self.embed_images(images)
         cond = self.condition(input_ids, attention_mask, pixel_values, packed)
         low = self.generator(image_embeddings, cond)
-        size = self.config.sam["img_size"]
+        size = self.config.vision_config.img_size
         logits = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         if masks is None:
             return IVMOutput(logits=logits)

@@ -100,13 +100,13 @@ class ModelConfig:
     """An official-layout SAM checkpoint; None = the tiny SAM base."""
     config: dict = field(default_factory=dict)
     """:class:`IVMConfig` arguments over its defaults (the paper's: LoRA r 8 / alpha 16 / dropout 0.05
-    on q/v, 2048-wide condition MLP, ...); ``sam`` and ``lmm_config`` come from the checkpoints."""
+    on q/v, 2048-wide condition MLP, ...); ``vision_config`` and ``lmm_config`` come from the checkpoints."""
 
     def __post_init__(self) -> None:
-        self.config = model_overrides(IVMConfig, self.config, filled=("sam", "lmm_config"))
+        self.config = model_overrides(IVMConfig, self.config, filled=("vision_config", "lmm_config"))
 
-    def ivm_config(self, sam: dict, lmm_config: dict) -> IVMConfig:
-        return IVMConfig(sam=sam, lmm_config=lmm_config, **self.config)
+    def ivm_config(self, vision_config: dict, lmm_config: dict) -> IVMConfig:
+        return IVMConfig(vision_config=vision_config, lmm_config=lmm_config, **self.config)
 
 
 @dataclass
@@ -168,10 +168,10 @@ def load_llava_into(model: IVMModel, llava: LlavaForConditionalGeneration) -> No
 def build_from_bases(llava_path: str | Path, sam_path: str | Path, m: ModelConfig) -> IVMModel:
     llava = load_pretrained(LlavaForConditionalGeneration, llava_path, "the LLaVA base")
     sc = TinySamConfig.from_json(Path(sam_path).parent / "config.json")
-    sam = dict(img_size=sc.image_size, patch_size=sc.patch_size, embed_dim=sc.encoder_dim, depth=sc.encoder_depth,
-               num_heads=sc.encoder_heads, window_size=sc.window_size, global_attn_indexes=sc.global_attn_indexes,
-               out_chans=sc.prompt_dim)
-    model = IVMModel(m.ivm_config(sam, llava.config.to_dict()))
+    vision = dict(img_size=sc.image_size, patch_size=sc.patch_size, embed_dim=sc.encoder_dim, depth=sc.encoder_depth,
+                  num_heads=sc.encoder_heads, window_size=sc.window_size, global_attn_indexes=sc.global_attn_indexes,
+                  out_chans=sc.prompt_dim)
+    model = IVMModel(m.ivm_config(vision, llava.config.to_dict()))
     load_llava_into(model, llava)
     load_sam_checkpoint(model.image_encoder, sam_path, prefix="image_encoder.")
     return model

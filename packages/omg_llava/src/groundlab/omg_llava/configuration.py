@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
+from groundlab.shared.config import pretrained_config_kwargs
+
 from .omg_seg import OMGSegConfig
 
 
@@ -46,7 +48,7 @@ class OMGLlavaConfig(PretrainedConfig):
         self.seg_bce_weight, self.seg_dice_weight, self.seg_points = seg_bce_weight, seg_dice_weight, seg_points
         self.reconstruction_weight = reconstruction_weight
         self.template = template
-        super().__init__(**kwargs)
+        super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
     def to_dict(self) -> dict:
         out = super().to_dict()

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from groundlab.shared.config import pretrained_config_kwargs
+
 from .segmenter import (
     ConvNeXtBackbone,
     MaskDecoder,
@@ -47,7 +49,7 @@ class OMGSegConfig(PretrainedConfig):
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.prompt_radius = prompt_radius
         self.classifier, self.class_embed_dim, self.class_prototypes = classifier, class_embed_dim, class_prototypes
-        super().__init__(**kwargs)
+        super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
 
 AutoConfig.register(OMGSegConfig.model_type, OMGSegConfig, exist_ok=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import MllamaConfig, PaliGemmaConfig, PretrainedConfig
 
+from groundlab.shared.config import pretrained_config_kwargs
+
 BACKBONE_CONFIGS = {"paligemma": PaliGemmaConfig, "mllama": MllamaConfig}
 
 
@@ -50,7 +52,7 @@ class TldrConfig(PretrainedConfig):
         self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
         self.lora_projector, self.lora_decoder = lora_projector, lora_decoder
         self.threshold = threshold
-        super().__init__(**kwargs)
+        super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
     @property
     def hidden_size(self) -> int:

@@ -67,6 +67,11 @@ class TinySamConfig:
     semantic_hidden: int = 0
     """Hidden channels of the class head: 0 is one 1x1 conv (the embedding itself must be linearly
     separable by class); > 0 puts a 3x3 conv + GELU of this width before it."""
+    multimask_clicks: bool = False
+    """SAM's answer to an ambiguous click: a lone click is decoded by the three multi-mask outputs,
+    trained on the one with the lowest mask loss (the IoU head on all three), and answered by the
+    output whose predicted IoU is highest; boxes use the single-mask output. False: every prompt is
+    trained and answered by the single-mask output."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,26 +259,31 @@ def collate_sam(samples: list[dict]) -> dict:
 
 
 def predict_masks(sam: Sam, embedding: torch.Tensor, points: torch.Tensor | None, boxes: torch.Tensor | None,
-                  out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  out_size: int, multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask logits (n, out_size, out_size) and predicted IoUs (n,) for n point OR n box prompts on one
-    image embedding (1, C, h, w); single-mask output, through SAM's own ``MaskDecoder.forward``."""
+    image embedding (1, C, h, w), through SAM's own ``MaskDecoder.forward``: the single-mask output, or
+    with ``multimask`` the one of the three multi-mask outputs whose predicted IoU is highest."""
     coords = None if points is None else (points, torch.ones(points.shape[:2], dtype=torch.int, device=points.device))
     sparse, dense = sam.prompt_encoder(points=coords, boxes=boxes, masks=None)
     low, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                multimask_output=False)
-    logits = F.interpolate(low, size=(out_size, out_size), mode="bilinear", align_corners=False)
-    return logits[:, 0], iou[:, 0]
+                                multimask_output=multimask)
+    best = iou.argmax(1)
+    rows = torch.arange(len(best), device=best.device)
+    logits = F.interpolate(low[rows, best][:, None], size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return logits[:, 0], iou[rows, best]
 
 
 def predict_masks_batched(sam: Sam, embeddings: torch.Tensor, image_index: torch.Tensor, points: torch.Tensor,
-                          boxes: torch.Tensor, use_box: torch.Tensor, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          boxes: torch.Tensor, use_box: torch.Tensor, out_size: int,
+                          all_outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`predict_masks` for the prompts of many images in one decoder pass: prompt i is on image
     ``image_index[i]`` of ``embeddings`` (B, C, h, w), and is its box where ``use_box[i]``, else its
     point. A single click and a box both make two sparse tokens (the click gets SAM's padding point),
     so one batch holds both. The steps are ``MaskDecoder.predict_masks``'s with one image embedding per
     prompt instead of one per call (SAM's repeats a single image's): same weights, same outputs, one
-    pass instead of a Python loop over images."""
+    pass instead of a Python loop over images. ``all_outputs``: every mask token's logits (n, 4, size,
+    size) and IoUs (n, 4), the single-mask output first, then the three multi-mask outputs."""
     pe, md = sam.prompt_encoder, sam.mask_decoder
     labels = torch.ones(points.shape[:2], dtype=torch.int, device=points.device)
     point_sparse, dense = pe(points=(points, labels), boxes=None, masks=None)
@@ -285,17 +295,19 @@ def predict_masks_batched(sam: Sam, embeddings: torch.Tensor, image_index: torch
     b, c, h, w = src.shape
     hs, src = md.transformer(src, pe.get_dense_pe().expand(n, -1, -1, -1), tokens)
     upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper = md.output_hypernetworks_mlps[0](hs[:, 1])  # the single-mask output token
-    low = (hyper[:, None] @ upscaled.flatten(2)).view(b, 1, *upscaled.shape[-2:])
-    iou = md.iou_prediction_head(hs[:, 0])[:, 0]
+    k = md.num_mask_tokens if all_outputs else 1  # token 0 is the single-mask output
+    hyper = torch.stack([md.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in range(k)], dim=1)
+    low = (hyper @ upscaled.flatten(2)).view(b, k, *upscaled.shape[-2:])
+    iou = md.iou_prediction_head(hs[:, 0])[:, :k]
     logits = F.interpolate(low, size=(out_size, out_size), mode="bilinear", align_corners=False)
-    return logits[:, 0], iou
+    return (logits, iou) if all_outputs else (logits[:, 0], iou[:, 0])
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, reduce: bool = True) -> torch.Tensor:
     p = logits.sigmoid().flatten(1)
     t = target.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+    loss = 1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+    return loss.mean() if reduce else loss
 
 
 class SamForTraining(nn.Module):
@@ -303,9 +315,10 @@ class SamForTraining(nn.Module):
     Dice, and MSE of the IoU head against the achieved IoU), plus ``semantic_weight`` x the per-pixel
     cross-entropy of a training-only 1x1 class head on the image embedding (see ``TinySamConfig``)."""
 
-    def __init__(self, sam: Sam, num_classes: int = 0, semantic_weight: float = 0.0, semantic_hidden: int = 0):
+    def __init__(self, sam: Sam, num_classes: int = 0, semantic_weight: float = 0.0, semantic_hidden: int = 0,
+                 multimask_clicks: bool = False):
         super().__init__()
-        self.sam, self.semantic_weight = sam, semantic_weight
+        self.sam, self.semantic_weight, self.multimask_clicks = sam, semantic_weight, multimask_clicks
         if semantic_weight > 0 and num_classes < 2:
             raise ValueError("a semantic loss needs num_classes >= 2 (background + object classes)")
         channels = sam.prompt_encoder.embed_dim
@@ -328,16 +341,44 @@ class SamForTraining(nn.Module):
                                  for b, p in enumerate(prompts)])
         points, boxes, use_box, target = (torch.cat([p[k] for p in prompts])
                                           for k in ("points", "boxes", "use_box", "masks"))
-        logits, iou_pred = predict_masks_batched(self.sam, embeddings, image_index, points, boxes, use_box, size)
-        with torch.no_grad():
-            pred, truth = logits > 0, target > 0.5
-            iou = (pred & truth).flatten(1).sum(1) / (pred | truth).flatten(1).sum(1).clamp(min=1)
-        loss = (F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits, target)
-                + F.mse_loss(iou_pred, iou.float()))
+        if self.multimask_clicks:
+            loss = self._multimask_loss(embeddings, image_index, points, boxes, use_box, target, size)
+        else:
+            logits, iou_pred = predict_masks_batched(self.sam, embeddings, image_index, points, boxes, use_box, size)
+            loss = (F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits, target)
+                    + F.mse_loss(iou_pred, achieved_iou(logits, target)))
         if self.semantic_head is not None:
             target = torch.stack([class_map(p["masks"], p["classes"]) for p in prompts]).to(images.device)
             loss = loss + self.semantic_weight * F.cross_entropy(self.semantic_logits(embeddings, size), target)
         return {"loss": loss}
+
+
+    def _multimask_loss(self, embeddings, image_index, points, boxes, use_box, target, size) -> torch.Tensor:
+        """Boxes: the single-mask output; clicks: the lowest-loss of the three multi-mask outputs (SAM's
+        recipe for ambiguous prompts). The IoU head learns every output it is asked for."""
+        logits, iou_pred = predict_masks_batched(self.sam, embeddings, image_index, points, boxes, use_box, size,
+                                                 all_outputs=True)
+        n, k = logits.shape[:2]
+        targets = target[:, None].expand(-1, k, -1, -1)
+        per_output = (F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(2).mean(2)
+                      + dice_loss(logits.flatten(0, 1), targets.flatten(0, 1), reduce=False).view(n, k))
+        click_best = 1 + per_output[:, 1:].argmin(1).detach()
+        chosen = torch.where(use_box, torch.zeros_like(click_best), click_best)
+        rows = torch.arange(n, device=logits.device)
+        iou = achieved_iou(logits.flatten(0, 1), targets.flatten(0, 1)).view(n, k)
+        asked = torch.ones_like(iou, dtype=torch.bool)
+        asked[:, 0] = use_box
+        asked[:, 1:] = ~use_box[:, None]
+        return (per_output[rows, chosen].mean()
+                + F.mse_loss(iou_pred[asked], iou[asked]))
+
+
+def achieved_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n, H, W) mask logits and targets -> (n,) IoU of the thresholded masks (no gradient): what SAM's IoU
+    head learns to predict."""
+    with torch.no_grad():
+        pred, truth = logits > 0, target > 0.5
+        return ((pred & truth).flatten(1).sum(1) / (pred | truth).flatten(1).sum(1).clamp(min=1)).float()
 
 
 @torch.no_grad()
@@ -357,19 +398,28 @@ def semantic_accuracy(wrapper: SamForTraining, world: World, split: str = "val",
 
 
 @torch.no_grad()
-def evaluate(sam: Sam, world: World, split: str = "val", n_scenes: int = 200) -> dict:
+def evaluate(sam: Sam, world: World, split: str = "val", n_scenes: int = 200, multimask_clicks: bool = False) -> dict:
     """Held-out mean mask IoU with one centre click, and with the exact box, per object; plus the
-    figures of two prompt-only baselines: a disk at the click, and the filled box."""
+    figures of two prompt-only baselines: a disk at the click, and the filled box. ``multimask_clicks``:
+    a click is answered by its most confident multi-mask output (see ``TinySamConfig``)."""
     sam.eval()
-    ious = {"point": [], "box": [], "disk": [], "filled_box": []}
+    ious = {"point": [], "box": [], "disk": [], "filled_box": []} | ({"point_best_of_3": []} if multimask_clicks else {})
     for scene in world.scenes(split, n_scenes):
         size = scene.size
         image = torch.from_numpy(scene.image).permute(2, 0, 1).float()[None]
         emb = sam.image_encoder(sam.preprocess(image))
         clicks = [interior_point(o.mask) for o in scene.objects]
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (o.bbox for o in scene.objects)]
-        pl, _ = predict_masks(sam, emb, torch.tensor(clicks, dtype=torch.float)[:, None], None, size)
+        pl, _ = predict_masks(sam, emb, torch.tensor(clicks, dtype=torch.float)[:, None], None, size,
+                              multimask=multimask_clicks)
         bl, _ = predict_masks(sam, emb, None, torch.tensor(boxes, dtype=torch.float), size)
+        if multimask_clicks:  # every one of the three outputs, for the oracle that picks the best
+            ml, _ = predict_masks_batched(sam, emb, torch.zeros(len(clicks), dtype=torch.long),
+                                          torch.tensor(clicks, dtype=torch.float)[:, None],
+                                          torch.zeros(len(clicks), 4), torch.zeros(len(clicks), dtype=torch.bool),
+                                          size, all_outputs=True)
+            for i, obj in enumerate(scene.objects):
+                ious["point_best_of_3"].append(max(mask_iou(m.numpy() > 0, obj.mask) for m in ml[i, 1:]))
         yy, xx = np.mgrid[0:size, 0:size]
         for i, obj in enumerate(scene.objects):
             ious["point"].append(mask_iou(pl[i].numpy() > 0, obj.mask))
