@@ -301,3 +301,18 @@ def pretrained_config_kwargs(config_cls, kwargs: dict) -> dict:
         own = [n for n in inspect.signature(config_cls.__init__).parameters if n not in ("self", "kwargs")]
         raise TypeError(f"{config_cls.__name__}: unknown arguments {unknown}; its own: {own}")
     return kwargs
+
+
+class RunConfigFile:
+    """What every package's run config (a dataclass) does with its YAML file: ``RunConfig.from_yaml(path,
+    overrides)`` (checked field by field, errors naming the file and key) and ``to_dict()`` (what the
+    run's ``metrics.json`` records)."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None):
+        return load_config(cls, path, overrides)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)

@@ -37,7 +37,7 @@ from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.bases import ensure_base
 from groundlab.shared.bases.sam import TinySamConfig, load_sam_checkpoint
 from groundlab.shared.bases.vlm import TinyVLMConfig
-from groundlab.shared.config import load_config, model_overrides, non_negative, one_of, positive, within
+from groundlab.shared.config import RunConfigFile, model_overrides, non_negative, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, torch_load
 from groundlab.shared.recipe import Recipe, train_key
@@ -110,7 +110,7 @@ class ModelConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(RunConfigFile):
     name: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,13 +137,6 @@ class RunConfig:
         one_of(self, "arms", ARMS)
         if not self.arms:
             raise ValueError("'arms' is empty")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
-        return load_config(cls, path, overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------

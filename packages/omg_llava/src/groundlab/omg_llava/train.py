@@ -33,7 +33,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from groundlab.shared.bases import ensure_base
-from groundlab.shared.config import iter_jsonl, load_config, model_overrides, one_of, positive, within
+from groundlab.shared.config import RunConfigFile, iter_jsonl, model_overrides, one_of, positive, within
 from groundlab.shared.distributed import get_world_size, seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, load_state, torch_load
 from groundlab.shared.lora import apply_lora, linear_names
@@ -147,7 +147,7 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(RunConfigFile):
     name: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
@@ -155,13 +155,6 @@ class RunConfig:
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, batch_size=32, lr=1e-3))
     stage2: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, batch_size=16, lr=2e-4))
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
-        return load_config(cls, path, overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import AutoProcessor
 
 from groundlab.shared.bases import default_spec, ensure_base, smoke_spec
-from groundlab.shared.config import load_config, model_overrides, one_of, positive, within
+from groundlab.shared.config import RunConfigFile, model_overrides, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
 from groundlab.shared.recipe import Recipe, train_key
@@ -114,7 +114,7 @@ class LikelihoodConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(RunConfigFile):
     name: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,13 +123,6 @@ class RunConfig:
     naive: bool = True
     captioners: CaptionerConfig = field(default_factory=CaptionerConfig)
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> RunConfig:
-        return load_config(cls, path, overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:

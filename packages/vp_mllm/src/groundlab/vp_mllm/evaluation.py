@@ -1,0 +1,125 @@
+"""Evaluation in two steps: predictions to JSONL (:func:`predict`), then scores from the file
+(:func:`score`; ``groundlab-vp-mllm eval --predictions FILE`` does the second step alone).
+
+A prediction row: ``{"id", "task", "kind", "question", "answer", "prediction"}``. Tasks:
+
+- ``labels`` (referring object classification): every marked region's category, one
+  ``<Region n>: label`` line each; per region: label accuracy (colour and kind named), Semantic
+  Similarity and Semantic IoU against the true ``colour kind`` (:mod:`groundlab.vp_mllm.metrics`). A
+  region the answer leaves out scores as the empty prediction.
+- ``caption`` (region captioning): METEOR and CIDEr against the region's phrase (COCO caption eval).
+- ``ocr`` (regional OCR): case-insensitive exact match of the letter on the region.
+
+Every figure is reported per prompt kind (``box/...``, ``point/...``). Prediction is split over
+torchrun processes (one block of records each) and gathered in record order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from groundlab.shared.config import iter_jsonl
+from groundlab.shared.distributed import gather_shards, shard, write_jsonl
+from groundlab.shared.metrics import caption_metrics
+from groundlab.shared.world_io import load_image
+
+from .data import parse_labels
+from .metrics import default_embedder, names_label, semantic_iou
+from .processing import VisualPrompts, VPCollator, VPProcessor
+
+FIELDS = ("id", "task", "kind", "question", "answer", "prediction")
+
+
+def question_of(record: dict) -> str:
+    return record["conversations"][0]["value"].replace("<image>", "").strip()
+
+
+@torch.no_grad()
+def predict(model, processor: VPProcessor, records: list[dict], image_root: str | Path, out_path: str | Path,
+            batch_size: int = 16, use_prompts: bool = True, max_new_tokens: int = 48) -> Path:
+    """Greedy answers to each record's first question, written as JSONL rows (see the module docstring)."""
+    model.eval()
+    tok = processor.tokenizer
+    collate = VPCollator(tok.pad_token_id, padding_side="left")
+    mine = list(shard(len(records)))
+    rows = []
+    for start in range(0, len(mine), batch_size):
+        chunk = [records[i] for i in mine[start:start + batch_size]]
+        samples = []
+        for rec in chunk:
+            image = load_image(Path(image_root) / rec["image"])
+            prompts = VisualPrompts.from_record(rec, f"record {rec.get('id')}")
+            samples.append(processor.prompt(image, question_of(rec), prompts, use_prompts, where=f"record {rec.get('id')}"))
+        batch = collate(samples)
+        gen = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["vp_coords"],
+                             batch["vp_valid"], batch["vp_is_box"], max_new_tokens=max_new_tokens,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for rec, ids in zip(chunk, gen.tolist()):
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            rows.append({"id": rec["id"], "task": rec["task"], "kind": rec["kind"], "question": question_of(rec),
+                         "answer": rec["conversations"][1]["value"], "prediction": processor.decode(ids)})
+    return write_jsonl(gather_shards(rows), out_path)
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    rows = []
+    for lineno, row in iter_jsonl(path, "predictions file"):
+        missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing or non-text fields {missing}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no predictions")
+    return rows
+
+
+def constant_predictions(records: list[dict], answer: str) -> list[dict]:
+    """Rows answering every region of every ``labels`` record with ``answer`` (the majority baseline)."""
+    rows = []
+    for rec in records:
+        if rec["task"] != "labels":
+            continue
+        truth = rec["conversations"][1]["value"]
+        regions = sorted(parse_labels(truth, rec["kind"]))
+        ref = "Mark" if rec["kind"] == "point" else "Region"
+        rows.append({"id": rec["id"], "task": "labels", "kind": rec["kind"], "question": question_of(rec),
+                     "answer": truth, "prediction": "\n".join(f"<{ref} {n}>: {answer}" for n in regions)})
+    return rows
+
+
+def score(rows: list[dict], embedder=None) -> dict[str, float]:
+    """Every figure of the module docstring, per prompt kind, from prediction rows."""
+    out: dict[str, float] = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        mine = [r for r in rows if r["kind"] == kind]
+        out |= {f"{kind}/labels/{k}": v for k, v in _score_labels([r for r in mine if r["task"] == "labels"],
+                                                                   embedder).items()}
+        caps = [r for r in mine if r["task"] == "caption"]
+        if caps:
+            scores = caption_metrics({r["id"]: r["prediction"] for r in caps}, {r["id"]: [r["answer"]] for r in caps},
+                                     metrics=("METEOR", "CIDEr"))
+            out |= {f"{kind}/caption/{k}": v for k, v in scores.items()} | {f"{kind}/caption/n": len(caps)}
+        ocr = [r for r in mine if r["task"] == "ocr"]
+        if ocr:
+            hits = [r["prediction"].strip().lower() == r["answer"].strip().lower() for r in ocr]
+            out |= {f"{kind}/ocr/exact_match": sum(hits) / len(hits), f"{kind}/ocr/n": len(ocr)}
+    return out
+
+
+def _score_labels(rows: list[dict], embedder=None) -> dict[str, float]:
+    if not rows:
+        return {}
+    preds, truths = [], []
+    for r in rows:
+        truth, pred = parse_labels(r["answer"], r["kind"]), parse_labels(r["prediction"], r["kind"])
+        for n, text in sorted(truth.items()):
+            truths.append(text)
+            preds.append(pred.get(n, ""))
+    hits = [names_label(p, *t.split()) for p, t in zip(preds, truths)]
+    sims = (embedder or default_embedder()).similarity(preds, truths)
+    n = len(truths)
+    return {"accuracy": sum(hits) / n, "semantic_similarity": sum(sims) / n,
+            "semantic_iou": sum(semantic_iou(p, t) for p, t in zip(preds, truths)) / n, "regions": n}
