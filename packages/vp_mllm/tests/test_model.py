@@ -139,6 +139,12 @@ def test_sequence_layout_and_token_counts():
     assert vp.shape == (1, 12, cfg.hidden_size)
     torch.testing.assert_close(vp[0, 0], model.start_vp[0, 0])
     torch.testing.assert_close(vp[0, -1], model.end_vp[0, 0])
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["vp_coords"], batch["vp_valid"],
+                         batch["vp_is_box"])
+    row = batch["input_ids"][0]
+    torch.testing.assert_close(embeds[0, row == cfg.vp_token_index], vp[0])  # the block lands on its placeholders
+    torch.testing.assert_close(embeds[0, row == cfg.lmm_config.image_token_index],
+                               model.image_tokens(batch["pixel_values"])[0])
     out = model(**batch)
     assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
 
