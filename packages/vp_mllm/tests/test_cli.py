@@ -57,9 +57,9 @@ def test_eval_scores_a_predictions_file_without_a_model(tmp_path, capsys):
     rows = [{"id": "1", "task": "labels", "kind": "box", "question": "q", "answer": "<Region 1>: red circle\n"
              "<Region 2>: blue square", "prediction": "<Region 1>: red circle\n<Region 2>: red square"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scores = cli.main(["eval", "--config", str(CONFIG), "--predictions", str(path)])
-    assert scores["box/labels/accuracy"] == 0.5 and scores["box/labels/semantic_iou"] == pytest.approx(2 / 3)
-    assert re.search(r"box/labels/accuracy +0.5000", capsys.readouterr().out)
+    cli.main(["eval", "--config", str(CONFIG), "--predictions", str(path)])
+    out = capsys.readouterr().out
+    assert re.search(r"box/labels/accuracy +0.5000", out) and re.search(r"box/labels/semantic_iou +0.6667", out)
 
 
 @pytest.mark.slow
@@ -74,15 +74,16 @@ def test_pipeline_end_to_end_on_a_micro_config_then_ask(tmp_path, monkeypatch, c
     args = ["train", "--config", str(CONFIG), "--model.llava", str(llava), "--model.sam", str(sam),
             "--data.train_scenes", "8", "--data.eval_scenes", "2", "--stage1.max_steps", "3", "--stage2.max_steps",
             "3", "--stage1.batch_size", "4", "--stage2.batch_size", "4", "--eval.max_new_tokens", "6"]
-    path = cli.main(args)
-    assert path == tmp_path / "runs" / "vp_mllm" / "tiny" / "metrics.json"
-    m = json.loads(Path(path).read_text())
+    cli.main(args)
+    path = tmp_path / "runs" / "vp_mllm" / "tiny" / "metrics.json"
+    m = json.loads(path.read_text())
     for tag in ("vp", "no_prompts", "untrained", "baseline/majority"):
         for kind in ("box", "point"):
             assert 0 <= m[f"{tag}/{kind}/labels/accuracy"] <= 1
     assert m["vp/box/labels/regions"] == m["baseline/majority/box/labels/regions"] > 0
     assert "| VP-LLaVA (stage 1 + 2) | box |" in capsys.readouterr().out
-    again = json.loads(Path(cli.main(args)).read_text())
+    cli.main(args)
+    again = json.loads(path.read_text())
     assert not any(k.startswith("time/") and k != "time/total_s" for k in again)  # every stage reused
     scene = World(WorldConfig(min_objects=2, max_objects=4), seed=0).scene("test", 0)
     Image.fromarray(scene.image).save(tmp_path / "scene.png")

@@ -205,3 +205,4 @@ def test_majority_label_reads_both_kinds():
     recs = [{"bbox": [[0, 0, 1, 1]], "conversations": [{}, {"value": "<Region 1>: red circle"}]},
             {"points": [[0, 0], [1, 1]], "conversations": [{}, {"value": "<Mark 1>: red circle\n<Mark 2>: blue"}]}]
     assert majority_label(recs) == "red circle"
+    assert majority_label([{"bbox": [[0, 0, 1, 1]], "conversations": [{}, {"value": "<loc0001>"}]}]) is None

@@ -24,8 +24,8 @@ from groundlab.shared.inputs import check_text, parse_numbers
 
 
 @cli_main
-def main(argv: list[str] | None = None):
-    return package_cli("groundlab-vp-mllm", "groundlab.vp_mllm.train", argv, _add_commands, {"ask": ask, "convert": convert})
+def main(argv: list[str] | None = None) -> None:
+    package_cli("groundlab-vp-mllm", "groundlab.vp_mllm.train", argv, _add_commands, {"ask": ask, "convert": convert})
 
 
 def _add_commands(sub) -> None:

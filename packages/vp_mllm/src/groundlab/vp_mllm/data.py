@@ -228,14 +228,15 @@ def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int =
     return counts
 
 
-def majority_label(records: list[dict]) -> str:
-    """The most frequent region label of stage-1 records (the trivial baseline's answer)."""
+def majority_label(records: list[dict]) -> str | None:
+    """The most frequent region label of stage-1 records (the trivial baseline's answer); None when
+    no record answers with ``<Region n>: label`` lines."""
     counts: dict[str, int] = {}
     for rec in records:
         kind = "point" if "points" in rec else "box"
         for text in parse_labels(rec["conversations"][1]["value"], kind).values():
             counts[text] = counts.get(text, 0) + 1
-    return max(sorted(counts), key=counts.get)
+    return max(sorted(counts), key=counts.get) if counts else None
 
 
 def eval_records(records: list[dict], tasks: tuple[str, ...] = TASKS) -> list[dict]:

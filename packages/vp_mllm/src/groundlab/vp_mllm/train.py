@@ -253,6 +253,10 @@ def baselines(recipe: Recipe, cfg: RunConfig, data: Data) -> dict:
     """The majority label of the training regions, as every region's answer."""
     records = eval_records(json.loads(data.eval.read_text()), ("labels",))
     answer = majority_label(json.loads(data.stage1.read_text()))
+    if answer is None or not records:
+        logger.info("no majority-label baseline: %s has no region labels or the held-out data no labels task",
+                    data.stage1)
+        return {}
     scores = score(constant_predictions(records, answer))
     return {f"baseline/majority/{k}": v for k, v in scores.items()}
 
