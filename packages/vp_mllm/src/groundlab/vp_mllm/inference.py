@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .processing import VisualPrompts, as_image, mask_to_box, reference, scribble_to_box
+from .processing import VisualPrompts, as_image, mask_to_box, scribble_to_box
 
 MARK_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
                 (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
@@ -45,7 +45,7 @@ def paint_marks(image, prompts: VisualPrompts, scale: int | None = None) -> Imag
     scale = scale or max(1, 512 // max(image.size))
     out = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=max(12, 4 * scale)) if hasattr(ImageFont, "load_default") else None
+    font = ImageFont.load_default(size=max(12, 4 * scale))
     for i, c in enumerate(prompts.coords):
         colour = MARK_COLOURS[i % len(MARK_COLOURS)]
         label = str(i + 1)
@@ -101,11 +101,6 @@ class VPAssistant:
         if tok.eos_token_id in ids:
             ids = ids[: ids.index(tok.eos_token_id)]
         return self.processor.decode(ids)
-
-
-def references_of(prompts: VisualPrompts) -> list[str]:
-    """How the text names each prompt: ``<Region 1>``, ``<Region 2>``, ..."""
-    return [reference(prompts.kind, i + 1) for i in range(len(prompts))]
 
 
 def mask_from_file(path: str | Path) -> np.ndarray:

@@ -17,7 +17,6 @@ placeholders, and the language model runs on the result, padded or packed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,11 +129,6 @@ def load_sam_prompt_encoder(encoder: VisualPromptEncoder, checkpoint: str | Path
     return sorted(loaded)
 
 
-@dataclass
-class VPMLLMOutput(CausalLMOutputWithPast):
-    pass
-
-
 class VPMLLMForConditionalGeneration(PreTrainedModel):
     config_class = VPMLLMConfig
     base_model_prefix = "vp_mllm"
@@ -201,7 +195,7 @@ class VPMLLMForConditionalGeneration(PreTrainedModel):
 
     # -- training and generation ----------------------------------------------------------------
     def forward(self, input_ids, pixel_values, attention_mask=None, labels=None, vp_coords=None, vp_valid=None,
-                vp_is_box=None, packed: bool = False, **kwargs) -> VPMLLMOutput:
+                vp_is_box=None, packed: bool = False, **kwargs) -> CausalLMOutputWithPast:
         """The causal LM loss over ``labels`` (the assistant's words). ``packed``: the language model runs
         on the batch's real tokens laid end to end in one padding-free row (same loss and gradients).
         Other keyword arguments (the Trainer's ``num_items_in_batch``) go to the LM's loss."""
@@ -213,9 +207,9 @@ class VPMLLMForConditionalGeneration(PreTrainedModel):
             rows = pack_rows(attention_mask)
             out = self.lmm(inputs_embeds=rows.pack(embeds), use_cache=False,
                            labels=None if labels is None else rows.pack_labels(labels), **rows.kwargs, **kwargs)
-            return VPMLLMOutput(loss=out.loss, logits=rows.unpack(out.logits))
+            return CausalLMOutputWithPast(loss=out.loss, logits=rows.unpack(out.logits))
         out = self.lmm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs)
-        return VPMLLMOutput(loss=out.loss, logits=out.logits)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values, attention_mask, vp_coords=None, vp_valid=None, vp_is_box=None,
