@@ -1,9 +1,11 @@
 """groundlab.clawmachine: ClawMachine: Learning to Fetch Visual Tokens for Referential Comprehension.
 
 Tianren Ma, Lingxi Xie, Yunjie Tian, Boyu Yang, Qixiang Ye, ICLR 2025, arXiv 2406.11327. Reference code: martian422/ClawMachine.
-This package refers to and grounds objects by fetching the visual tokens of a region instead of writing coordinates.
-
-Status: the package is scaffolded; the model, data, training and evaluation arrive with its issue.
+Refers to and grounds objects by the visual tokens of the region instead of coordinates: LaVIT's
+dynamic visual tokenizer (``visual_tokenizer``), the joint-vocabulary LLM (``modeling``), region
+fetching and box decoding (``processing``), the two-stage recipe (``train``), REC / referring / yes-no
+evaluation (``evaluation``), ``ground`` / ``refer`` inference (``inference``) and the release's
+weights (``convert``).
 """
 
 __version__ = "0.0.1"

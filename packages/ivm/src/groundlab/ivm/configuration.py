@@ -11,25 +11,7 @@ from __future__ import annotations
 from transformers import LlavaConfig, PretrainedConfig
 
 from groundlab.shared.config import pretrained_config_kwargs
-
-
-class SamEncoderConfig(PretrainedConfig):
-    """SAM's ``ImageEncoderViT`` (segment-anything's argument names); ViT-H, IVM's, by default."""
-
-    model_type = "groundlab_sam_encoder"
-
-    def __init__(self, img_size: int = 1024, patch_size: int = 16, embed_dim: int = 1280, depth: int = 32,
-                 num_heads: int = 16, window_size: int = 14, global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31),
-                 out_chans: int = 256, **kwargs):
-        """``out_chans`` is the image embedding's channels: the generator's width too (256 in the release)."""
-        self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
-        self.num_heads, self.window_size, self.out_chans = num_heads, window_size, out_chans
-        self.global_attn_indexes = tuple(global_attn_indexes)
-        super().__init__(**pretrained_config_kwargs(type(self), kwargs))
-
-    @property
-    def embedding_grid(self) -> int:
-        return self.img_size // self.patch_size
+from groundlab.shared.vision import SamEncoderConfig  # noqa: F401 - the IVM config's vision part
 
 
 class IVMConfig(PretrainedConfig):

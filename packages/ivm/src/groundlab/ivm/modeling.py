@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from segment_anything.modeling import ImageEncoderViT, TwoWayTransformer
+from segment_anything.modeling import TwoWayTransformer
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
@@ -38,6 +37,7 @@ from transformers.modeling_outputs import ModelOutput
 from groundlab.shared.attention import HF_ATTENTION, require_packing_support
 from groundlab.shared.bases.sam import use_shared_attention
 from groundlab.shared.multimodal import pack_rows
+from groundlab.shared.vision import build_sam_image_encoder
 
 from .configuration import IVMConfig
 
@@ -120,11 +120,7 @@ class IVMModel(PreTrainedModel):
     def __init__(self, config: IVMConfig):
         super().__init__(config)
         s = config.vision_config
-        self.image_encoder = ImageEncoderViT(
-            img_size=s.img_size, patch_size=s.patch_size, embed_dim=s.embed_dim, depth=s.depth,
-            num_heads=s.num_heads, mlp_ratio=4, out_chans=s.out_chans, qkv_bias=True,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=s.window_size,
-            global_attn_indexes=s.global_attn_indexes)
+        self.image_encoder = build_sam_image_encoder(s)
         self.lmm = LlavaForConditionalGeneration(config.lmm_config)
         self.lmm.set_attn_implementation(HF_ATTENTION)  # every attention layer through the shared dispatch
         d, c = config.lmm_hidden, s.out_chans

@@ -1,0 +1,132 @@
+"""ClawMachine: the frozen visual tokenizer and a causal LM over the joint vocabulary.
+
+The image enters the LM as ``[IMG] code ids [/IMG]``: the ids are ordinary rows of the LM's
+embedding table (``code_offset + code``), so a region can be read (its ids in a question) and written
+(its ids generated as an answer) like text. ``tokenize(pixel_values)`` runs the tokenizer
+(:class:`groundlab.clawmachine.visual_tokenizer.DynamicVisualTokenizer`); the processor lays the ids
+out (:mod:`groundlab.clawmachine.processing`). With ``config.hybrid`` the scene's span carries the kept
+tokens' merged features through a 2-layer GELU projector instead of its code embeddings (regions stay
+discrete), so ``forward`` then also takes ``scene_features`` and the positions they fill.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, LogitsProcessorList, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from groundlab.shared.attention import HF_ATTENTION, require_packing_support
+from groundlab.shared.multimodal import pack_rows
+
+from .configuration import ClawMachineConfig
+from .processing import RegionConstraint
+from .visual_tokenizer import DynamicVisualTokenizer, TokenizedImage
+
+
+class ClawMachineForCausalLM(PreTrainedModel):
+    config_class = ClawMachineConfig
+    base_model_prefix = "clawmachine"
+    main_input_name = "input_ids"
+    _supports_attention_backend = True
+
+    def __init__(self, config: ClawMachineConfig):
+        super().__init__(config)
+        self.visual_tokenizer = DynamicVisualTokenizer(config.tokenizer_config)
+        self.visual_tokenizer.requires_grad_(False)
+        text = config.text_config
+        text._attn_implementation = HF_ATTENTION  # every attention layer through the shared dispatch
+        self.language_model = LlamaForCausalLM(text)
+        if config.hybrid:
+            w, d = config.tokenizer_config.width, config.hidden_size
+            self.mm_projector = nn.Sequential(nn.Linear(w, d), nn.GELU(), nn.Linear(d, d))
+        self.post_init()
+
+    def _init_weights(self, module):  # the parts initialise themselves (and load pretrained weights)
+        pass
+
+    @torch.no_grad()
+    def tokenize(self, pixel_values: torch.Tensor) -> list[TokenizedImage]:
+        """(B, 3, H, W) images -> one :class:`TokenizedImage` each (deterministic unless the config says not)."""
+        return self.visual_tokenizer.tokenize(pixel_values, sample=not self.config.tokenizer_config.deterministic)
+
+    def embed(self, input_ids: torch.Tensor, scene_features: torch.Tensor | None = None,
+              scene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's input embeddings; in the hybrid layout ``scene_features`` (n, width) fill the
+        positions of ``scene_mask`` (B, T) in order."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        if scene_features is None:
+            return embeds
+        if not self.config.hybrid:
+            raise ValueError("scene_features given to a model built without hybrid=True")
+        if scene_mask is None or int(scene_mask.sum()) != len(scene_features):
+            raise ValueError(f"scene_mask marks {0 if scene_mask is None else int(scene_mask.sum())} positions for "
+                             f"{len(scene_features)} scene features")
+        embeds = embeds.clone()
+        embeds[scene_mask] = self.mm_projector(scene_features.to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, scene_features: torch.Tensor | None = None,
+                scene_mask: torch.Tensor | None = None, packed: bool = False, **kwargs) -> CausalLMOutputWithPast:
+        """The causal LM loss over ``labels``. ``packed``: the LM runs on the batch's real tokens laid
+        end to end in one padding-free row (same loss and gradients)."""
+        embeds = self.embed(input_ids, scene_features, scene_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lm = self.language_model
+        if packed:
+            require_packing_support(lm)
+            rows = pack_rows(attention_mask)
+            out = lm(inputs_embeds=rows.pack(embeds), use_cache=False,
+                     labels=None if labels is None else rows.pack_labels(labels), **rows.kwargs, **kwargs)
+            return CausalLMOutputWithPast(loss=out.loss, logits=rows.unpack(out.logits))
+        out = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+
+    def allowed_codes(self, images: list[TokenizedImage | None]) -> torch.Tensor:
+        """(B, codebook) bool: the codes each sample's image holds (none for a text-only sample)."""
+        allowed = torch.zeros(len(images), self.config.codebook_size, dtype=torch.bool)
+        for b, image in enumerate(images):
+            if image is not None:
+                allowed[b, image.codes] = True
+        return allowed
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: list[TokenizedImage | None],
+                 max_new_tokens: int = 64, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 constrained: bool = True, scene_features: torch.Tensor | None = None,
+                 scene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy answers (B, new tokens) for a left-padded batch of prompts. ``constrained``: inside
+        ``[IMG] ... [/IMG]`` only the codes of the sample's own image (see ``RegionConstraint``)."""
+        common = dict(attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        # with inputs_embeds, HF hands the processors the new tokens only
+        prompt_length = 0 if scene_features is not None else input_ids.shape[1]
+        processors = LogitsProcessorList()
+        if constrained:
+            processors.append(RegionConstraint(self.config, self.allowed_codes(images), prompt_length))
+        if scene_features is not None:
+            embeds = self.embed(input_ids, scene_features, scene_mask)
+            return self.language_model.generate(inputs_embeds=embeds, logits_processor=processors, **common)
+        out = self.language_model.generate(input_ids=input_ids, logits_processor=processors, **common)
+        return out[:, input_ids.shape[1]:]
+
+
+# ----------------------------------------------------------------------------------------------
+# what each stage trains
+
+
+STAGES = ("stage1", "stage2")
+
+
+def set_trainable(model: ClawMachineForCausalLM, stage: str) -> list[str]:
+    """Both stages fine-tune the whole LM (the paper: full fine-tuning), embeddings and head included,
+    and the hybrid projector; the visual tokenizer stays frozen. Returns the trainable names."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    model.requires_grad_(False)
+    model.language_model.requires_grad_(True)
+    if model.config.hybrid:
+        model.mm_projector.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,143 @@
+"""The world in the release's sample format, the checks on reading it, scoring from a predictions
+file, evaluation under two processes and stage 2 under ZeRO-2."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from groundlab.clawmachine.data import GROUNDED_CAPTION, REFERRING, ClawDataset, export_world, read_samples
+from groundlab.clawmachine.evaluation import read_predictions, rec_items, score
+from groundlab.clawmachine.processing import REGION_MARKER
+from groundlab.shared.world import World, WorldConfig
+from groundlab.shared.world_io import Refer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zero2_worker import tiny_claw_model, tokens_for  # noqa: E402
+
+WORLD = WorldConfig()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("claw")
+    counts = export_world(World(WORLD, seed=0), "train", 16, out) | export_world(World(WORLD, seed=0), "val", 4, out)
+    return out, counts
+
+
+def test_the_world_exports_in_the_release_format(data):
+    out, counts = data
+    assert counts["train_stage1"] == counts["train_stage2"] == 16  # 2 full global batches of the ZeRO-2 test
+    world = World(WORLD, seed=0)
+    for rec in read_samples(out / "train_stage1.json", out):
+        scene = world.scene("train", int(rec["id"].split("-")[0]) - 1)
+        assert rec["conversations"][0]["value"] == "<image>\n" + GROUNDED_CAPTION
+        caption = rec["conversations"][1]["value"]
+        assert caption.replace(REGION_MARKER, "") == scene.caption
+        assert len(rec["ref_list"]) == caption.count(REGION_MARKER) == len(scene.objects)
+        for phrase, region in zip(scene.caption_phrases, rec["ref_list"]):
+            x, y, w, h = scene.objects[phrase.object_id].bbox
+            assert np.allclose(region[0], [x / 64, y / 64, (x + w) / 64, (y + h) / 64], atol=1e-6)
+    for rec in read_samples(out / "train_stage2.json", out):
+        turns = rec["conversations"]
+        answers = [t["value"] for t in turns[1::2]]
+        assert answers.count("yes") >= 1 and answers.count("no") >= 1
+        assert sum(t["value"].count(REGION_MARKER) for t in turns) == len(rec["ref_list"])
+    refer = Refer(out / "refer", out / "images")
+    items = rec_items(refer, "val", out)
+    assert len(items) == len({s.ref_id for s in refer.samples("val")})  # each object's first expression
+    assert all((out / it.image).is_file() and len(it.objects) >= 1 for it in items)
+    evals = read_samples(out / "val_eval.json", out)
+    assert {r["task"] for r in evals} == {"reg", "yesno"}
+    assert all(r["conversations"][0]["value"].endswith(REFERRING) for r in evals if r["task"] == "reg")
+
+
+def _write(tmp_path, samples):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+@pytest.mark.parametrize("sample,message", [
+    ({"image": "images/none.jpg", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                   {"from": "gpt", "value": "yes"}]}, "image not found"),
+    ({"image": "IMG", "conversations": [{"from": "human", "value": "<image>\nWhere?"},
+                                        {"from": "gpt", "value": "<ref_patch>"}]}, "1 <ref_patch> markers but ref_list has 0"),
+    ({"image": "IMG", "conversations": [{"from": "human", "value": "<image>\nWhere?"},
+                                        {"from": "gpt", "value": "<ref_patch>"}], "ref_list": [[[0.1, 0.1, 1.5, 0.2]]]},
+     "ref_list[0]: box"),
+    ({"image": "IMG", "conversations": [{"from": "human", "value": "<image>\nWhere?"}]}, "at least a human and a gpt"),
+    ({"conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}]}, "'image' is missing"),
+])
+def test_bad_samples_are_errors_naming_file_and_sample(data, tmp_path, sample, message):
+    out, _ = data
+    image = json.loads((out / "train_stage1.json").read_text())[0]["image"]
+    sample = json.loads(json.dumps(sample).replace('"IMG"', json.dumps(image)))
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        read_samples(_write(tmp_path, [{"id": "ok", **sample}]), out)
+    assert message in str(err.value) and "sample 0 (id ok)" in str(err.value)
+
+
+def test_text_only_samples_train(data):
+    out, _ = data
+    model, processor = tiny_claw_model()
+    samples = [{"conversations": [{"from": "human", "value": "Is the sky blue?"}, {"from": "gpt", "value": "yes"}]}]
+    item = ClawDataset(samples, {}, processor)[0]
+    assert processor.start_id not in item["input_ids"]
+    loss = model(input_ids=torch.tensor([item["input_ids"]]), labels=torch.tensor([item["labels"]])).loss
+    assert torch.isfinite(loss)
+
+
+def test_scores_from_a_predictions_file(tmp_path):
+    rows = [{"id": "a", "task": "rec", "question": "q", "prediction": "", "references": ["x"], "box": [0, 0, 10, 10],
+             "target": [0, 0, 10, 12]},
+            {"id": "b", "task": "rec", "question": "q", "prediction": "", "references": ["x"], "box": None,
+             "target": [0, 0, 10, 10]},
+            {"id": "c", "task": "yesno", "question": "q", "prediction": "Yes.", "references": ["yes"]},
+            {"id": "d", "task": "yesno", "question": "q", "prediction": "yes", "references": ["no"]},
+            {"id": "e", "task": "reg", "question": "q", "prediction": "the red circle", "references": ["the red circle"]}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = score(read_predictions(path))
+    assert m["rec/acc50"] == 0.5 and m["rec/no_box"] == 0.5 and m["yesno/accuracy"] == 0.5
+    assert m["reg/METEOR"] > 0.9
+    path.write_text(json.dumps({**rows[0], "target": None}) + "\n")
+    with pytest.raises(ValueError, match="p.jsonl:1: a rec row needs its target box"):
+        read_predictions(path)
+
+
+def test_evaluation_is_the_same_in_batches_of_one(data):
+    from groundlab.clawmachine.evaluation import predict, record_items
+
+    out, _ = data
+    model, processor = tiny_claw_model()
+    records = read_samples(out / "val_eval.json", out)
+    items = rec_items(Refer(out / "refer", out / "images"), "val", out)[:3]
+    items += record_items(records, {r["image"]: (64, 64) for r in records})[:3]
+    tokens = tokens_for(model, out, [{"image": it.image} for it in items])
+    rows = [read_predictions(predict(model, processor, items, tokens, out / f"p{b}.jsonl", batch_size=b,
+                                     max_new_tokens=6)) for b in (1, 3)]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.slow
+def test_evaluation_under_two_processes_predicts_what_one_process_does(data, tmp_path):
+    from groundlab.shared.testing import outputs_one_and_two_processes
+
+    out, _ = data
+    dirs = outputs_one_and_two_processes(Path(__file__).with_name("eval_worker.py"), ["--data", str(out)], tmp_path)
+    one, two = (read_predictions(dirs[n] / "predictions.jsonl") for n in (1, 2))
+    assert len(one) == 11 and one == two
+
+
+@pytest.mark.slow
+def test_stage_two_under_torchrun_zero2_matches_one_process(data, tmp_path):
+    from groundlab.shared.testing import losses_one_and_two_processes
+
+    out, _ = data
+    losses = losses_one_and_two_processes(Path(__file__).with_name("zero2_worker.py"), ["--data", str(out)], tmp_path)
+    assert len(losses[1]) == 4 and losses[1][-1] < losses[1][0]
+    torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=5e-4, rtol=0)
