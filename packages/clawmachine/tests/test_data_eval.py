@@ -16,7 +16,7 @@ from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import Refer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zero2_worker import tiny_claw_model, tokens_for  # noqa: E402
+from claw_zero2_worker import tiny_claw_model, tokens_for  # noqa: E402
 
 WORLD = WorldConfig()
 
@@ -128,7 +128,7 @@ def test_evaluation_under_two_processes_predicts_what_one_process_does(data, tmp
     from groundlab.shared.testing import outputs_one_and_two_processes
 
     out, _ = data
-    dirs = outputs_one_and_two_processes(Path(__file__).with_name("eval_worker.py"), ["--data", str(out)], tmp_path)
+    dirs = outputs_one_and_two_processes(Path(__file__).with_name("claw_eval_worker.py"), ["--data", str(out)], tmp_path)
     one, two = (read_predictions(dirs[n] / "predictions.jsonl") for n in (1, 2))
     assert len(one) == 11 and one == two
 
@@ -138,6 +138,6 @@ def test_stage_two_under_torchrun_zero2_matches_one_process(data, tmp_path):
     from groundlab.shared.testing import losses_one_and_two_processes
 
     out, _ = data
-    losses = losses_one_and_two_processes(Path(__file__).with_name("zero2_worker.py"), ["--data", str(out)], tmp_path)
+    losses = losses_one_and_two_processes(Path(__file__).with_name("claw_zero2_worker.py"), ["--data", str(out)], tmp_path)
     assert len(losses[1]) == 4 and losses[1][-1] < losses[1][0]
     torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=5e-4, rtol=0)

@@ -39,7 +39,7 @@ from groundlab.shared.testing import attention_outside_the_shared_dispatch
 from groundlab.shared.world import World, WorldConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zero2_worker import SAM, tiny_claw_model  # noqa: E402
+from claw_zero2_worker import SAM, tiny_claw_model  # noqa: E402
 
 
 def _images(n=2, seed=0):
@@ -354,3 +354,22 @@ def test_release_weights_convert_and_load_strictly(tmp_path):
     del state["language_model.model.norm.weight"]
     with pytest.raises(ValueError, match="model.norm.weight"):
         load_release(fresh, state)
+
+
+def test_code_rows_start_from_the_codebook():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from groundlab.clawmachine.train import init_code_embeddings
+
+    model, _ = tiny_claw_model(codebook_size=8)
+    visual = model.visual_tokenizer
+    with torch.no_grad():
+        visual.quantize.embedding.weight[1] = visual.quantize.embedding.weight[0]  # two codes alike
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=20 + 8, tie_word_embeddings=False))
+    text_std = float(lm.get_input_embeddings().weight[:20].std())
+    init_code_embeddings(lm, visual, 20)
+    for emb in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+        rows = emb.weight[20:]
+        assert torch.allclose(rows[0], rows[1]) and not torch.allclose(rows[0], rows[2])
+        assert abs(float(rows.std()) - text_std) < 0.2 * text_std

@@ -44,6 +44,13 @@ def xywh_to_xyxy(box: Sequence[float]) -> tuple[float, float, float, float]:
     return x, y, x + w, y + h
 
 
+def square_padding(width: int, height: int) -> tuple[int, int, int]:
+    """(pad_x, pad_y, side): where an image sits on the square it is padded to (LLaVA-1.5's
+    ``expand2square``: centred on the short side)."""
+    side = max(width, height)
+    return (side - width) // 2, (side - height) // 2, side
+
+
 def to_bin(v: float, size: float, bins: int) -> int:
     return min(bins - 1, max(0, round(v / size * (bins - 1))))
 

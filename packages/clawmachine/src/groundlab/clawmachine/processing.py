@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from groundlab.shared.boxes import square_padding
 from groundlab.shared.multimodal import IGNORE_INDEX, ChatTemplate, conversation_segments, pad_batch
 
 from .configuration import ClawMachineConfig
@@ -124,12 +125,6 @@ def cells_box(cells: Sequence[int], grid: int) -> tuple[float, float, float, flo
     """The enclosing box of grid cells, normalised to the padded square."""
     rows, cols = np.divmod(np.asarray(cells), grid)
     return cols.min() / grid, rows.min() / grid, (cols.max() + 1) / grid, (rows.max() + 1) / grid
-
-
-def square_padding(width: int, height: int) -> tuple[int, int, int]:
-    """(pad_x, pad_y, side): where an image sits on its padded square (centred on the short side)."""
-    side = max(width, height)
-    return (side - width) // 2, (side - height) // 2, side
 
 
 def to_square(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:

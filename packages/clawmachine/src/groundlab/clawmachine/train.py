@@ -123,11 +123,17 @@ class ModelConfig:
     llm: str | None = None
     """A causal-LM ``from_pretrained`` directory (with its tokenizer) instead: the release's Llama-2-7B
     (LaVIT's, whose vocabulary already holds ``[IMG]``, ``[/IMG]`` and the codes)."""
+    code_embeddings: str = "codebook"
+    """How the LLM's new rows for the codes start (input and output embeddings): ``codebook`` (each
+    code's codebook vector through a fixed random projection, at the scale of the text rows: codes
+    the tokenizer puts close start close) or ``mean`` (all at the text rows' mean, transformers'
+    default). The release's LLM (LaVIT's) learned its code rows in LaVIT's pre-training."""
     config: dict = field(default_factory=dict)
     """:class:`ClawMachineConfig` arguments over its defaults (``hybrid``); the rest comes from the
     checkpoints and the tokenizer."""
 
     def __post_init__(self) -> None:
+        one_of(self, "code_embeddings", ("codebook", "mean"))
         self.config = model_overrides(ClawMachineConfig, self.config,
                                       filled=("tokenizer_config", "text_config", "image_start_token_id",
                                               "image_end_token_id", "code_offset"))
@@ -386,6 +392,8 @@ def build_start(recipe: Recipe, cfg: RunConfig, tokenizer_dir: Path) -> Path:
         visual = load_visual_tokenizer(tokenizer_dir)
         if lm.config.vocab_size < offset + visual.config.codebook_size:
             lm.resize_token_embeddings(offset + visual.config.codebook_size, mean_resizing=True)
+            if cfg.model.code_embeddings == "codebook":
+                init_code_embeddings(lm, visual, offset)
         config = ClawMachineConfig(tokenizer_config=visual.config, text_config=lm.config.to_dict(),
                                    image_start_token_id=start_id, image_end_token_id=end_id, code_offset=offset,
                                    **cfg.model.config)
@@ -396,6 +404,19 @@ def build_start(recipe: Recipe, cfg: RunConfig, tokenizer_dir: Path) -> Path:
         text_tokenizer.save_pretrained(out / "model")
 
     return recipe.stage("start", asdict(cfg.model), str(llava), str(tokenizer_dir), cfg.stage1.seed, build=build)
+
+
+@torch.no_grad()
+def init_code_embeddings(lm, visual: DynamicVisualTokenizer, offset: int) -> None:
+    """The code rows of ``lm``'s input and output embeddings from the codebook (see
+    ``ModelConfig.code_embeddings``)."""
+    book = visual.quantize.codebook().float()
+    n = len(book)
+    for emb in {id(e): e for e in (lm.get_input_embeddings(), lm.get_output_embeddings())}.values():
+        w = emb.weight
+        proj = torch.randn(book.shape[1], w.shape[1], generator=torch.Generator().manual_seed(0))
+        rows = book @ proj
+        w[offset:offset + n] = rows / rows.std() * w[:offset].std()
 
 
 def load_model(model_dir: Path) -> tuple[ClawMachineForCausalLM, ClawProcessor]:

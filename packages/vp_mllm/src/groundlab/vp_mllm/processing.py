@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from groundlab.shared.boxes import square_padding
 from groundlab.shared.inputs import check_box, check_point
 from groundlab.shared.metrics import mask_box
 from groundlab.shared.multimodal import (
@@ -150,12 +151,6 @@ def jitter_box(box: Sequence[float], rng: np.random.Generator, delta_size: float
     w = max(0.0, w * (1 + rng.uniform(-delta_size, delta_size)))
     h = max(0.0, h * (1 + rng.uniform(-delta_size, delta_size)))
     return x0, y0, x0 + w, y0 + h
-
-
-def square_padding(width: int, height: int) -> tuple[int, int, int]:
-    """(pad_x, pad_y, side): where the image sits on its square (centred on the short side)."""
-    side = max(width, height)
-    return (side - width) // 2, (side - height) // 2, side
 
 
 def encode_prompts(prompts: VisualPrompts | None, width: int, height: int, num_slots: int,

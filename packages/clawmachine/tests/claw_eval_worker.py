@@ -10,7 +10,7 @@ from groundlab.shared.testing import finish_worker, worker_args
 from groundlab.shared.world_io import Refer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zero2_worker import tiny_claw_model, tokens_for  # noqa: E402  (the training worker's tiny model)
+from claw_zero2_worker import tiny_claw_model, tokens_for  # noqa: E402  (the training worker's tiny model)
 
 
 def main():
