@@ -60,6 +60,9 @@ from .processing import (
 from .visual_tokenizer import DynamicVisualTokenizer, TokenizerPretrainer
 
 logger = logging.getLogger("groundlab")
+TOKENIZER_DIR = "text_tokenizer"
+"""Where a saved model keeps its text tokenizer: a folder of its own inside ``model/``, away from the
+model's ``config.json``, which ``AutoTokenizer`` would otherwise read and warn about."""
 
 
 @dataclass
@@ -401,7 +404,7 @@ def build_start(recipe: Recipe, cfg: RunConfig, tokenizer_dir: Path) -> Path:
         load_state(model.language_model, lm.state_dict(), "the extended language model")
         load_state(model.visual_tokenizer, visual.state_dict(), "the visual tokenizer")
         model.save_pretrained(out / "model")
-        text_tokenizer.save_pretrained(out / "model")
+        text_tokenizer.save_pretrained(out / "model" / TOKENIZER_DIR)
 
     return recipe.stage("start", asdict(cfg.model), str(llava), str(tokenizer_dir), cfg.stage1.seed, build=build)
 
@@ -422,7 +425,10 @@ def init_code_embeddings(lm, visual: DynamicVisualTokenizer, offset: int) -> Non
 def load_model(model_dir: Path) -> tuple[ClawMachineForCausalLM, ClawProcessor]:
     """A saved model and its processor (the tokenizer's ids checked against the model's)."""
     model = load_pretrained(ClawMachineForCausalLM, model_dir / "model", "a ClawMachine model")
-    return model, ClawProcessor(AutoTokenizer.from_pretrained(model_dir / "model"), model.config)
+    tokenizer_dir = model_dir / "model" / TOKENIZER_DIR
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no text tokenizer at {tokenizer_dir}")
+    return model, ClawProcessor(AutoTokenizer.from_pretrained(tokenizer_dir), model.config)
 
 
 def train_stage(recipe: Recipe, cfg: RunConfig, data: Data, tokens_path: Path, start: Path, stage: str) -> Path:
@@ -440,7 +446,7 @@ def train_stage(recipe: Recipe, cfg: RunConfig, data: Data, tokens_path: Path, s
         dataset = ClawDataset(samples, load_tokens(tokens_path), processor, str(source), model.config.hybrid)
         train(model, dataset, ClawCollator(processor.tokenizer.pad_token_id, packed=tc.packed), tc, out / "checkpoints")
         model.save_pretrained(out / "model")
-        processor.tokenizer.save_pretrained(out / "model")
+        processor.tokenizer.save_pretrained(out / "model" / TOKENIZER_DIR)
 
     return recipe.stage(stage, str(start), str(tokens_path), train_key(tc), build=fit)
 
