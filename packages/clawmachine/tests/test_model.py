@@ -73,6 +73,8 @@ def test_misspelt_and_inconsistent_config_values_are_errors():
         VisualTokenizerConfig(keep_ratio=0)
     with pytest.raises(ValueError, match="model_type"):
         VisualTokenizerConfig(vision_config={"model_type": "vit"})
+    with pytest.raises(ValueError, match="must be a Llama config"):
+        ClawMachineConfig(text_config={"model_type": "gemma"})
     with pytest.raises(ValueError, match="cannot hold"):
         ClawMachineConfig(text_config={"vocab_size": 100}, code_offset=90)
 

@@ -292,3 +292,23 @@ def pack_rows(attention_mask: torch.Tensor, position_offset: int = 0) -> PackedR
               "position_ids": positions[None].to(attention_mask.device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
               "max_length_q": longest, "max_length_k": longest}
     return PackedRows(index, tuple(attention_mask.shape), kwargs)
+
+
+def causal_lm_forward(lm, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                      packed: bool = False, **kwargs):
+    """``lm`` (a HF causal LM) on input embeddings, padded or (``packed``) on the batch's real tokens laid
+    end to end in one padding-free row: the same loss and, unpacked, the same (B, T, V) logits.
+    Returns a ``CausalLMOutputWithPast`` with ``loss`` and ``logits``; ``kwargs`` (the Trainer's
+    ``num_items_in_batch``) go to the LM's loss."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from .attention import require_packing_support
+
+    if packed:
+        require_packing_support(lm)
+        rows = pack_rows(attention_mask)
+        out = lm(inputs_embeds=rows.pack(embeds), use_cache=False,
+                 labels=None if labels is None else rows.pack_labels(labels), **rows.kwargs, **kwargs)
+        return CausalLMOutputWithPast(loss=out.loss, logits=rows.unpack(out.logits))
+    out = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs)
+    return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)

@@ -4,7 +4,7 @@ tokenizer on its patch features, and a causal LM over one joint vocabulary.
 - ``tokenizer_config`` (:class:`VisualTokenizerConfig`): the ViT (``vision_config``: SAM's image
   encoder for the CPU default, EVA-CLIP g/14 for the release), the token selector, the token
   merger, the quantiser (codebook size and width) and, for pre-training only, the feature decoder.
-- ``text_config``: the LLM (any HF causal-LM config; Llama-2-7B in the release).
+- ``text_config``: the LLM (a Llama config; Llama-2-7B in the release).
 - the joint vocabulary: text ids, then ``[IMG]`` (``image_start_token_id``) and ``[/IMG]``
   (``image_end_token_id``), then one id per code: ``code_offset + code``. None of them is fixed in the
   code: the processor writes them from here, and a tokenizer that disagrees is an error.
@@ -102,7 +102,7 @@ class ClawMachineConfig(PretrainedConfig):
         """
         Args:
             tokenizer_config: the visual tokenizer (:class:`VisualTokenizerConfig`).
-            text_config: the LLM (a ``LlamaConfig`` by default); its ``vocab_size`` must hold the codes.
+            text_config: the LLM, a ``LlamaConfig``; its ``vocab_size`` must hold the codes.
             image_start_token_id, image_end_token_id: ``[IMG]`` and ``[/IMG]``.
             code_offset: the id of code 0 (code ``c`` is ``code_offset + c``).
             hybrid: the scene also enters as continuous features (the kept tokens' merged features
@@ -116,12 +116,9 @@ class ClawMachineConfig(PretrainedConfig):
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             kind = text_config.pop("model_type", "llama")
-            if kind != "llama":
-                from transformers import AutoConfig
-
-                text_config = AutoConfig.for_model(kind, **text_config)
-            else:
-                text_config = LlamaConfig(**text_config)
+            if kind != "llama":  # the model builds a LlamaForCausalLM (the release's Llama-2)
+                raise ValueError(f"text_config must be a Llama config, got model_type {kind!r}")
+            text_config = LlamaConfig(**text_config)
         self.text_config = text_config or LlamaConfig()
         self.image_start_token_id, self.image_end_token_id = image_start_token_id, image_end_token_id
         self.code_offset, self.hybrid = code_offset, hybrid

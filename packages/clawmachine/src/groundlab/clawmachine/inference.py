@@ -81,7 +81,7 @@ class ClawAssistant:
     def ground(self, image, expression: str) -> tuple[tuple[float, float, float, float] | None, str]:
         """The box (pixels) of the first region the model generates for ``expression`` (None when it
         generates none), and its answer text; the region's grid cells stay in ``last_cells``."""
-        w, h = (image.size if isinstance(image, Image.Image) else (np.asarray(image).shape[1], np.asarray(image).shape[0]))
+        h, w = as_pixels(image).shape[-2:]
         tokenized, text, regions = self._answer(image, GROUNDING.format(expression=expression))
         grid = self.model.config.grid
         self.last_cells = decode_region(regions[0], tokenized, grid) if regions else None
@@ -90,7 +90,7 @@ class ClawAssistant:
 
     def refer(self, image, box: Sequence[float]) -> str:
         """What the model says the region ``box`` (x0, y0, x1, y1 pixels) is."""
-        w, h = (image.size if isinstance(image, Image.Image) else (np.asarray(image).shape[1], np.asarray(image).shape[0]))
+        h, w = as_pixels(image).shape[-2:]
         box = check_box(box, w, h, "box")
         _, text, _ = self._answer(image, REFERRING, [[list(to_square(box, w, h))]])
         return text

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import LlamaForCausalLM, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from groundlab.shared.attention import HF_ATTENTION, require_packing_support
-from groundlab.shared.multimodal import pack_rows
+from groundlab.shared.attention import HF_ATTENTION
+from groundlab.shared.multimodal import causal_lm_forward
 
 from .configuration import ClawMachineConfig
 from .processing import RegionConstraint
@@ -74,15 +74,7 @@ class ClawMachineForCausalLM(PreTrainedModel):
         embeds = self.embed(input_ids, scene_features, scene_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        lm = self.language_model
-        if packed:
-            require_packing_support(lm)
-            rows = pack_rows(attention_mask)
-            out = lm(inputs_embeds=rows.pack(embeds), use_cache=False,
-                     labels=None if labels is None else rows.pack_labels(labels), **rows.kwargs, **kwargs)
-            return CausalLMOutputWithPast(loss=out.loss, logits=rows.unpack(out.logits))
-        out = lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        return causal_lm_forward(self.language_model, embeds, attention_mask, labels, packed, **kwargs)
 
     def allowed_codes(self, images: list[TokenizedImage | None]) -> torch.Tensor:
         """(B, codebook) bool: the codes each sample's image holds (none for a text-only sample)."""

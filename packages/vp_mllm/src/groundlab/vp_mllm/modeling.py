@@ -24,9 +24,9 @@ import torch.nn as nn
 from transformers import LlavaForConditionalGeneration, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from groundlab.shared.attention import HF_ATTENTION, require_packing_support
+from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.loading import torch_load
-from groundlab.shared.multimodal import pack_rows, splice_features
+from groundlab.shared.multimodal import causal_lm_forward, splice_features
 
 from .configuration import VisualPromptEncoderConfig, VPMLLMConfig
 
@@ -202,14 +202,7 @@ class VPMLLMForConditionalGeneration(PreTrainedModel):
         embeds = self.embed(input_ids, pixel_values, vp_coords, vp_valid, vp_is_box)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if packed:
-            require_packing_support(self.lmm)
-            rows = pack_rows(attention_mask)
-            out = self.lmm(inputs_embeds=rows.pack(embeds), use_cache=False,
-                           labels=None if labels is None else rows.pack_labels(labels), **rows.kwargs, **kwargs)
-            return CausalLMOutputWithPast(loss=out.loss, logits=rows.unpack(out.logits))
-        out = self.lmm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        return causal_lm_forward(self.lmm, embeds, attention_mask, labels, packed, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values, attention_mask, vp_coords=None, vp_valid=None, vp_is_box=None,
