@@ -197,6 +197,16 @@ def test_box_labels_on_the_centre_padded_square(tmp_path):
     meta.write_text(json.dumps({"uuid": "r", "instruction": ["x"], "box": [1, 2]}) + "\n")
     with pytest.raises(ValueError, match="meta.jsonl:1: 'box'"):
         read_split(tmp_path / "RobotMachineData")
+    # the release's key: "boxes", one flat box
+    meta.write_text(json.dumps({"uuid": "r", "instruction": ["pick the cup."], "boxes": [0.25, 0.25, 0.75, 0.5]}) + "\n")
+    [item] = read_split(tmp_path / "RobotMachineData")
+    assert np.array_equal(item.heatmap(40, 20), heat) and "boxes" not in item.extra
+    meta.write_text(json.dumps({"uuid": "r", "instruction": ["x"], "boxes": [0.5, 0.1, 0.2]}) + "\n")
+    with pytest.raises(ValueError, match="meta.jsonl:1: 'boxes'"):
+        read_split(tmp_path / "RobotMachineData")
+    meta.write_text(json.dumps({"uuid": "r", "instruction": ["x"], "box": [0, 0, 1, 1], "boxes": [0, 0, 0.5, 1]}) + "\n")
+    with pytest.raises(ValueError, match="disagree"):
+        read_split(tmp_path / "RobotMachineData")
 
 
 def test_chat_completions_answerer_talks_to_an_openai_compatible_server():
@@ -238,3 +248,41 @@ def test_chat_completions_answerer_talks_to_an_openai_compatible_server():
     finally:
         server.shutdown()
     assert seen[0][0] == "/v1/chat/completions" and seen[0][1] == "Bearer k" and seen[0][2].startswith("what colour?")
+
+
+def test_rec_boxes_are_in_pixel_edges_so_small_targets_count():
+    from groundlab.ivm.evaluation import GroundingSample, _scores, heatmap_box
+
+    mask = np.zeros((16, 16), bool)
+    mask[5, 7] = True  # a one-pixel target: an inclusive box (7, 5, 7, 5) has area 0 and IoU 0
+    sample = GroundingSample("s", np.zeros((16, 16, 3), np.uint8), "it", mask)
+    assert sample.box == (7, 5, 8, 6)
+    assert _scores([mask.astype(np.float32)], [sample], 0.5, "x")["x/rec_acc"] == 1.0
+    shifted = np.zeros((16, 16), np.float32)
+    shifted[5, 8] = 1.0  # the neighbouring pixel: IoU 0
+    assert _scores([shifted], [sample], 0.5, "x")["x/rec_acc"] == 0.0
+    wide = np.zeros((16, 16), np.float32)
+    wide[5, 7:9] = 1.0  # two pixels, one right: IoU 1/2
+    assert heatmap_box(wide, 0.5) == (7, 5, 9, 6)
+    assert _scores([wide], [sample], 0.5, "x")["x/rec_acc"] == 1.0
+    assert heatmap_box(np.zeros((16, 12)), 0.5) == (0, 0, 12, 16)  # nothing passes: the whole image
+
+
+def test_the_lmm_sees_a_non_square_image_squashed_whole_not_centre_cropped():
+    from PIL import Image
+
+    from groundlab.ivm.processing import tower_pixels
+
+    processor = build_processor(TinyVLMConfig(kind="llava"), load_tokenizer())
+    image = np.full((64, 128, 3), 200, np.uint8)
+    image[:, :16] = (255, 0, 0)  # a red band at the left border, outside a centre crop
+    pixels = tower_pixels(processor.image_processor, [image])
+    assert pixels.shape == (1, 3, 64, 64)
+    squashed = np.asarray(Image.fromarray(image).resize((64, 64), Image.BICUBIC))
+    torch.testing.assert_close(pixels, processor.image_processor([squashed], return_tensors="pt")["pixel_values"])
+    cropped = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    red = pixels[0, 0, :, :6].mean() - pixels[0, 2, :, :6].mean()
+    assert red > 1.0 and cropped[0, 0, :, :6].mean() - cropped[0, 2, :, :6].mean() < 0.1
+    square = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)  # square: unchanged
+    torch.testing.assert_close(tower_pixels(processor.image_processor, [square]),
+                               processor.image_processor([square], return_tensors="pt")["pixel_values"])

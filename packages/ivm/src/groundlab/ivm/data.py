@@ -124,16 +124,20 @@ def read_split(split_dir: str | Path, is_human: bool | None = None) -> list[Item
         if not ins or not all(isinstance(x, str) and x.strip() for x in ins):
             raise ValueError(f"{meta}:{n}: 'instruction' must be a non-empty list of non-empty strings")
         uuid = str(rec["uuid"])
-        box = rec.get("box")
+        # the release's utilities read the box as "boxes" (one flat [x0, y0, x1, y1]); "box" here
+        if "box" in rec and "boxes" in rec and rec["box"] != rec["boxes"]:
+            raise ValueError(f"{meta}:{n}: 'box' {rec['box']!r} and 'boxes' {rec['boxes']!r} disagree")
+        key = "box" if "box" in rec else "boxes"
+        box = rec.get(key)
         if box is not None:
             ok = (isinstance(box, list) and len(box) == 4
                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
             if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-                raise ValueError(f"{meta}:{n}: 'box' must be [x0, y0, x1, y1] normalised to [0, 1] with x0 < x1 "
+                raise ValueError(f"{meta}:{n}: '{key}' must be [x0, y0, x1, y1] normalised to [0, 1] with x0 < x1 "
                                  f"and y0 < y1, got {box!r}")
         if "image" in rec and (not isinstance(rec["image"], str) or not rec["image"]):
             raise ValueError(f"{meta}:{n}: 'image' must be a file name, got {rec['image']!r}")
-        extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction", "box")}
+        extra = {k: v for k, v in rec.items() if k not in ("uuid", "image", "instruction", "box", "boxes")}
         items.append(Item(uuid, split_dir / "images" / rec.get("image", f"img_{uuid}.jpg"),
                           split_dir / "masks" / f"mask_{uuid}.jpg", list(ins), bool(is_human), name, extra,
                           tuple(box) if box is not None else None))
@@ -209,7 +213,7 @@ def corrupt(scene: Scene, target: int, kind: str, rng: np.random.Generator) -> n
 
 
 def export_world(world: World, out_root: str | Path, human_scenes: int, machine_scenes: int,
-                 corrupt_prob: float = 0.7, seed: int = 0) -> dict[str, int]:
+                 corrupt_prob: float = 0.5, seed: int = 0) -> dict[str, int]:
     """Write ``HumanLabelData`` (clean labels, train scenes [0, human_scenes)) and ``VQAMachineData``
     (train scenes after them, each label corrupted with ``corrupt_prob``, kind chosen uniformly among
     those the scene allows). One item per (scene, target object). Returns counts per split/corruption."""

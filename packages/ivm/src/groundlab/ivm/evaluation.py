@@ -1,7 +1,7 @@
 """IVM evaluation: heatmap quality, REC from the heatmap's box, and downstream VQA with / without IVM.
 
 Two steps, like every groundlab evaluation: :func:`predict_heatmaps` writes the predictions (a JSONL
-row per sample: id, instruction, the box of its heatmap at the threshold; the heatmaps themselves,
+row per sample: id, instruction, the box of its heatmap at the threshold in pixel edges; the heatmaps themselves,
 which the pixel AP needs, in ``<file>.npz`` beside it), then :func:`score_heatmaps` scores that file
 against the samples (``groundlab-ivm eval --config ... --predictions FILE`` does it from the command
 line).
@@ -9,7 +9,7 @@ line).
 - heatmap IoU: mean over samples of IoU(heat > threshold, true mask);
 - pixel AP: average precision of the heatmap's scores for the true mask's pixels, pooled over samples;
 - REC accuracy: the box of ``heat > threshold`` (the whole image when nothing passes) has IoU >= 0.5
-  with the true box (Table 7's use of the heatmap);
+  with the true box (Table 7's use of the heatmap), both in pixel edges (a pixel is a unit square);
 - downstream VQA: any answerer (a callable ``(images, questions) -> answers``) on the original images
   and on the IVM-masked ones; the tiny LLaVA base by default, a client for a real LMM otherwise.
 """
@@ -30,7 +30,7 @@ from groundlab.shared.world import Scene
 
 from .data import target_instructions
 from .masking import MODES, apply_mask, box_of, heatmaps, soft_mask
-from .processing import policy_inputs
+from .processing import policy_inputs, tower_pixels
 
 
 @dataclass
@@ -44,10 +44,11 @@ class GroundingSample:
 
     @property
     def box(self) -> tuple[int, int, int, int]:
+        """The target's box in pixel edges, (x0, y0, x1, y1) with x1, y1 exclusive."""
         b = box_of(self.mask, 0.5)
         if b is None:
             raise ValueError(f"sample {self.id}: empty target mask")
-        return b
+        return edges(b)
 
 
 def grounding_samples(scenes: Sequence[Scene]) -> list[GroundingSample]:
@@ -80,9 +81,18 @@ def _scores(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], thr
     return out
 
 
+def edges(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """An inclusive pixel box -> the same pixels' box in pixel edges (x1, y1 exclusive), the convention
+    of continuous box IoU: a one-pixel box has area 1, not 0."""
+    x0, y0, x1, y1 = box
+    return x0, y0, x1 + 1, y1 + 1
+
+
 def heatmap_box(heat: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
-    """REC's box from a heatmap: the box of ``heat > threshold``, the whole image when nothing passes."""
-    return box_of(heat, threshold) or (0, 0, heat.shape[1] - 1, heat.shape[0] - 1)
+    """REC's box from a heatmap, in pixel edges (x1, y1 exclusive): the box of ``heat > threshold``,
+    the whole image when nothing passes."""
+    box = box_of(heat, threshold)
+    return edges(box) if box is not None else (0, 0, heat.shape[1], heat.shape[0])
 
 
 def predict_heatmaps(model, processor, samples: Sequence[GroundingSample], out_path: str | Path,
@@ -161,7 +171,7 @@ def condition_cosine(model, processor, samples: Sequence[GroundingSample]) -> fl
         if len(group) < 2:
             continue
         input_ids, att = policy_inputs(processor.tokenizer, [s.instruction for s in group], model.config.n_image_tokens)
-        pixels = processor.image_processor([s.image for s in group], return_tensors="pt")["pixel_values"]
+        pixels = tower_pixels(processor.image_processor, [s.image for s in group])
         c = torch.nn.functional.normalize(model.condition(input_ids, att, pixels)[:, 0], dim=-1)
         sim = c @ c.T
         k = len(group)

@@ -27,7 +27,7 @@ import torchvision.transforms.functional as TF
 from groundlab.shared.inputs import check_probability, check_text
 from groundlab.shared.metrics import mask_box
 
-from .processing import policy_inputs
+from .processing import policy_inputs, tower_pixels
 
 MODES = ("overlay", "blur", "grayscale", "crop")
 
@@ -98,7 +98,7 @@ def heatmaps(model, processor, images: Sequence[np.ndarray], instructions: Seque
                 raise ValueError(f"image #{start + j} must be (H, W, 3) uint8, got {im.shape} {im.dtype}")
         input_ids, attention = policy_inputs(processor.tokenizer, instructions[start : start + len(ims)],
                                              model.config.n_image_tokens)
-        pixels = processor.image_processor(ims, return_tensors="pt")["pixel_values"]
+        pixels = tower_pixels(processor.image_processor, ims)
         sam_in = torch.stack([model.preprocess(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None])[0]
                               for im in ims])
         emb = model.image_encoder(sam_in)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from groundlab.shared.multimodal import expand_token
 
@@ -38,6 +39,17 @@ def policy_inputs(tokenizer, instructions, n_image_tokens: int) -> tuple[torch.T
     return left_pad(ids, tokenizer.pad_token_id)
 
 
+def tower_pixels(image_processor, images) -> torch.Tensor:
+    """The LLaVA tower's ``pixel_values`` of (H, W, 3) uint8 images, each squashed to the tower's square
+    first, as the release does before both encoders (the CLIP processor alone would resize the short
+    side and crop the centre, hiding the borders of a non-square image from the LMM)."""
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    size = (int(crop["width"]), int(crop["height"]))
+    squashed = [im if im.shape[1::-1] == size else np.asarray(Image.fromarray(im).resize(size, Image.BICUBIC))
+                for im in (np.asarray(x) for x in images)]
+    return image_processor(squashed, return_tensors="pt")["pixel_values"]
+
+
 def masked_image(image: np.ndarray, heat: np.ndarray, fill: int = 255) -> np.ndarray:
     """The discriminator's view: pixels where the label heatmap is <= 0.5 filled white."""
     keep = (heat > 0.5)[..., None]
@@ -53,7 +65,7 @@ class IVMCollator:
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         ids, att = left_pad([s["input_ids"] for s in samples], self.processor.tokenizer.pad_token_id)
-        pixels = self.processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+        pixels = tower_pixels(self.processor.image_processor, [s["image"] for s in samples])
         batch = {"input_ids": ids, "attention_mask": att, "pixel_values": pixels,
                  "is_human": torch.tensor([s["is_human"] for s in samples])}
         if self.role == "generator":
