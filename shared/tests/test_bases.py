@@ -3,6 +3,7 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -344,3 +345,19 @@ def test_trivial_baselines_are_what_they_say():
     # one object a scene: any "random object" or the union box is the object itself
     assert b["baseline/random_object/rec/acc50"] == 1.0 and b["baseline/union_box/rec/acc50"] == 1.0
     assert 0.0 < b["baseline/majority/qa/accuracy"] < 1.0
+
+
+def test_sam_touching_objects_and_the_split_evaluation():
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, 1:3, 1:3] = True
+    masks[1, 3:5, 3:5] = True  # diagonal neighbour of mask 0: touching in the 8-neighbourhood
+    masks[2, 6:8, 0:2] = True  # two pixels away from both
+    assert sam_mod.touching(masks).tolist() == [True, True, False]
+    assert sam_mod.touching(masks[2:]).tolist() == [False]
+    world = World(WorldConfig(min_objects=3, max_objects=3), seed=0)
+    m = sam_mod.evaluate(sam_mod.build_tiny_sam(), world, "val", 6)
+    n, k = m["n_objects"], m["n_touching"]
+    assert n == 18 and 0 < k < n
+    for prompt in ("point", "box"):  # the overall figure is the two groups' weighted mean
+        both = (k * m[f"{prompt}_touching/mIoU"] + (n - k) * m[f"{prompt}_isolated/mIoU"]) / n
+        assert abs(both - m[f"{prompt}/mIoU"]) < 1e-9

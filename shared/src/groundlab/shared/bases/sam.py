@@ -231,6 +231,20 @@ class WorldSamDataset(Dataset):
         }
 
 
+def touching(masks: np.ndarray) -> np.ndarray:
+    """(n, H, W) bool masks -> (n,) bool: whether each mask comes within one pixel (8-neighbourhood) of
+    another."""
+    m = np.asarray(masks, bool)
+    padded = np.pad(m, ((0, 0), (1, 1), (1, 1)))
+    h, w = m.shape[1:]
+    grown = np.zeros_like(m)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            grown |= padded[:, dy:dy + h, dx:dx + w]
+    counts = m.sum(0)
+    return np.array([bool((grown[i] & (counts - m[i] > 0)).any()) for i in range(len(m))])
+
+
 def num_semantic_classes(world: World) -> int:
     """Background + one class per (colour, kind) of the world."""
     return 1 + len(world.config.colours) * len(world.config.kinds)
@@ -399,8 +413,9 @@ def semantic_accuracy(wrapper: SamForTraining, world: World, split: str = "val",
 
 @torch.no_grad()
 def evaluate(sam: Sam, world: World, split: str = "val", n_scenes: int = 200, multimask_clicks: bool = False) -> dict:
-    """Held-out mean mask IoU with one centre click, and with the exact box, per object; plus the
-    figures of two prompt-only baselines: a disk at the click, and the filled box. ``multimask_clicks``:
+    """Held-out mean mask IoU with one centre click, and with the exact box, per object, also apart for
+    the objects that touch another (:func:`touching`) and the isolated ones; plus the figures of two
+    prompt-only baselines: a disk at the click, and the filled box. ``multimask_clicks``:
     a click is answered by its most confident multi-mask output (see ``TinySamConfig``)."""
     sam.eval()
     ious = {"point": [], "box": [], "disk": [], "filled_box": []} | ({"point_best_of_3": []} if multimask_clicks else {})
@@ -421,9 +436,12 @@ def evaluate(sam: Sam, world: World, split: str = "val", n_scenes: int = 200, mu
             for i, obj in enumerate(scene.objects):
                 ious["point_best_of_3"].append(max(mask_iou(m.numpy() > 0, obj.mask) for m in ml[i, 1:]))
         yy, xx = np.mgrid[0:size, 0:size]
+        near = touching(np.stack([o.mask for o in scene.objects]))
         for i, obj in enumerate(scene.objects):
             ious["point"].append(mask_iou(pl[i].numpy() > 0, obj.mask))
             ious["box"].append(mask_iou(bl[i].numpy() > 0, obj.mask))
+            for prompt in ("point", "box"):  # objects that touch another, and the rest
+                ious.setdefault(f"{prompt}_{'touching' if near[i] else 'isolated'}", []).append(ious[prompt][-1])
             r = np.sqrt(obj.area / np.pi)
             cx, cy = clicks[i]
             ious["disk"].append(mask_iou((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r, obj.mask))
@@ -431,4 +449,5 @@ def evaluate(sam: Sam, world: World, split: str = "val", n_scenes: int = 200, mu
             filled = np.zeros((size, size), bool)
             filled[y0:y1, x0:x1] = True
             ious["filled_box"].append(mask_iou(filled, obj.mask))
-    return {f"{k}/mIoU": float(np.mean(v)) for k, v in ious.items()} | {"n_objects": len(ious["point"])}
+    return ({f"{k}/mIoU": float(np.mean(v)) for k, v in ious.items()} | {"n_objects": len(ious["point"])}
+            | {"n_touching": len(ious.get("point_touching", []))})
