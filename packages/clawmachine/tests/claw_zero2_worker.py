@@ -19,7 +19,7 @@ SAM = dict(img_size=64, patch_size=4, embed_dim=32, depth=1, num_heads=2, window
            out_chans=32)
 
 
-def tiny_claw_model(hybrid: bool = False, codebook_size: int = 64):
+def tiny_claw_model(hybrid: bool = False, codebook_size: int = 64, hybrid_mode: str = "replace"):
     """A tiny random ClawMachine (seeded) over the world tokenizer, and its processor."""
     seed_everything(0)
     tok = load_tokenizer()
@@ -30,7 +30,8 @@ def tiny_claw_model(hybrid: bool = False, codebook_size: int = 64):
                        num_key_value_heads=2, vocab_size=offset + codebook_size, max_position_embeddings=1024,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = ClawMachineConfig(tokenizer_config=visual, text_config=text, image_start_token_id=start,
-                            image_end_token_id=end, code_offset=offset, hybrid=hybrid)
+                            image_end_token_id=end, code_offset=offset, hybrid=hybrid,
+                            hybrid_mode=hybrid_mode)
     model = ClawMachineForCausalLM(cfg)
     return model, ClawProcessor(tok, cfg)
 

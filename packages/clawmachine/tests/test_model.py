@@ -321,6 +321,26 @@ def test_the_hybrid_path_puts_the_scenes_features_in_place_of_its_codes():
         plain(**batch)
 
 
+def test_the_added_hybrid_path_keeps_the_codes_under_the_features():
+    model, processor = tiny_claw_model(hybrid=True, hybrid_mode="add")
+    batch = ClawCollator(processor.tokenizer.pad_token_id)(_samples(model, processor))
+    discrete = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    # the projector's last layer starts at zero: the model starts as the discrete one
+    torch.testing.assert_close(model(**batch).loss, model(**discrete).loss)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.mm_projector[2].weight, std=0.1)
+    ids = batch["input_ids"]
+    codes = model.language_model.get_input_embeddings()(ids)
+    embeds = model.embed(ids, batch["scene_features"], batch["scene_mask"])
+    projected = model.mm_projector(batch["scene_features"])
+    assert projected.abs().max() > 0.01
+    torch.testing.assert_close(embeds[batch["scene_mask"]], codes[batch["scene_mask"]] + projected)
+    torch.testing.assert_close(embeds[~batch["scene_mask"]], codes[~batch["scene_mask"]])
+    assert not torch.isclose(model(**batch).loss, model(**discrete).loss)
+    with pytest.raises(ValueError, match="hybrid_mode"):
+        ClawMachineConfig(hybrid=True, hybrid_mode="concat")
+
+
 # ----------------------------------------------------------------------------------------------
 # the release's weights
 

@@ -93,12 +93,16 @@ class VisualTokenizerConfig(PretrainedConfig):
         return out
 
 
+HYBRID_MODES = ("replace", "add")
+
+
 class ClawMachineConfig(PretrainedConfig):
     model_type = "groundlab_clawmachine"
 
     def __init__(self, tokenizer_config: dict | VisualTokenizerConfig | None = None,
                  text_config: dict | PretrainedConfig | None = None, image_start_token_id: int = -1,
-                 image_end_token_id: int = -1, code_offset: int = -1, hybrid: bool = False, **kwargs):
+                 image_end_token_id: int = -1, code_offset: int = -1, hybrid: bool = False,
+                 hybrid_mode: str = "replace", **kwargs):
         """
         Args:
             tokenizer_config: the visual tokenizer (:class:`VisualTokenizerConfig`).
@@ -106,8 +110,9 @@ class ClawMachineConfig(PretrainedConfig):
             image_start_token_id, image_end_token_id: ``[IMG]`` and ``[/IMG]``.
             code_offset: the id of code 0 (code ``c`` is ``code_offset + c``).
             hybrid: the scene also enters as continuous features (the kept tokens' merged features
-                through a 2-layer GELU projector) in place of its code embeddings; regions stay discrete
-                (off in the release).
+                through a 2-layer GELU projector); regions stay discrete (off in the release).
+            hybrid_mode: how the features enter the scene's span: ``replace`` its code embeddings, or
+                ``add`` to them (the codes stay visible to the LLM, which must copy them when grounding).
         The three ids are -1 until :func:`groundlab.clawmachine.processing.add_tokens` sets them.
         """
         if isinstance(tokenizer_config, dict):
@@ -122,6 +127,9 @@ class ClawMachineConfig(PretrainedConfig):
         self.text_config = text_config or LlamaConfig()
         self.image_start_token_id, self.image_end_token_id = image_start_token_id, image_end_token_id
         self.code_offset, self.hybrid = code_offset, hybrid
+        if hybrid_mode not in HYBRID_MODES:
+            raise ValueError(f"hybrid_mode must be one of {HYBRID_MODES}, got {hybrid_mode!r}")
+        self.hybrid_mode = hybrid_mode
         if code_offset >= 0 and code_offset + self.codebook_size > self.text_config.vocab_size:
             raise ValueError(f"the LLM's vocabulary ({self.text_config.vocab_size}) cannot hold "
                              f"{self.codebook_size} codes from id {code_offset}")

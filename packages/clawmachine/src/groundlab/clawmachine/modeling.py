@@ -40,6 +40,9 @@ class ClawMachineForCausalLM(PreTrainedModel):
         if config.hybrid:
             w, d = config.tokenizer_config.width, config.hidden_size
             self.mm_projector = nn.Sequential(nn.Linear(w, d), nn.GELU(), nn.Linear(d, d))
+            if config.hybrid_mode == "add":  # starts as the discrete model: the features enter as they are learned
+                nn.init.zeros_(self.mm_projector[2].weight)
+                nn.init.zeros_(self.mm_projector[2].bias)
         self.post_init()
 
     def _init_weights(self, module):  # the parts initialise themselves (and load pretrained weights)
@@ -52,8 +55,9 @@ class ClawMachineForCausalLM(PreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor, scene_features: torch.Tensor | None = None,
               scene_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The LM's input embeddings; in the hybrid layout ``scene_features`` (n, width) fill the
-        positions of ``scene_mask`` (B, T) in order."""
+        """The LM's input embeddings; in the hybrid layout ``scene_features`` (n, width), projected, take
+        the place of (``hybrid_mode`` ``replace``) or are added to (``add``) the embeddings at the
+        positions of ``scene_mask`` (B, T), in order."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         if scene_features is None:
             return embeds
@@ -63,7 +67,8 @@ class ClawMachineForCausalLM(PreTrainedModel):
             raise ValueError(f"scene_mask marks {0 if scene_mask is None else int(scene_mask.sum())} positions for "
                              f"{len(scene_features)} scene features")
         embeds = embeds.clone()
-        embeds[scene_mask] = self.mm_projector(scene_features.to(embeds.dtype))
+        projected = self.mm_projector(scene_features.to(embeds.dtype))
+        embeds[scene_mask] = projected + embeds[scene_mask] if self.config.hybrid_mode == "add" else projected
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
