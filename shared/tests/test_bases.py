@@ -157,6 +157,9 @@ def test_sam_base_official_layout_strict_loads_and_learning(tmp_path):
     metrics = json.loads((base_dir(spec, tmp_path) / "metrics.json").read_text())
     # 60 steps already lift the masks well above the untrained model
     assert metrics["sam/box/mIoU"] > metrics["baseline/untrained/sam/box/mIoU"] + 0.2
+    n, k = metrics["sam/n_objects"], metrics["sam/n_touching"]  # the split figures make up the whole
+    whole = (k * metrics["sam/point_touching/mIoU"] + (n - k) * metrics["sam/point_isolated/mIoU"]) / n
+    assert abs(whole - metrics["sam/point/mIoU"]) < 1e-9
     # the training-only class head: reported, never saved into the SAM checkpoint
     assert 0.0 <= metrics["sam/semantic_head/pixel_accuracy"] <= 1.0
     assert not any("semantic" in k for k in state)

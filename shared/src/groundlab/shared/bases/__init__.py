@@ -225,8 +225,9 @@ def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
     if wrapper.semantic_head is not None:
         metrics["sam/semantic_head/pixel_accuracy"] = sam_mod.semantic_accuracy(wrapper, world, "val", spec.eval_scenes)
     after = sam_mod.evaluate(sam, world, "val", spec.eval_scenes, cfg.multimask_clicks)
-    metrics |= {f"sam/{k}": v for k, v in after.items() if k.endswith("/mIoU") and k.split("_")[0] in ("point", "box")
-                and "best_of_3" not in k} | {f"sam/{k}": after[k] for k in ("n_objects", "n_touching")}
+    kept = ("point", "box", "point_isolated", "box_isolated", "point_touching", "box_touching")
+    metrics |= {f"sam/{k}/mIoU": after[f"{k}/mIoU"] for k in kept if f"{k}/mIoU" in after}
+    metrics |= {f"sam/{k}": after[k] for k in ("n_objects", "n_touching")}
     if "point_best_of_3/mIoU" in after:  # the design's upper bound: an oracle picks among the three
         metrics["oracle/best_of_3_outputs/sam/point/mIoU"] = after["point_best_of_3/mIoU"]
     sam_mod.save_sam_checkpoint(sam, out / "model" / "sam_vit_tiny.pth")
