@@ -89,6 +89,50 @@ def test_official_checkpoint_loads_strictly_with_lora_merged():
     assert all(torch.equal(t, m.state_dict()[k_]) for k_, t in seg_before.items())
 
 
+def release_unshuffle(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The release's pixel shuffle as a definition: (B, C, H, W) -> (B, H/r * W/r, r * r * C), channels
+    ordered (block row, block column, channel)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // r, r, w // r, r).permute(0, 3, 5, 1, 2, 4).flatten(1, 3).flatten(2).transpose(1, 2)
+
+
+def test_converted_pixel_projector_reads_this_models_unshuffle_as_the_release_reads_its_own():
+    from groundlab.omg_llava.perception import pixel_unshuffle
+
+    m = model()
+    base, off, _ = official_layout()
+    load_official(m, dict(off), base)
+    torch.manual_seed(1)
+    x, prior = torch.randn(1, 32, 4, 4), torch.randn(1, 4, 32)  # the tiny segmenter's stride-32 map; 2x2 shuffle
+    w, bias = off["projector.model.model_feat.0.weight"], off["projector.model.model_feat.0.bias"]
+    release = torch.cat([release_unshuffle(x, 2), prior], -1) @ w.T + bias
+    ours = m.projector.pixel_mlp[0](torch.cat([pixel_unshuffle(x, 2), prior], -1))
+    assert torch.allclose(ours, release, atol=1e-5)
+    # without the permutation the two would differ: the orders are not the same
+    assert not torch.allclose(pixel_unshuffle(x, 2), release_unshuffle(x, 2))
+
+
+def test_lm_head_lora_of_the_release_is_merged_into_the_trained_head():
+    base, off, _ = official_layout()
+    p = "llm.base_model.model.output."
+    torch.manual_seed(2)
+    head = off.pop(p + "weight")
+    a, b = torch.randn(8, HID), torch.randn(INTERNLM2_VOCAB + 4, 8)
+    with_lora = off | {p + "base_layer.weight": head, p + "lora_A.weight": a, p + "lora_B.weight": b}
+    m = model()
+    load_official(m, dict(with_lora), base)
+    merged = head + 256 / 512 * b @ a
+    got = m.llm.get_output_embeddings().weight
+    assert torch.allclose(got[:INTERNLM2_VOCAB], merged[:INTERNLM2_VOCAB], atol=1e-5)
+    assert torch.allclose(got[m.config.token_ids["[SEG]"]], merged[INTERNLM2_VOCAB], atol=1e-5)
+    with pytest.raises(KeyError, match="lora_B.weight is missing"):
+        load_official(model(), {k: v for k, v in with_lora.items() if k != p + "lora_B.weight"}, base)
+    with pytest.raises(KeyError, match="found neither"):
+        load_official(model(), {k: v for k, v in with_lora.items() if k != p + "base_layer.weight"}, base)
+    with pytest.raises(KeyError, match="must hold the trained LM head once"):
+        load_official(model(), with_lora | {p + "weight": head}, base)
+
+
 def test_converter_refuses_unknown_missing_and_unpaired_keys():
     base, off, _ = official_layout()
     with pytest.raises(KeyError, match="no place in this model"):

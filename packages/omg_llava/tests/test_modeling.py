@@ -94,9 +94,10 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stage):
         torch.testing.assert_close(grads_p[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_batched_seg_decoding_equals_one_image_at_a_time():
+@pytest.mark.parametrize("attend", [False, True])
+def test_batched_seg_decoding_equals_one_image_at_a_time(attend):
     """Images with different [SEG] counts decode in one padded batch; padding stays out of self-attention."""
-    model, _ = tiny()
+    model, _ = tiny(seg_queries_attend=attend)
     torch.manual_seed(2)
     perception = model.perceive(torch.randn(3, 3, 64, 64))
     hiddens = [torch.randn(n, 32) for n in (1, 3, 2)]
@@ -107,6 +108,10 @@ def test_batched_seg_decoding_equals_one_image_at_a_time():
             alone = model.decode_seg(h, p)
             for layer, pred in enumerate(alone):
                 assert torch.allclose(batched[layer][i, : counts[i]], pred.mask_logits[0], atol=1e-4)
+        # the release's decoding (the default): each [SEG] as if it were the answer's only one
+        each = [model.decode_seg(h[k : k + 1], perception[1])[-1].mask_logits[0, 0] for h in hiddens[1:2] for k in range(3)]
+        same = all(torch.allclose(batched[-1][1, k], each[k], atol=1e-4) for k in range(3))
+        assert same is (not attend)
 
 
 def test_seg_mask_mismatch_is_counted_and_skipped_not_zeroed():

@@ -83,3 +83,8 @@ def test_perception_prior_by_hand():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     tokens = pixel_unshuffle(x, 2)
     assert tokens.shape == (1, 4, 4) and tokens[0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    # with two channels: channel-major, then block row, then block column ((c, i, j), F.pixel_unshuffle's)
+    x2 = torch.arange(32.0).view(1, 2, 4, 4)
+    tokens2 = pixel_unshuffle(x2, 2)
+    assert tokens2.shape == (1, 4, 8) and tokens2[0, 0].tolist() == [0.0, 1.0, 4.0, 5.0, 16.0, 17.0, 20.0, 21.0]
+    assert tokens2[0, 3].tolist() == [10.0, 11.0, 14.0, 15.0, 26.0, 27.0, 30.0, 31.0]

@@ -22,7 +22,8 @@ class OMGLlavaConfig(PretrainedConfig):
     def __init__(self, seg_config: dict | PretrainedConfig | None = None, text_config: dict | PretrainedConfig | None = None,
                  shuffle: int = 2, use_prior: bool = True, use_object_tokens: bool = True,
                  token_ids: dict[str, int] | None = None, seg_bce_weight: float = 2.0, seg_dice_weight: float = 0.5,
-                 seg_points: int = 12544, reconstruction_weight: float = 10.0, template: str = "internlm2", **kwargs):
+                 seg_points: int = 12544, reconstruction_weight: float = 10.0, template: str = "internlm2",
+                 seg_queries_attend: bool = False, **kwargs):
         """
         Args:
             seg_config: the segmenter (:class:`OMGSegConfig`; the release's OMG-Seg by default).
@@ -34,6 +35,9 @@ class OMGLlavaConfig(PretrainedConfig):
             seg_bce_weight, seg_dice_weight, seg_points: the ``[SEG]`` mask loss (2.0 / 0.5 / 12544).
             reconstruction_weight: stage 1's ``10 * MSE(text2vision(object token), [Q ; E])``.
             template: the chat layout the LLM was tuned with (``groundlab.omg_llava.inference.TEMPLATES``).
+            seg_queries_attend: False (the release): every ``[SEG]`` of an answer is decoded as its own
+                query, as if alone (the release puts each in its own batch element); True: the ``[SEG]``
+                queries of one answer attend to each other in the decoder's self-attention.
         """
         if isinstance(seg_config, dict):
             seg_config = OMGSegConfig(**seg_config)
@@ -48,6 +52,7 @@ class OMGLlavaConfig(PretrainedConfig):
         self.seg_bce_weight, self.seg_dice_weight, self.seg_points = seg_bce_weight, seg_dice_weight, seg_points
         self.reconstruction_weight = reconstruction_weight
         self.template = template
+        self.seg_queries_attend = seg_queries_attend
         super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
     def to_dict(self) -> dict:

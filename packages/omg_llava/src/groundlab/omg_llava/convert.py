@@ -10,6 +10,19 @@ The release ships its trained parts as one ``.pth`` (the xtuner model's reduced 
   ``projector.model.model_feat.{0,2}`` (pixel-centric MLP), ``projector.model.seperate_embed``;
 - ``projector_text2vision.model.{0,2}``.
 
+Two layouts differ from this model's and are rearranged, not just renamed:
+
+- **the pixel-unshuffle channel order**: the release folds each r x r block of the stride-32 features
+  into channels with a reshape / permute that orders them (i, j, c) (block row, block column,
+  channel); ``F.pixel_unshuffle`` here orders them (c, i, j). The first ``C * r * r`` input columns of
+  the pixel-centric MLP's first layer are permuted accordingly (:func:`unshuffle_columns`; the
+  perception prior's columns after them keep their order).
+- **the LM head's LoRA**: the release picks LoRA targets by searching every Linear and skipping
+  ``lm_head`` / ``output_layer``, names InternLM2's head does not have, so its ``output`` carries a
+  LoRA too. The trained head is then saved as ``output.base_layer.weight`` (or ``output.weight`` with an
+  older peft) beside ``output.lora_A`` / ``lora_B``; both forms are read, and the head's LoRA is merged
+  into the trained head (not into the InternLM2 base's, which lacks the added tokens' rows).
+
 The frozen InternLM2 base comes from its own checkpoint (HF names ``model.tok_embeddings``,
 ``model.layers.N.attention.wqkv`` ...). InternLM2 is described here by an equivalent Llama config, so
 its fused ``wqkv`` is split into ``q_proj`` / ``k_proj`` / ``v_proj`` (grouped layout: per key-value
@@ -115,6 +128,20 @@ def merge_lora(base: dict[str, torch.Tensor], official: dict[str, torch.Tensor],
     return merged
 
 
+def unshuffle_columns(weight: torch.Tensor, channels: int, factor: int) -> torch.Tensor:
+    """A Linear's weight whose first ``channels * factor**2`` input columns read the release's
+    pixel-unshuffled features ((i, j, c) order) -> the same map on ``F.pixel_unshuffle``'s (c, i, j)
+    order; the columns after them are kept."""
+    n = channels * factor * factor
+    if weight.shape[1] < n:
+        raise ValueError(f"a weight of {weight.shape[1]} input columns cannot read {channels} x {factor}^2 "
+                         f"unshuffled channels")
+    k = torch.arange(n)
+    c, i, j = k // (factor * factor), (k // factor) % factor, k % factor
+    release = (i * factor + j) * channels + c  # where the release keeps what column k of this model reads
+    return torch.cat([weight[:, release], weight[:, n:]], 1)
+
+
 def move_vocab_rows(rows: torch.Tensor, token_ids: dict[str, int], vocab: int) -> tuple[torch.Tensor, list[str]]:
     """The release's (92548, D) rows -> (vocab, D) rows at this tokenizer's ids; tokens the release has no
     row for start at the mean of the base rows (returned by name)."""
@@ -143,10 +170,15 @@ def convert_official(official: dict[str, torch.Tensor], internlm2: dict[str, tor
             if re.fullmatch(pattern, key):
                 out[re.sub(pattern, repl, key)] = official.pop(key)
                 break
+    pixel = "projector.pixel_mlp.0.weight"
+    if pixel in out:
+        prior = model.config.query_dim
+        out[pixel] = unshuffle_columns(out[pixel], (out[pixel].shape[1] - prior) // model.config.shuffle**2,
+                                       model.config.shuffle)
     embed = official.pop("llm.base_model.model.model.tok_embeddings.weight", None)
-    head = official.pop("llm.base_model.model.output.weight", None)
-    if embed is None or head is None:
-        raise KeyError("the checkpoint lacks the trained vocabulary (tok_embeddings) or LM head (output)")
+    head = _trained_head(official, lora_alpha / lora_r)
+    if embed is None:
+        raise KeyError("the checkpoint lacks the trained vocabulary (llm.base_model.model.model.tok_embeddings.weight)")
     base = merge_lora(internlm2, official, lora_alpha / lora_r)
     if official:
         raise KeyError(f"official keys with no place in this model: {sorted(official)[:8]}")
@@ -156,6 +188,27 @@ def convert_official(official: dict[str, torch.Tensor], internlm2: dict[str, tor
     llm["lm_head.weight"], _ = move_vocab_rows(head, ids, text.vocab_size)
     out |= {f"llm.{k}": v for k, v in llm.items()}
     return out, filled
+
+
+def _trained_head(official: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """The release's trained LM head (``output.weight`` or peft's ``output.base_layer.weight``) with its
+    own LoRA merged when it has one; consumes those keys."""
+    p = "llm.base_model.model.output."
+    found = [k for k in (p + "weight", p + "base_layer.weight") if k in official]
+    if len(found) != 1:
+        raise KeyError(f"the checkpoint must hold the trained LM head once, as {p}weight or "
+                       f"{p}base_layer.weight; found {found or 'neither'}")
+    head = official.pop(found[0])
+    lora = [k in official for k in (p + "lora_A.weight", p + "lora_B.weight")]
+    if any(lora) and not all(lora):
+        raise KeyError(f"the LM head's LoRA is incomplete: {p}lora_{'AB'[lora.index(False)]}.weight is missing")
+    if all(lora):
+        a, b = official.pop(p + "lora_A.weight").float(), official.pop(p + "lora_B.weight").float()
+        if b.shape[0] != head.shape[0] or a.shape[1] != head.shape[1]:
+            raise ValueError(f"the LM head's LoRA {tuple(b.shape)} @ {tuple(a.shape)} does not fit the head "
+                             f"{tuple(head.shape)}")
+        head = (head.float() + scale * (b @ a)).to(head.dtype)
+    return head
 
 
 def load_official(model: OMGLlavaForCausalLM, official: str | Path | dict, internlm2: dict[str, torch.Tensor],

@@ -71,7 +71,7 @@ def predict(model, dataset: OMGDataset, tokenizer, out_path: str | Path, batch_s
                                             batch["prompts"], max_new_tokens=max_new_tokens,
                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for i, item, (ids, logits) in zip(idx, items, results):
-            prob = from_input_frame(logits, item["hw"]).sigmoid()
+            prob = from_input_frame(logits, item["hw"]).sigmoid().float().cpu()
             masks = (prob > 0.5).numpy()
             scores = [float(p[m].mean()) if m.any() else 0.0 for p, m in zip(prob.numpy(), masks)]
             s = dataset.samples[i]
@@ -262,7 +262,7 @@ def oracle_query_predictions(segmenter, samples: list[Sample], out_path: str | P
         arrays = [np.asarray(load_image(p)) for p in chunk]
         logits = segmenter(segmenter.preprocess(arrays))[-1].mask_logits  # (B, Q, s, s)
         for path, im, q in zip(chunk, arrays, logits):
-            masks[path] = (from_input_frame(q, im.shape[:2]) > 0).numpy()
+            masks[path] = (from_input_frame(q, im.shape[:2]) > 0).cpu().numpy()
     rows = []
     for s in samples:
         queries = masks[str(s.image)]

@@ -87,7 +87,7 @@ class OMGLlavaPipeline:
         (answer, logits), = self.model.generate_with_masks(
             torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [p], [prompts],
             max_new_tokens=max_new_tokens, eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
-        prob = from_input_frame(logits, hw).sigmoid()
+        prob = from_input_frame(logits, hw).sigmoid().float().cpu()
         masks = (prob > 0.5).numpy()
         scores = [float(pr[m].mean()) if m.any() else 0.0 for pr, m in zip(prob.numpy(), masks)]
         return Answer(answer_text(self.tok, answer), masks, scores)

@@ -101,12 +101,13 @@ def hungarian_match(class_logits: torch.Tensor, mask_logits: torch.Tensor, label
     """One image: (Q, C+1), (Q, h, w) predictions against (T,) labels and (T, H, W) masks ->
     (query indices, target indices)."""
     if len(labels) == 0:
-        empty = torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long, device=labels.device)
         return empty, empty
     cost = matching_costs(class_logits[None], mask_logits[None], labels[None], masks[None], num_points,
                           class_weight, mask_weight, dice_weight)[0]
     q, tgt = linear_sum_assignment(cost.cpu().numpy())
-    return torch.as_tensor(q, dtype=torch.long), torch.as_tensor(tgt, dtype=torch.long)
+    return (torch.as_tensor(q, dtype=torch.long, device=labels.device),
+            torch.as_tensor(tgt, dtype=torch.long, device=labels.device))
 
 
 def set_loss(predictions, targets: list[dict], num_classes: int, no_object_weight: float = 0.1,

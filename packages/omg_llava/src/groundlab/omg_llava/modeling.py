@@ -93,14 +93,24 @@ def stack_perception(perception: list[Perception]) -> dict:
             "pos": [torch.cat(m) for m in zip(*(p.pos for p in perception))]}
 
 
-def padding_self_mask(counts: list[int]) -> torch.Tensor | None:
+def padding_self_mask(counts: list[int], device: torch.device | str | None = None) -> torch.Tensor | None:
     """(B, N, N) self-attention mask for queries padded to N = max(counts), True = a padding query no
     other may attend to; None when nothing is padded."""
     width = max(counts)
     if width == min(counts):
         return None
-    pad = torch.arange(width)[None] >= torch.tensor(counts)[:, None]  # (B, N)
+    pad = torch.arange(width, device=device)[None] >= torch.tensor(counts, device=device)[:, None]  # (B, N)
     return pad[:, None, :].expand(-1, width, -1)
+
+
+def seg_self_mask(counts: list[int], attend: bool, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """The decoder's self-attention mask for the ``[SEG]`` queries of several answers, padded to the
+    longest: with ``attend`` each sees its own answer's queries (:func:`padding_self_mask`); without,
+    each sees only itself (the release's one query per batch element; padding then needs no mask)."""
+    if attend:
+        return padding_self_mask(counts, device)
+    width = max(counts)
+    return ~torch.eye(width, dtype=torch.bool, device=device)[None].expand(len(counts), -1, -1)
 
 
 def mix_seed(*parts: int) -> int:
@@ -187,7 +197,7 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         seg = self.segmenter
         feat, pos = seg.prompt_queries(kind, padded)
         last = seg.run_prompts(stack_perception(perception), kind, padded, queries=(feat, pos),
-                               self_mask=padding_self_mask(counts))[-1]
+                               self_mask=padding_self_mask(counts, padded.device))[-1]
         out = torch.cat([last.query, pos], -1)
         return [out[i, :n] for i, n in enumerate(counts)]
 
@@ -223,11 +233,13 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         """(n, D) ``[SEG]`` hidden states of one image -> its decoder's ``layers + 1`` predictions."""
         q = self.text2vision(hidden)[None]  # (1, n, 2d)
         feat, pos = q.split(self.config.seg_config.dim, dim=-1)
-        return self.segmenter.decoder.run_queries(feat, pos, p.mask_features, p.memory, p.pos)
+        mask = seg_self_mask([q.shape[1]], self.config.seg_queries_attend, q.device)
+        return self.segmenter.decoder.run_queries(feat, pos, p.mask_features, p.memory, p.pos, self_mask=mask)
 
     def decode_segs(self, hiddens: list[torch.Tensor], perception: list[Perception]) -> tuple[list[torch.Tensor], list[int]]:
         """The ``[SEG]`` hidden states of several images, (n_i, D) each, decoded in one batch: the
-        queries of an image padded to the longest and kept out of the others' self-attention. Returns
+        queries of an image padded to the longest and kept out of the others' self-attention (and out
+        of each other's unless ``config.seg_queries_attend``). Returns
         the ``layers + 1`` mask logits, each (images, max n_i, S/4, S/4), and the n_i."""
         counts = [h.shape[0] for h in hiddens]
         q = self.text2vision(torch.cat(hiddens))
@@ -237,7 +249,8 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         feat, pos = padded.split(self.config.seg_config.dim, dim=-1)
         enc = stack_perception(perception)
         preds = self.segmenter.decoder.run_queries(feat, pos, enc["mask_features"], enc["memory"], enc["pos"],
-                                                   self_mask=padding_self_mask(counts))
+                                                   self_mask=seg_self_mask(counts, self.config.seg_queries_attend,
+                                                                           q.device))
         return [pr.mask_logits for pr in preds], counts
 
     def forward(self, input_ids, attention_mask=None, labels=None, perception: list[Perception] | None = None,
@@ -275,7 +288,8 @@ class OMGLlavaForCausalLM(PreTrainedModel):
                     owners.append(b)
             if queries:
                 preds, counts = self.decode_segs(queries, percs)
-                sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+                dev = hidden.device
+                sample = torch.repeat_interleave(torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev))
                 tgt = torch.cat(targets)
                 terms = []
                 for layer, pred in enumerate(preds):  # every prediction (deep supervision): mean per sample
@@ -285,8 +299,8 @@ class OMGLlavaForCausalLM(PreTrainedModel):
                         mix_seed(point_seeds[b], j, layer) for b, n in zip(owners, counts) for j in range(n)]
                     per_mask = mask_loss(logits, t, self.config.seg_points, bce_weight=self.config.seg_bce_weight,
                                          dice_weight=self.config.seg_dice_weight, reduce=False, seeds=seeds)
-                    terms.append(torch.zeros(len(counts), dtype=per_mask.dtype).index_add(0, sample, per_mask)
-                                 / torch.tensor(counts, dtype=per_mask.dtype))
+                    terms.append(per_mask.new_zeros(len(counts)).index_add(0, sample, per_mask)
+                                 / per_mask.new_tensor(counts))
                 masks_out = [preds[-1][i, :n] for i, n in enumerate(counts)]
                 seg_loss = torch.stack(terms).sum() / max(1, len(seg_masks) - mismatched)
                 loss = seg_loss if loss is None else loss + seg_loss
@@ -337,8 +351,9 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         for row in gen.tolist():
             answers.append(row[: row.index(eos)] if eos in row else row)
         width = max(1, max(len(a) for a in answers))
-        new = torch.tensor([a + [eos] * (width - len(a)) for a in answers], dtype=torch.long)
-        new_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], dtype=attention_mask.dtype)
+        new = torch.tensor([a + [eos] * (width - len(a)) for a in answers], dtype=torch.long, device=input_ids.device)
+        new_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], dtype=attention_mask.dtype,
+                                device=attention_mask.device)
         table = self.llm.get_input_embeddings()
         # generated placeholder ids carry no visual input: they are embedded as plain tokens
         full = torch.cat([embeds, table(new.clamp(max=table.num_embeddings - 1))], 1)
@@ -355,5 +370,5 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         out = []
         for b, a in enumerate(answers):
             s = perception[b].mask_features.shape[-1]
-            out.append((a, decoded.get(b, torch.zeros(0, s, s))))
+            out.append((a, decoded.get(b, perception[b].mask_features.new_zeros(0, s, s))))
         return out

@@ -100,8 +100,8 @@ class OMGSegModel(PreTrainedModel):
                 x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
             out.append(x)
         x = torch.cat(out)
-        mean = torch.tensor(self.config.pixel_mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.pixel_std, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = x.new_tensor(self.config.pixel_mean).view(1, 3, 1, 1)
+        std = x.new_tensor(self.config.pixel_std).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def encode(self, pixel_values: torch.Tensor) -> dict:
@@ -144,10 +144,11 @@ class OMGSegModel(PreTrainedModel):
         box = fixed = None
         if kind == "box":
             h, w = mf.shape[-2:]
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32) / self.config.image_size
-            b = prompts.float() * scale
-            ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
-            xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
+            dev = mf.device
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=dev) / self.config.image_size
+            b = prompts.float().to(dev) * scale
+            ys = torch.arange(h, dtype=torch.float32, device=dev)[:, None] + 0.5
+            xs = torch.arange(w, dtype=torch.float32, device=dev)[None, :] + 0.5
             box = ((xs >= b[..., 0, None, None]) & (xs <= b[..., 2, None, None])
                    & (ys >= b[..., 1, None, None]) & (ys <= b[..., 3, None, None]))
         elif kind == "mask":
