@@ -21,6 +21,7 @@ help:
 	@echo "make train-<pkg>      the package's default run on the synthetic world"
 	@echo "make eval-<pkg>       evaluate the package's default run"
 	@echo "make bases            train the tiny pretrained bases"
+	@echo "make ablate-tldr      TLDR's Table 2 ablation and the naive RM over three seeds (its own budget)"
 	@echo "make bench            benchmarks (JSON + table under runs/bench/)"
 	@echo "make lint             ruff"
 
@@ -66,6 +67,10 @@ bench: setup
 
 bases: setup
 	$(PY) -m groundlab.shared.bases build $(if $(FORCE),--force,)
+
+.PHONY: ablate-tldr
+ablate-tldr: setup
+	$(PY) -m groundlab.tldr.cli ablate --config packages/tldr/configs/tiny.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .torch_extensions

@@ -5,6 +5,7 @@ from groundlab.tldr.labels import diff_labels
 from groundlab.tldr.metrics import (
     ScoredResponse,
     hallucination_rates,
+    rate_correlation,
     response_scores,
     sentence_ids_from_text,
     tldr_metrics,
@@ -27,6 +28,12 @@ def test_response_scores_hand_made():
 
 def test_sentence_ids_from_token_texts():
     assert sentence_ids_from_text(["there", " is", " one", ".", " it", " is", " red", "."]) == [0, 0, 0, 0, 1, 1, 1, 1]
+    # '?' and '!' end sentences; a decimal point does not, whether it is its own token or not
+    assert sentence_ids_from_text(["is", " it", "?", " yes", "!", " ok", "."]) == [0, 0, 0, 1, 1, 2, 2]
+    assert sentence_ids_from_text(["it", " is", " 3", ".", "5", " wide", ".", " 2", "."]) == [0, 0, 0, 0, 0, 0, 0, 1, 1]
+    assert sentence_ids_from_text(["it", " is", " 3.", "5", ".", " 2."]) == [0, 0, 0, 0, 0, 1]
+    # a period after a number that ends the sentence still ends it
+    assert sentence_ids_from_text(["there", " are", " 2", ".", " a", " b", "."]) == [0, 0, 0, 0, 1, 1, 1]
 
 
 def _random_responses(seed, n=60):
@@ -103,3 +110,18 @@ def test_diff_labels_never_all_ones_and_marks_every_inserted_token():
         labels = diff_labels(orig, pert)
         assert len(labels) == len(pert) and 0 in labels
         assert all(lab == 0 for t, lab in zip(pert, labels) if t in (98, 99))
+
+
+def test_rate_correlation_is_pearson_across_captioners():
+    rows = {"a": {"token": 0.1, "sentence": 0.2, "response": 0.3, "true_error": 0.2},
+            "b": {"token": 0.2, "sentence": 0.2, "response": 0.5, "true_error": 0.4},
+            "c": {"token": 0.4, "sentence": 0.2, "response": 0.4, "true_error": 0.9}}
+    out = rate_correlation(rows)
+    truth = np.array([0.2, 0.4, 0.9])
+    for rate, x in (("token", [0.1, 0.2, 0.4]), ("response", [0.3, 0.5, 0.4])):
+        xc, tc = np.array(x) - np.mean(x), truth - truth.mean()
+        assert out[f"pearson_{rate}"] == pytest.approx((xc @ tc) / np.sqrt((xc @ xc) * (tc @ tc)))
+    assert out["pearson_token"] == pytest.approx(0.99863, abs=1e-5)
+    assert "pearson_sentence" not in out and out["n_captioners"] == 3  # a constant rate has no r
+    with pytest.raises(ValueError, match="at least 3"):
+        rate_correlation({"a": rows["a"], "b": rows["b"]})

@@ -45,6 +45,10 @@ def test_configs_parse_and_reject_unknown_keys(tmp_path):
     assert paper.train.deepspeed == "zero2"
     over = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"train.max_steps": 7, "data.train_scenes": 3})
     assert over.train.max_steps == 7 and over.data.train_scenes == 3
+    assert (tiny.correction.train.max_steps, tiny.correction.train_scenes) == (400, 1200)
+    assert RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"correction.train.lr": 1e-4}).correction.train.lr == 1e-4
+    with pytest.raises(ValueError, match="n_scenes"):
+        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"correction.n_scenes": 0})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_stepz: 3\n")
     with pytest.raises(ValueError, match="max_stepz"):
@@ -192,6 +196,10 @@ def test_highlighting_and_self_correction_prompt():
     prompt = self_correction_prompt("there is a blue circle.", tokens, probs)
     assert "\"there is a blue circle.\": 'blue'" in prompt
     assert "no flagged word" in self_correction_prompt("x.", ["x", "."], [0.9, 0.9])
+    # sentences end at '?' too, never at a decimal point
+    tokens, probs = ["is", "Ġit", "Ġ3", ".", "5", "?", "Ġno", "."], [0.9, 0.9, 0.2, 0.9, 0.9, 0.9, 0.1, 0.9]
+    prompt = self_correction_prompt("is it 3.5? no.", tokens, probs)
+    assert "- \"is it 3.5?\": '3'\n- \"no.\": 'no'\n" in prompt
 
 
 @pytest.mark.slow
@@ -205,13 +213,25 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
         "train.max_steps": 6, "train.save_steps": 3, "train.progress_bar": False,
         "captioners.weak_steps": 2, "captioners.strong_steps": 4, "captioners.train_scenes": 16, "captioners.eval_scenes": 4,
         "captioners.smoke": True,
-        "captioners.n_scenes": 4, "likelihood.n_scenes": 4, "likelihood.taus": [0.0, 1.0]})
+        "captioners.n_scenes": 4, "likelihood.n_scenes": 4, "likelihood.taus": [0.0, 1.0],
+        "correction.train_scenes": 4, "correction.n_scenes": 4, "correction.train.max_steps": 2,
+        "correction.train.save_steps": 1, "correction.train.progress_bar": False})
     path = run(cfg)
     m = json.loads(Path(path).read_text())
-    for key in ("tldr/A_T", "tldr/A_S", "tldr/A_R", "tldr/mAP_neg", "tldr/mAP_pos", "naive/A_R",
-                "baseline/all_good/A_R", "captioner_weak/token", "captioner_strong/true_error"):
-        assert 0.0 <= m[key] <= 1.0, key
+    run_dir = Path(path).parent
+    # metrics.json holds the scores of the predictions files the run wrote ...
+    from groundlab.tldr.evaluation import read_predictions, score_naive, score_tldr
+
+    preds = read_predictions(run_dir / "predictions_tldr.jsonl")
+    assert {k: m[f"tldr/{k}"] for k in score_tldr(preds)} == score_tldr(preds)
+    assert {k: m[f"naive/{k}"] for k in ("A_R", "n_responses")} == {
+        k: score_naive(read_predictions(run_dir / "predictions_naive.jsonl"))[k] for k in ("A_R", "n_responses")}
+    # ... and the all-good baseline is the labels' own share of good tokens / good responses
+    assert m["baseline/all_good/A_R"] == pytest.approx(sum(all(p["labels"]) for p in preds) / len(preds))
+    assert m["baseline/all_good/A_T"] == pytest.approx(sum(sum(p["labels"]) / len(p["labels"]) for p in preds) / len(preds))
     assert m["baseline/all_good/A_T"] > 0.5  # most tokens are good
+    for key in ("captioner_weak/token", "captioner_strong/true_error"):  # four captions each: any rate is possible
+        assert 0.0 <= m[key] <= 1.0, key
     # Table 6's stage: tau = 0 is the base generator itself, caption for caption
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
@@ -222,8 +242,24 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     scenes = World(WorldConfig(), seed=0).scenes("test", 4)
     base = tiny_captions(PaliGemmaForConditionalGeneration.from_pretrained(pali), AutoProcessor.from_pretrained(pali), scenes)
     assert [x["caption"] for x in lines[:4]] == base
-    for key in ("token", "sentence", "response", "true_error"):
-        assert 0.0 <= m[f"likelihood/tau_0/{key}"] <= 1.0 and 0.0 <= m[f"likelihood/tau_1/{key}"] <= 1.0
+    from groundlab.tldr.perturb import check_caption
+
+    for tau, rows in ((0.0, lines[:4]), (1.0, lines[4:])):  # the true error is the written captions' own
+        wrong = [not check_caption(x["caption"], s) for x, s in zip(rows, scenes)]
+        assert m[f"likelihood/tau_{tau:g}/true_error"] == pytest.approx(sum(wrong) / 4)
+    # Table 3's correlation runs over the two captioners and the generator at both taus
+    from groundlab.tldr.metrics import rate_correlation
+
+    rated = {p: {r: m[f"{p}/{r}"] for r in ("token", "sentence", "response", "true_error")}
+             for p in ("captioner_weak", "captioner_strong", "likelihood/tau_0", "likelihood/tau_1")}
+    assert {k[len("correlation/"):]: v for k, v in m.items() if k.startswith("correlation/")} == rate_correlation(rated)
+    # Table 4's stage rewrites the same base captions of the same scenes: the same error before
+    assert m["correction/before/true_error"] == m["likelihood/tau_0/true_error"]
+    rows = [json.loads(x) for x in (run_dir / "self_correction.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == base and all(r["oracle"]["rewrite"] for r in rows)
+    for mode in ("none", "tldr", "oracle"):
+        wrong = [not check_caption(r[mode]["rewrite"], s) for r, s in zip(rows, scenes)]
+        assert m[f"correction/{mode}/true_error"] == pytest.approx(sum(wrong) / 4)
     preds = (Path(path).parent / "predictions_tldr.jsonl").read_text().splitlines()
     assert len(preds) == m["data/eval_records"]
     # the CLI scores a response with the trained model and writes the HTML highlighting
@@ -233,11 +269,26 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     cli(["score", "--image", str(image), "--text", "a small red circle.", "--run", "micro",
          "--html", str(tmp_path / "flagged.html")])
     assert "P(good)=" in (tmp_path / "flagged.html").read_text()
-    # a second run reuses data and models
+    # a second run reuses data and models (nothing retrained), and the reloaded models score the same
     adapters = sorted(Path(path).parent.glob("*/adapter/adapter_model.safetensors"))
     before = [p.stat().st_mtime_ns for p in adapters]
-    run(cfg)
+    again = json.loads(Path(run(cfg)).read_text())
     assert [p.stat().st_mtime_ns for p in adapters] == before
+    scores = [k for k in m if k.startswith(("tldr/", "naive/", "captioner_", "likelihood/", "baseline/"))]
+    assert len(scores) > 20 and {k: again[k] for k in scores} == {k: m[k] for k in scores}
+    # Table 2's ablation over two seeds: seed 0 of the default arm and of the naive RM are the run's models
+    from groundlab.tldr.train import ablation
+
+    ab = json.loads(Path(ablation(cfg, seeds=(0, 1))).read_text())
+    assert [p.stat().st_mtime_ns for p in adapters] == before  # reused, not retrained
+    assert ab["projector_decoder/seed_0/A_R"] == m["tldr/A_R"] and ab["naive/seed_0/A_R"] == m["naive/A_R"]
+    for arm in ("projector_decoder", "projector", "decoder", "naive"):
+        runs = [ab[f"{arm}/seed_{s}/A_R"] for s in (0, 1)]
+        assert ab[f"{arm}/mean/A_R"] == pytest.approx(sum(runs) / 2)
+        assert ab[f"{arm}/std/A_R"] == pytest.approx(abs(runs[0] - runs[1]) / 2 ** 0.5)
+    trained = sorted(Path(path).parent.glob("tldr-*/adapter/adapter_config.json"))
+    assert len(trained) == 6  # three arms x two seeds, each its own stage
+    assert len({json.loads(p.read_text())["target_modules"] for p in trained}) == 3  # three LoRA placements
 
 
 def _tiny_mllama_dir(tmp_path) -> Path:

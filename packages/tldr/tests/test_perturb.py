@@ -22,6 +22,13 @@ def scenes():
     return WORLD.scenes("train", 60)
 
 
+def test_sentences_split_at_every_end_mark_but_decimals():
+    assert sentences("there are 2 shapes. is it 3.5 wide? yes! the red circle") == [
+        "there are 2 shapes.", "is it 3.5 wide?", "yes!", "the red circle"]  # an unfinished sentence is kept
+    assert sentences("there is a red circle.  ") == ["there is a red circle."]
+    assert sentences("") == []
+
+
 def test_descriptions_are_true(scenes):
     for s in scenes:
         text = describe(s)

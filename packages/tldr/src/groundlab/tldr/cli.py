@@ -1,6 +1,7 @@
-"""``groundlab-tldr``: train | eval | score | score-jsonl.
+"""``groundlab-tldr``: train | eval | ablate | score | score-jsonl.
 
     groundlab-tldr train --config packages/tldr/configs/tiny.yaml [--force] [--key.sub value ...]
+    groundlab-tldr ablate --config packages/tldr/configs/tiny.yaml [--seeds 0 1 2] [--force]
     groundlab-tldr score --image X.jpg --text "a small red circle." [--prompt "caption en"] [--html out.html]
     groundlab-tldr score-jsonl --input in.jsonl --image-root DIR --out scored.jsonl
 
@@ -55,10 +56,24 @@ def _load(model_dir: Path):
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    package_cli("groundlab-tldr", "groundlab.tldr.train", argv, _add_commands, {"score": score, "score-jsonl": score})
+    package_cli("groundlab-tldr", "groundlab.tldr.train", argv, _add_commands,
+                {"score": score, "score-jsonl": score, "ablate": ablate})
+
+
+def ablate(args) -> None:
+    """Table 2 and the naive RM over seeds (``train.ablation``)."""
+    from .train import RunConfig, ablation
+
+    if not args.config.is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    ablation(RunConfig.from_yaml(args.config), tuple(args.seeds), force=args.force)
 
 
 def _add_commands(sub) -> None:
+    a = sub.add_parser("ablate", help="Table 2 (where the LoRA goes) and the naive RM, over seeds")
+    a.add_argument("--config", required=True, type=Path)
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--force", action="store_true")
     s = sub.add_parser("score", help="per-token probabilities of one response, flagged tokens highlighted")
     s.add_argument("--image", required=True, type=Path)
     s.add_argument("--text", required=True)

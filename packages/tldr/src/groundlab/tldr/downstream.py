@@ -20,7 +20,7 @@ from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import merge_scaled
 from groundlab.shared.world import Scene
 
-from .metrics import ScoredResponse, hallucination_rates, sentence_ids_from_text
+from .metrics import ScoredResponse, ends_sentence, hallucination_rates, sentence_ids_from_text
 from .modeling import GENERATORS
 from .perturb import check_caption
 from .processing import PROMPTS, Layout, collator_for, encode_record, response_tokens
@@ -70,11 +70,16 @@ def rate_captions(reward_model, processor, layout: Layout, scenes: Sequence[Scen
 
 def tiny_captions(generator, processor, scenes: Sequence[Scene]) -> list[str]:
     """Greedy captions of ``scenes`` by a tiny LLaVA or PaliGemma (the bases' prompts)."""
-    kind = "llava" if isinstance(generator, LlavaForConditionalGeneration) else "paligemma"
-    vision = generator.config.vision_config
-    cfg = TinyVLMConfig(kind=kind, image_size=vision.image_size, patch_size=vision.patch_size)
-    ids = generate(generator, processor, cfg, [s.image for s in scenes], [BASE_CAPTION_PROMPT[kind]] * len(scenes))
+    cfg = generator_config(generator)
+    ids = generate(generator, processor, cfg, [s.image for s in scenes], [BASE_CAPTION_PROMPT[cfg.kind]] * len(scenes))
     return [processor.tokenizer.decode(x).strip() or "." for x in ids]
+
+
+def generator_config(model) -> TinyVLMConfig:
+    """The :class:`TinyVLMConfig` a tiny LLaVA or PaliGemma was built with, as far as its prompts need it."""
+    kind = "llava" if isinstance(model, LlavaForConditionalGeneration) else "paligemma"
+    vision = model.config.vision_config
+    return TinyVLMConfig(kind=kind, image_size=vision.image_size, patch_size=vision.patch_size)
 
 
 def captioner_rates(reward_model, processor, layout: Layout, captioner_path: str | Path,
@@ -115,11 +120,11 @@ def self_correction_prompt(response: str, tokens: Sequence[str], probs: Sequence
     """The rewrite prompt of the paper's self-correction use (Table 4): flagged words listed per sentence."""
     spans = flagged_spans(tokens, probs, threshold)
     sentences, current, flagged = [], "", []
-    for text, bad in spans:
+    for k, (text, bad) in enumerate(spans):
         current += text
         if bad and text.strip():
             flagged.append(text.strip())
-        if text.strip().endswith("."):
+        if ends_sentence(current, spans[k + 1][0] if k + 1 < len(spans) else ""):
             sentences.append((current.strip(), flagged))
             current, flagged = "", []
     if current.strip():

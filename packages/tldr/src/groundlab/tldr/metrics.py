@@ -4,7 +4,8 @@ A response is a sequence of response tokens with a true label each (1 = good, 0 
 a predicted probability of being good; a token is predicted good iff ``p > threshold`` (0.5).
 
 - Token accuracy ``A_T``: mean over the tokens of a response, then over responses.
-- Sentence accuracy ``A_S``: a response is split into sentences at sentence-final periods; a sentence
+- Sentence accuracy ``A_S``: a response is split into sentences after each ``.``, ``?`` or ``!`` (a
+  period between two digits, a decimal, ends nothing: :func:`sentence_ids_from_text`); a sentence
   is right iff the product of its predicted labels equals the product of its true labels (it is good
   only if all its tokens are); mean within a response, then over responses.
 - Response accuracy ``A_R``: ``1[prod(pred) == prod(true)]``, mean over responses. ``A_R_balanced``
@@ -49,12 +50,24 @@ class ScoredResponse:
             raise ValueError(f"{len(self.sentence_ids)} sentence ids for {len(self.labels)} tokens")
 
 
+def ends_sentence(text: str, following: str = "") -> bool:
+    """Whether ``text`` (a token, or a sentence so far) ends a sentence: it ends with ``.``, ``?`` or
+    ``!``, and not with the point of a decimal (a digit, ``.``, and ``following`` starting with a digit)."""
+    text = text.rstrip()
+    if not text.endswith((".", "?", "!")):
+        return False
+    decimal = text.endswith(".") and text[-2:-1].isdigit() and following[:1].isdigit()
+    return not decimal
+
+
 def sentence_ids_from_text(token_texts: Sequence[str]) -> list[int]:
-    """Sentence index of each token: a new sentence starts after a token that ends with a period."""
-    ids, current = [], 0
-    for text in token_texts:
+    """Sentence index of each token: a new sentence starts after a token that ends one
+    (:func:`ends_sentence`, looking at the next token for decimals)."""
+    ids, current, so_far = [], 0, ""
+    for k, text in enumerate(token_texts):
         ids.append(current)
-        if text.rstrip().endswith("."):
+        so_far = so_far[-1:] + text  # the character before a lone "." token decides a decimal
+        if ends_sentence(so_far, token_texts[k + 1] if k + 1 < len(token_texts) else ""):
             current += 1
     return ids
 
@@ -117,3 +130,20 @@ def hallucination_rates(responses: Sequence[ScoredResponse], threshold: float = 
         resp.append(bool(bad.any()))
     return {"token": float(np.concatenate(tok).mean()), "sentence": float(np.mean(sent)),
             "response": float(np.mean(resp))}
+
+
+def rate_correlation(captioners: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Table 3's idea: Pearson r, across captioners, between TLDR's token / sentence / response
+    hallucination rates of their captions and the captions' true error (``true_error``). Each value
+    of ``captioners`` holds those four rates of one captioner; r is left out where either side is
+    constant (undefined)."""
+    if len(captioners) < 3:
+        raise ValueError(f"a correlation needs at least 3 captioners, got {len(captioners)}")
+    truth = np.array([c["true_error"] for c in captioners.values()], dtype=float)
+    out: dict[str, float] = {"n_captioners": len(captioners)}
+    for rate in ("token", "sentence", "response"):
+        x = np.array([c[rate] for c in captioners.values()], dtype=float)
+        if np.ptp(x) > 0 and np.ptp(truth) > 0:
+            out[f"pearson_{rate}"] = float(np.corrcoef(x, truth)[0, 1])
+    return out
+

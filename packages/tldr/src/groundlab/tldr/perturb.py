@@ -82,7 +82,9 @@ def describe(scene: Scene, margin_fraction: float = 0.08) -> str:
     return " ".join(parts)
 
 
-SENTENCE = re.compile(r"[^.]+\.")
+SENTENCE = re.compile(r"(?:[^.?!]|(?<=\d)\.(?=\d))+(?:[.?!]|$)")
+"""A sentence: up to a ``.``, ``?`` or ``!`` that is not a decimal point, or to the end of the text
+(an unfinished last sentence is kept, and then fails the grammar's check)."""
 COUNT = re.compile(r"^there (?:is|are) (\w+) shapes?\.$")
 EXIST = re.compile(rf"^there is (a|no) ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)})"
                    r"(?: with the letter (\w))?\.$")
@@ -91,7 +93,8 @@ ATTR = re.compile(rf"^the (?:({'|'.join(SIZES)}) )?(?:({'|'.join(COLOURS)}) )?({
 
 
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in SENTENCE.findall(text)]
+    """The sentences of ``text`` (the same boundaries as ``metrics.sentence_ids_from_text``)."""
+    return [s.strip() for s in SENTENCE.findall(text) if s.strip()]
 
 
 def _denote(phrase: str, scene: Scene):

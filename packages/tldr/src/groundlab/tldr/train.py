@@ -10,7 +10,9 @@ Stages (each reused on a second run with the same config, recomputed with ``forc
    caption the eval scenes; TLDR's token / sentence / response hallucination rates of their captions
    are set beside the true error rate of each (checked against the scene) (Table 3's shape);
 5. likelihood optimisation: the TLDR LoRA merged into the PaliGemma generator at each tau
-   (Section 5.3), its captions rated the same way (Table 6's shape; tau = 0 is the base).
+   (Section 5.3), its captions rated the same way (Table 6's shape; tau = 0 is the base);
+6. self-correction: the PaliGemma base, taught the world's rewrite task once, rewrites its own
+   captions given TLDR's flags, none, or the oracle's (Table 4's shape; ``correction.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from groundlab.shared.world import World, WorldConfig
 from .configuration import TldrConfig
 from .data import TldrDataset, export_world, read_jsonl
 from .evaluation import all_good_baseline, predict, read_predictions, score_naive, score_tldr
+from .metrics import rate_correlation
 from .modeling import TldrRewardModel, with_lora
 from .processing import collator_for, layout_for
 
@@ -114,6 +117,22 @@ class LikelihoodConfig:
 
 
 @dataclass
+class CorrectionConfig:
+    """Table 4: the rewriter (the PaliGemma base taught the rewrite task) and its evaluation."""
+
+    enabled: bool = True
+    train_scenes: int = 1200
+    """Training scenes of the rewrite task (two items each: the base's caption and a wrong one)."""
+    n_scenes: int = 150
+    """Held-out scenes whose base captions are rewritten."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=400, batch_size=32, lr=5e-4, warmup_steps=20, bf16="auto", save_steps=200, logging_steps=50))
+
+    def __post_init__(self) -> None:
+        positive(self, "train_scenes", "n_scenes")
+
+
+@dataclass
 class RunConfig(RunConfigFile):
     name: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +142,7 @@ class RunConfig(RunConfigFile):
     naive: bool = True
     captioners: CaptionerConfig = field(default_factory=CaptionerConfig)
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
@@ -142,6 +162,9 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     reward_model = scored["tldr"]
     rate_captioners(recipe, cfg, processor, reward_model)
     likelihood_optimisation(recipe, cfg, pali, processor, reward_model, models["tldr"])
+    recipe.metrics |= {f"correlation/{k}": v for k, v in rate_correlation(_captioner_rows(recipe.metrics)).items()}
+    if cfg.correction.enabled:
+        correct_captions(recipe, cfg, pali, processor, reward_model)
     return recipe.finish(cfg.to_dict(), print_table)
 
 
@@ -225,15 +248,79 @@ def evaluate_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor,
                           tag: str, head: str) -> TldrRewardModel:
     """3. Predictions JSONL of the saved model, then scores from the file, next to the all-good
     baseline (Table 1's shape). Returns the loaded model."""
-    model = load_adapter(_reward_model(cfg, pali, head), model_dir / "adapter")
-    layout = layout_for(processor, head)
-    eval_ds = TldrDataset(data.eval_records, data.root, processor.tokenizer, layout)
-    preds = read_predictions(predict(model, eval_ds, processor, recipe.root / f"predictions_{tag}.jsonl"))
-    scores = score_tldr(preds) if head == "token" else score_naive(preds)
+    model, scores, preds = _score_model(cfg, pali, processor, data, model_dir, head,
+                                        recipe.root / f"predictions_{tag}.jsonl")
     recipe.metrics |= {f"{tag}/{k}": v for k, v in scores.items()}
     if head == "token":
         recipe.metrics |= {f"baseline/all_good/{k}": v for k, v in all_good_baseline(preds).items()}
     return model
+
+
+def _score_model(cfg: RunConfig, pali: Path, processor, data: Data, model_dir: Path, head: str, path: Path):
+    """(the loaded model, its scores, its predictions) on the held-out records, the predictions
+    written to ``path`` first and scored from the file."""
+    model = load_adapter(_reward_model(cfg, pali, head), model_dir / "adapter")
+    eval_ds = TldrDataset(data.eval_records, data.root, processor.tokenizer, layout_for(processor, head))
+    preds = read_predictions(predict(model, eval_ds, processor, path))
+    return model, score_tldr(preds) if head == "token" else score_naive(preds), preds
+
+
+ABLATION_ARMS = {"projector_decoder": {}, "projector": {"lora_decoder": False}, "decoder": {"lora_projector": False}}
+"""Table 2: where TLDR's LoRA goes (the paper's default is both); ``naive`` is the naive RM beside them."""
+ABLATION_FIGURES = ("A_T", "A_S", "A_R", "A_R_balanced", "mAP_neg", "mAP_pos")
+
+
+def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), force: bool = False) -> Path:
+    """Table 2 (which parts TLDR's LoRA trains: projector + decoder, projector only, decoder only) and
+    the naive RM, each trained with every seed in ``seeds`` (the LoRA's initialisation and the data
+    order) on the same data and steps as the run's; per seed, mean and standard deviation (ddof 1).
+    The models are stages of the run ``cfg.name`` (its seed-0 TLDR and naive RM are reused); the
+    table lands in ``runs/tldr/<name>/ablation/metrics.json``."""
+    import numpy as np
+
+    setup_logging()
+    if len(seeds) < 2:
+        raise ValueError(f"an ablation needs at least 2 seeds for a spread, got {list(seeds)}")
+    stages = Recipe("tldr", cfg.name, force)
+    out = Recipe("tldr", f"{cfg.name}/ablation")
+    pali = Path(cfg.model.backbone) if cfg.model.backbone else ensure_base("paligemma")
+    processor = AutoProcessor.from_pretrained(pali)
+    data = prepare_data(stages, cfg, pali, processor.tokenizer)
+    arms = [(arm, "token", over) for arm, over in ABLATION_ARMS.items()] + ([("naive", "last", {})] if cfg.naive else [])
+    for arm, head, over in arms:
+        per_seed = []
+        for seed in seeds:
+            c = replace(cfg, model=ModelConfig(cfg.model.backbone, {**cfg.model.config, **over}),
+                        train=replace(cfg.train, seed=seed))
+            model_dir = train_reward_model(stages, c, pali, processor, data, "tldr" if head == "token" else "naive", head)
+            _, scores, _ = _score_model(c, pali, processor, data, model_dir, head,
+                                        out.root / f"predictions_{arm}_seed{seed}.jsonl")
+            per_seed.append(scores)
+            out.metrics |= {f"{arm}/seed_{seed}/{k}": scores[k] for k in ABLATION_FIGURES if k in scores}
+        for k in ABLATION_FIGURES:
+            values = [s[k] for s in per_seed if k in s]
+            if len(values) == len(seeds):
+                out.metrics |= {f"{arm}/mean/{k}": float(np.mean(values)), f"{arm}/std/{k}": float(np.std(values, ddof=1))}
+    out.metrics["seeds"] = len(seeds)
+    return out.finish(cfg.to_dict() | {"ablation_seeds": list(seeds)}, print_ablation)
+
+
+def print_ablation(m: dict) -> None:
+    def f(arm, k):
+        mean, std = m.get(f"{arm}/mean/{k}"), m.get(f"{arm}/std/{k}")
+        return "-" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+    print(f"\nTable 2 (mean ± std over {m['seeds']} seeds; the same data and steps)\n"
+          "| model | A_T | A_S | A_R | A_R balanced | mAP(neg) | mAP(pos) |\n|---|---|---|---|---|---|---|")
+    names = {"projector_decoder": "TLDR, LoRA on projector + decoder", "projector": "TLDR, projector only",
+             "decoder": "TLDR, decoder only", "naive": "naive RM"}
+    for arm, name in names.items():
+        if f"{arm}/mean/A_R" in m:
+            print(f"| {name} | " + " | ".join(f(arm, k) for k in ABLATION_FIGURES) + " |")
+    if "naive/mean/A_R_balanced" in m:
+        gap = m["projector_decoder/mean/A_R_balanced"] - m["naive/mean/A_R_balanced"]
+        spread = max(m["projector_decoder/std/A_R_balanced"], m["naive/std/A_R_balanced"])
+        print(f"balanced A_R, TLDR - naive RM: {100 * gap:+.1f} points; the larger seed std {100 * spread:.1f}")
 
 
 def _captioner_specs(cfg: RunConfig):
@@ -283,6 +370,51 @@ def likelihood_optimisation(recipe: Recipe, cfg: RunConfig, pali: Path, processo
                                     "reference": scene.caption}) + "\n")
 
 
+def _captioner_rows(m: dict) -> dict[str, dict[str, float]]:
+    """Every captioner the run rated (the two LLaVA captioners and the generator at each tau), with
+    its TLDR rates and true error, for Table 3's correlation."""
+    prefixes = sorted({k.rsplit("/", 1)[0] for k in m
+                       if k.endswith("/true_error") and k.startswith(("captioner_", "likelihood/"))})
+    return {p: {r: m[f"{p}/{r}"] for r in ("token", "sentence", "response", "true_error")} for p in prefixes}
+
+
+def correct_captions(recipe: Recipe, cfg: RunConfig, pali: Path, processor, reward_model) -> None:
+    """6. Table 4: the base's captions of held-out scenes rewritten by the same rewriter under three
+    mark sets (none, TLDR's flags, the oracle's); the true caption error before and after each."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from groundlab.shared.attention import HF_ATTENTION
+    from groundlab.shared.loading import load_pretrained
+
+    from .correction import rewrite_items, self_correction, train_rewriter
+    from .downstream import CAPTION_PROMPT, generator_config, score_texts, tiny_captions
+
+    base = load_pretrained(PaliGemmaForConditionalGeneration, pali, "the PaliGemma base",
+                           attn_implementation=HF_ATTENTION)
+    world = World(replace(_world_config(cfg), glyph_prob=0.0), seed=cfg.data.world_seed)  # as the captioners'
+
+    def fit(out: Path) -> None:
+        scenes = world.scenes("train", cfg.correction.train_scenes)
+        items = rewrite_items(scenes, tiny_captions(base, processor, scenes), seed=cfg.correction.train.seed)
+        train_rewriter(pali, processor, items, cfg.correction.train, out, seed=cfg.correction.train.seed)
+
+    root = recipe.stage("rewriter", asdict(cfg.correction), train_key(cfg.correction.train), str(pali),
+                        cfg.data.image_size, cfg.data.world_seed, build=fit)
+    rewriter = load_pretrained(PaliGemmaForConditionalGeneration, root / "model", "the rewriter",
+                               attn_implementation=HF_ATTENTION)
+    scenes = _test_scenes(cfg, cfg.correction.n_scenes)
+    captions = tiny_captions(base, processor, scenes)
+    scores = score_texts(reward_model, processor, layout_for(processor, "token"), [s.image for s in scenes],
+                         [CAPTION_PROMPT] * len(scenes), captions)
+    result = self_correction(rewriter, processor, generator_config(rewriter), scenes, captions, scores)
+    with open(recipe.root / "self_correction.jsonl", "w") as f:
+        for i, (scene, caption) in enumerate(zip(scenes, captions)):
+            row = {"scene": f"test-{scene.index}", "caption": caption, "truth": scene.caption}
+            row |= {mode: result[f"rewrites/{mode}"][i] for mode in ("none", "tldr", "oracle")}
+            f.write(json.dumps(row) + "\n")
+    recipe.metrics |= {f"correction/{k}": v for k, v in result.items() if not k.startswith("rewrites/")}
+
+
 def print_table(m: dict) -> None:
     from .perturb import TAXONOMIES
 
@@ -312,3 +444,16 @@ def print_table(m: dict) -> None:
             k = f"likelihood/tau_{t:g}"
             print(f"| tau = {t:g}{' (base)' if t == 0 else ''} | {f(k + '/token')} | {f(k + '/sentence')} | "
                   f"{f(k + '/response')} | {f(k + '/true_error')} |")
+    if "correlation/n_captioners" in m:
+        r = {k: m.get(f"correlation/pearson_{k}") for k in ("token", "sentence", "response")}
+        print(f"\nTable 3's idea, across the {m['correlation/n_captioners']} captioners above (the two LLaVA ones "
+              "and the generator at each tau): Pearson r of TLDR's rate with the true caption error: "
+              + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in r.items()))
+    if "correction/before/true_error" in m:
+        print("\n| PaliGemma base captions, rewritten by the rewriter given | true caption error % | changed % "
+              "| fixed % | broken % | marks' recall of wrong tokens % | marks' precision % |\n|---|---|---|---|---|---|---|")
+        print(f"| (not rewritten) | {f('correction/before/true_error')} | - | - | - | - | - |")
+        for mode, label in (("none", "no marks"), ("tldr", "TLDR's flags"), ("oracle", "oracle marks")):
+            k = f"correction/{mode}"
+            print(f"| {label} | {f(k + '/true_error')} | {f(k + '/changed')} | {f(k + '/fixed')} | {f(k + '/broken')} "
+                  f"| {f(k + '/flag_recall')} | {f(k + '/flag_precision')} |")
