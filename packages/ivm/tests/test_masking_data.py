@@ -107,7 +107,9 @@ def test_corruptions_are_what_they_say():
     scene = world.scene("train", 1)
     rng = np.random.default_rng(0)
     truth = scene.objects[0].mask
-    assert mask_iou(corrupt(scene, 0, "wrong_object", rng), scene.objects[1].mask) == 1.0 or len(scene.objects) > 2
+    wrong = corrupt(scene, 0, "wrong_object", rng)  # exactly one of the other objects' masks
+    assert sorted(mask_iou(wrong, o.mask) == 1.0 for o in scene.objects[1:]) == [False] * (len(scene.objects) - 2) + [True]
+    assert mask_iou(wrong, truth) < 1.0
     big = corrupt(scene, 0, "too_large", rng)
     assert (big & truth).sum() == truth.sum() and big.sum() > 3 * truth.sum()
     part = corrupt(scene, 0, "partial", rng)

@@ -47,19 +47,27 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
         "generator.max_steps": 4, "generator.save_steps": 2, "generator.progress_bar": False, "arms": list(ARMS)})
     path = run(cfg)
     m = json.loads(Path(path).read_text())
-    for arm in ARMS:
+    from groundlab.ivm.train import eval_samples, score_predictions
+
+    run_dir = Path(path).parent
+    for arm in (*ARMS, "untrained"):  # every arm's figures are its predictions file's scores
+        rescored = score_predictions(cfg, run_dir / f"predictions_{arm}.jsonl")
         for k in ("mIoU", "pixel_AP", "rec_acc"):
-            assert 0.0 <= m[f"{arm}/{k}"] <= 1.0, (arm, k)
-    for k in ("baseline/whole_image/mIoU", "baseline/untrained/mIoU", "vqa/without_ivm/accuracy",
-              "vqa/with_ivm/accuracy", "vqa/oracle_mask/accuracy", "discriminator/train_accuracy"):
-        assert 0.0 <= m[k] <= 1.0, k
+            key = f"{arm}/{k}" if arm != "untrained" else f"baseline/untrained/{k}"
+            assert m[key] == pytest.approx(rescored[f"{arm}/{k}"], abs=1e-9), key
+    vqa = [json.loads(x) for x in (run_dir / "predictions_vqa.jsonl").read_text().splitlines()]
+    assert len(vqa) == m["vqa/n"] > 0
+    for name in ("without_ivm", "with_ivm", "oracle_mask"):  # the accuracies are the answers file's
+        assert m[f"vqa/{name}/accuracy"] == pytest.approx(sum(r[name] == r["answer"] for r in vqa) / len(vqa))
+    assert m["baseline/whole_image/mIoU"] == pytest.approx(  # keeping everything: IoU = object area / image area
+        np.mean([s.mask.mean() for s in eval_samples(cfg)]))
+    assert 0.0 <= m["discriminator/train_accuracy"] <= 1.0
     assert 0.1 <= m["dwsl/mean_weight_human"] <= 0.9 and 0.1 <= m["dwsl/mean_weight_machine"] <= 0.9
     # every object kept: exact where the scene holds one object, never below keeping the whole image
     assert m["baseline/all_objects/mIoU"] > m["baseline/whole_image/mIoU"]
     assert m.get("baseline/all_objects/mIoU_1_objects", 1.0) == pytest.approx(1.0)
     assert any(k.startswith("mixed_dwsl/mIoU_") and k.endswith("_objects") for k in m)
     assert -1.0 <= m["mixed_dwsl/condition_cosine"] <= 1.0 and m["vqa/ivm_arm"] != "mixed_oracle"
-    run_dir = Path(path).parent
     weights = [json.loads(x) for x in (run_dir / "dwsl_weights.jsonl").read_text().splitlines()]
     assert len(weights) == m["data/human_items"] + m["data/machine_items"]
     assert all(0.1 <= w["weight"] <= 0.9 for w in weights)
