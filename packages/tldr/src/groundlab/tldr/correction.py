@@ -156,6 +156,7 @@ def self_correction(rewriter, processor, cfg: TinyVLMConfig, scenes: Sequence[Sc
     oracle = [oracle_flags(tok, c, s.caption) for c, s in zip(captions, scenes)]
     flags = {"none": [[False] * len(o) for o in oracle], "oracle": oracle,
              "tldr": [[p <= threshold for p in probs] for _, probs in tldr_scores]}
+    bad = np.concatenate([np.array(o, bool) for o in oracle])
     tokens = [tok.convert_ids_to_tokens(response_tokens(tok, c)) for c in captions]
     for (toks, _), mine in zip(tldr_scores, tokens):
         if list(toks) != list(mine):
@@ -165,7 +166,6 @@ def self_correction(rewriter, processor, cfg: TinyVLMConfig, scenes: Sequence[Sc
         new = rewrite(rewriter, processor, cfg, [s.image for s in scenes], marked)
         after = np.array([not check_caption(c, s) for c, s in zip(new, scenes)])
         flagged = np.concatenate([np.array(f, bool) for f in flags[mode]])
-        bad = np.concatenate([np.array(o, bool) for o in oracle])
         out |= {f"{mode}/true_error": float(after.mean()),
                 f"{mode}/changed": float(np.mean([a != b for a, b in zip(new, captions)])),
                 f"{mode}/fixed": float((wrong & ~after).mean()), f"{mode}/broken": float((~wrong & after).mean()),
@@ -175,9 +175,10 @@ def self_correction(rewriter, processor, cfg: TinyVLMConfig, scenes: Sequence[Sc
     return out
 
 
-def train_rewriter(pali: str | Path, processor, items: Sequence[RewriteItem], train_cfg, out: Path, seed: int = 0):
+def train_rewriter(pali: str | Path, processor, items: Sequence[RewriteItem], train_cfg, out: Path,
+                   seed: int = 0) -> None:
     """The PaliGemma base fine-tuned on the rewrite task (the vision tower frozen, as in the base's own
-    mix). Returns the model; its weights are saved under ``out / "model"``."""
+    mix), saved under ``out / "model"``."""
     from transformers import PaliGemmaForConditionalGeneration
 
     from groundlab.shared.attention import HF_ATTENTION
@@ -192,5 +193,4 @@ def train_rewriter(pali: str | Path, processor, items: Sequence[RewriteItem], tr
     data = RewriteDataset(items, processor.tokenizer, generator_config(model), seed=seed)
     train(model, data, VLMCollator(processor), train_cfg, out / "checkpoints")
     model.save_pretrained(out / "model")
-    return model
 

@@ -146,4 +146,3 @@ def rate_correlation(captioners: dict[str, dict[str, float]]) -> dict[str, float
         if np.ptp(x) > 0 and np.ptp(truth) > 0:
             out[f"pearson_{rate}"] = float(np.corrcoef(x, truth)[0, 1])
     return out
-

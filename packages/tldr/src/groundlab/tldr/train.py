@@ -22,6 +22,7 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from transformers import AutoProcessor
 
 from groundlab.shared.bases import default_spec, ensure_base, smoke_spec
@@ -276,8 +277,6 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), force: bool = F
     order) on the same data and steps as the run's; per seed, mean and standard deviation (ddof 1).
     The models are stages of the run ``cfg.name`` (its seed-0 TLDR and naive RM are reused); the
     table lands in ``runs/tldr/<name>/ablation/metrics.json``."""
-    import numpy as np
-
     setup_logging()
     if len(seeds) < 2:
         raise ValueError(f"an ablation needs at least 2 seeds for a spread, got {list(seeds)}")
@@ -398,7 +397,8 @@ def correct_captions(recipe: Recipe, cfg: RunConfig, pali: Path, processor, rewa
         items = rewrite_items(scenes, tiny_captions(base, processor, scenes), seed=cfg.correction.train.seed)
         train_rewriter(pali, processor, items, cfg.correction.train, out, seed=cfg.correction.train.seed)
 
-    root = recipe.stage("rewriter", asdict(cfg.correction), train_key(cfg.correction.train), str(pali),
+    # what decides the rewriter (not how many held-out captions it rewrites)
+    root = recipe.stage("rewriter", cfg.correction.train_scenes, train_key(cfg.correction.train), str(pali),
                         cfg.data.image_size, cfg.data.world_seed, build=fit)
     rewriter = load_pretrained(PaliGemmaForConditionalGeneration, root / "model", "the rewriter",
                                attn_implementation=HF_ATTENTION)
