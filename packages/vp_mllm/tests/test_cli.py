@@ -81,6 +81,7 @@ def test_pipeline_end_to_end_on_a_micro_config_then_ask(tmp_path, monkeypatch, c
         for kind in ("box", "point"):
             assert 0 <= m[f"{tag}/{kind}/labels/accuracy"] <= 1
     assert m["vp/box/labels/regions"] == m["baseline/majority/box/labels/regions"] > 0
+    assert m["start/alignment/r2/box"] > 0.5 and m["start/alignment/r2/point"] > 0.5  # vp_proj read the loc rows
     assert "| VP-LLaVA (stage 1 + 2) | box |" in capsys.readouterr().out
     cli.main(args)
     again = json.loads(path.read_text())

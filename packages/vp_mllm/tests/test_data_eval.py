@@ -52,7 +52,18 @@ def test_the_world_exports_as_mdvp_instruct_data(data):
                 obj = next(o for o in scene.objects if o.mask[int(py), int(px)])
             assert text == f"{obj.colour} {obj.kind}"
     evals = json.loads((out / "val_eval.json").read_text())
-    assert {r["task"] for r in evals} == {"labels", "caption", "ocr"} and {r["kind"] for r in evals} == {"box", "point"}
+    assert {r["task"] for r in evals} == {"labels", "single", "caption", "ocr"}
+    assert {r["kind"] for r in evals} == {"box", "point"}
+    # each object of a labels record again alone: its own prompt, the only one marked, as <Region 1>
+    for full in (r for r in evals if r["task"] == "labels"):
+        key = "bbox" if full["kind"] == "box" else "points"
+        truth = parse_labels(full["conversations"][1]["value"], full["kind"])
+        stem = full["id"].removesuffix("-labels")
+        alone = [r for r in evals if r["task"] == "single" and r["id"].startswith(stem + "-")]
+        assert len(alone) == len(truth) == len(full[key])
+        for n, rec in enumerate(alone, 1):
+            assert rec["id"] == f"{stem}-single-{n}" and rec[key] == [full[key][n - 1]]
+            assert parse_labels(rec["conversations"][1]["value"], full["kind"]) == {1: truth[n]}
 
 
 def test_reading_names_the_file_and_record_of_a_problem(data, tmp_path):
@@ -127,6 +138,8 @@ def test_scores_from_rows_per_kind_and_the_majority_baseline(data):
     perfect = score(truth)
     for kind in ("box", "point"):
         assert perfect[f"{kind}/labels/accuracy"] == 1.0 and perfect[f"{kind}/labels/semantic_iou"] == 1.0
+        assert perfect[f"{kind}/single/accuracy"] == 1.0
+        assert perfect[f"{kind}/single/regions"] == perfect[f"{kind}/labels/regions"]  # every region once alone
         assert perfect[f"{kind}/labels/semantic_similarity"] == pytest.approx(1.0, abs=1e-5)
         assert perfect[f"{kind}/ocr/exact_match"] == 1.0 and perfect[f"{kind}/caption/CIDEr"] > 1.0
     # one region left out of every answer: it scores as the empty prediction

@@ -14,6 +14,7 @@ from groundlab.vp_mllm.configuration import (
 from groundlab.vp_mllm.modeling import (
     VisualPromptEncoder,
     VPMLLMForConditionalGeneration,
+    align_to_locations,
     load_sam_prompt_encoder,
     set_trainable,
 )
@@ -195,6 +196,10 @@ def test_trainable_sets_of_the_two_stages():
     assert any(".layers." in n and "language_model" in n for n in two)
     for names in (one, two):
         assert not any("vision_tower" in n for n in names)
+    # an aligned vp_proj (and the encoder it was fitted on) held in stage 1; the rest of the set trains
+    held = set(set_trainable(model, "stage1", aligned=True))
+    assert held == {n for n in one if not n.startswith(("vp_encoder.", "vp_proj."))}
+    assert set(set_trainable(model, "stage2", aligned=True)) == two
     with pytest.raises(ValueError, match="stage must be one of"):
         set_trainable(model, "stage3")
 
@@ -221,6 +226,44 @@ def test_the_prompt_encoder_starts_from_sams_prompt_encoder(tmp_path):
     wide = VisualPromptEncoder(VisualPromptEncoderConfig(embed_dim=32))
     with pytest.raises(ValueError, match="prompt_embed_dim"):
         load_sam_prompt_encoder(wide, path)
+
+
+def test_vp_proj_aligned_to_the_bases_location_tokens():
+    """After the alignment a prompt's token is (nearly) the sum of its location tokens' embeddings: the
+    language model reads it as the box written in location tokens."""
+    model, _ = tiny_vp_model(embed_dim=256)  # SAM's prompt width: 128 random frequencies a corner
+    bins, d = 32, model.config.hidden_size
+    code = torch.arange(bins)[:, None] / (bins - 1) * torch.linspace(0.5, 4.0, d)[None]
+    table = torch.sin(code + torch.arange(d)[None])  # a smooth ordinal code, as the base's location rows
+    fit = align_to_locations(model, table, samples=8000)
+    assert fit["r2/box"] > 0.8 and fit["r2/point"] > 0.8, fit
+
+    g = torch.Generator().manual_seed(5)
+    corners = torch.rand(40, 2, 2, generator=g)
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values], -1)
+    slots = torch.zeros(40, 10, 4)
+    slots[:, 0] = boxes
+    valid = torch.zeros(40, 10, dtype=torch.bool)
+    valid[:, 0] = True
+    with torch.no_grad():
+        tokens = model.prompt_tokens(slots, valid, torch.ones(40, dtype=torch.bool))[:, 1]
+    targets = table[(boxes * (bins - 1)).round().long()].sum(1)
+    rel = (tokens - targets).norm(dim=-1) / targets.norm(dim=-1)
+    assert float(rel.median()) < 0.35, rel
+    nearest = torch.cdist(tokens, targets).argmin(1)  # a token is closest to its own box's target (chance 1/40)
+    assert float((nearest == torch.arange(40)).float().mean()) >= 0.4
+
+    points = torch.zeros(40, 10, 4) - 1
+    points[:, 0, :2] = boxes[:, :2]
+    with torch.no_grad():
+        tokens = model.prompt_tokens(points, valid, torch.zeros(40, dtype=torch.bool))[:, 1]
+    targets = 2 * table[(boxes[:, :2] * (bins - 1)).round().long()].sum(1)
+    assert float((torch.cdist(tokens, targets).argmin(1) == torch.arange(40)).float().mean()) >= 0.4
+
+    with pytest.raises(ValueError, match="wide"):
+        align_to_locations(model, table[:, :8])
+    with pytest.raises(ValueError, match="two location tokens"):
+        align_to_locations(model, table[:1])
 
 
 def test_sphinx_v_shards_convert_strictly(tmp_path):

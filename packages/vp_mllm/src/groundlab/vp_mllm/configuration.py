@@ -9,7 +9,7 @@ twice the tower's size, each view's tokens between learned ``start_img`` / ``end
 
 from __future__ import annotations
 
-from transformers import LlavaConfig, PretrainedConfig
+from transformers import AutoConfig, LlavaConfig, PretrainedConfig
 
 from groundlab.shared.config import pretrained_config_kwargs
 
@@ -104,6 +104,10 @@ class VPMLLMConfig(PretrainedConfig):
 
 # ----------------------------------------------------------------------------------------------
 # the papers' setups (build on the meta device; parameter counts in the README)
+
+# known to AutoConfig, so that loading a saved model's tokenizer (which reads its config.json) finds it
+AutoConfig.register(VisualPromptEncoderConfig.model_type, VisualPromptEncoderConfig, exist_ok=True)
+AutoConfig.register(VPMLLMConfig.model_type, VPMLLMConfig, exist_ok=True)
 
 CLIP_L14_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)

@@ -38,7 +38,10 @@ OCR_QUESTION = "What is the text in {ref}?"
 ATTRIBUTE_QUESTIONS = {"colour": "What colour is {ref}?", "shape": "What shape is {ref}?", "size": "What size is {ref}?"}
 RELATION_QUESTION = "Is {a} {relation} {b}?"
 LOCATE_QUESTION = "Please provide the bounding box of {ref}."  # the LLaVA base's grounding prompt
-TASKS = ("labels", "caption", "ocr")
+TASKS = ("labels", "single", "caption", "ocr")
+EXPORT_VERSION = 2
+"""The world export's layout (part of the data stage's key: a cached export of another version is
+remade). 2: the ``single`` evaluation records."""
 
 
 def label(obj) -> str:
@@ -190,7 +193,8 @@ def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int =
                  files: tuple[str, ...] = ("stage1", "stage2", "eval")) -> dict[str, int]:
     """Scenes of ``split`` as MDVP files under ``out``: ``<split>_stage1.json`` (labels of every marked
     region), ``<split>_stage2.json`` (instruction turns) and ``<split>_eval.json`` (one record per
-    held-out question, with ``task``, ``kind`` and the ``answer``). Each scene gives a box record and a
+    held-out question, with ``task``, ``kind`` and the ``answer``: ``labels`` marks every object,
+    ``single`` each object alone, with the same prompt). Each scene gives a box record and a
     point record of each, the regions in a shuffled slot order (seeded); training records mark a random
     non-empty subset of the objects, evaluation records all of them. ``files``: which of the three to
     write. Returns record counts."""
@@ -215,6 +219,10 @@ def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int =
                                          task="labels", kind=kind))
             for i, obj in enumerate(order):
                 ref = reference(kind, i + 1)
+                alone = VisualPrompts(kind, [prompts.coords[i]])  # the same prompt, the only one marked
+                records["eval"].append(_record(f"{rid}-single-{i + 1}", image,
+                                             [(LABELS_QUESTION, labels_answer(kind, [label(obj)]))], alone,
+                                             task="single", kind=kind))
                 records["eval"].append(_record(f"{rid}-caption-{i + 1}", image,
                                              [(CAPTION_QUESTION.format(ref=ref), obj.phrase)], prompts,
                                              task="caption", kind=kind))

@@ -7,6 +7,8 @@ A prediction row: ``{"id", "task", "kind", "question", "answer", "prediction"}``
   ``<Region n>: label`` line each; per region: label accuracy (colour and kind named), Semantic
   Similarity and Semantic IoU against the true ``colour kind`` (:mod:`groundlab.vp_mllm.metrics`). A
   region the answer leaves out scores as the empty prediction.
+- ``single``: the same with one region marked (the same prompt as in its ``labels`` record): the
+  prompt's reading without the binding of ``<Region n>`` to the n-th of several slots.
 - ``caption`` (region captioning): METEOR and CIDEr against the region's phrase (COCO caption eval).
 - ``ocr`` (regional OCR): case-insensitive exact match of the letter on the region.
 
@@ -77,15 +79,16 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 
 def constant_predictions(records: list[dict], answer: str) -> list[dict]:
-    """Rows answering every region of every ``labels`` record with ``answer`` (the majority baseline)."""
+    """Rows answering every region of every ``labels`` / ``single`` record with ``answer`` (the majority
+    baseline)."""
     rows = []
     for rec in records:
-        if rec["task"] != "labels":
+        if rec["task"] not in ("labels", "single"):
             continue
         truth = rec["conversations"][1]["value"]
         regions = sorted(parse_labels(truth, rec["kind"]))
         ref = "Mark" if rec["kind"] == "point" else "Region"
-        rows.append({"id": rec["id"], "task": "labels", "kind": rec["kind"], "question": question_of(rec),
+        rows.append({"id": rec["id"], "task": rec["task"], "kind": rec["kind"], "question": question_of(rec),
                      "answer": truth, "prediction": "\n".join(f"<{ref} {n}>: {answer}" for n in regions)})
     return rows
 
@@ -95,8 +98,9 @@ def score(rows: list[dict], embedder=None) -> dict[str, float]:
     out: dict[str, float] = {}
     for kind in sorted({r["kind"] for r in rows}):
         mine = [r for r in rows if r["kind"] == kind]
-        out |= {f"{kind}/labels/{k}": v for k, v in _score_labels([r for r in mine if r["task"] == "labels"],
-                                                                   embedder).items()}
+        for task in ("labels", "single"):
+            out |= {f"{kind}/{task}/{k}": v for k, v in _score_labels([r for r in mine if r["task"] == task],
+                                                                      embedder).items()}
         caps = [r for r in mine if r["task"] == "caption"]
         if caps:
             scores = caption_metrics({r["id"]: r["prediction"] for r in caps}, {r["id"]: [r["answer"]] for r in caps},

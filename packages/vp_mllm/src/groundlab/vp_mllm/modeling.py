@@ -129,6 +129,58 @@ def load_sam_prompt_encoder(encoder: VisualPromptEncoder, checkpoint: str | Path
     return sorted(loaded)
 
 
+@torch.no_grad()
+def align_to_locations(model: VPMLLMForConditionalGeneration, location_embeddings: torch.Tensor,
+                       samples: int = 20000, seed: int = 0) -> dict[str, float]:
+    """Start ``vp_proj`` where the language model already reads locations (a choice of this package:
+    the paper starts it at random and its 7-13B LLMs were pre-trained on grounding).
+
+    ``location_embeddings`` (bins, D): the input embeddings of the base's location tokens
+    ``<loc0000>`` ... (a coordinate v in [0, 1] is token ``round(v * (bins - 1))``, as
+    :func:`groundlab.shared.boxes.box_to_loc` writes it). A box's target token is the sum of the
+    embeddings of its four location tokens (the base's text form of the box, collapsed to one vector);
+    a point's is that of the box ``(x, y, x, y)``. ``vp_proj``'s Linear becomes the least-squares map
+    from the encoder's features of ``samples`` random boxes and as many random points to their targets
+    standardised per row (what its LayerNorm outputs), the LayerNorm's gain and bias the targets' mean
+    row scale and offset. The encoder (SAM's) is not touched. Returns the fit's R^2 on 20 % of the
+    samples held out, per prompt kind (``r2/box``, ``r2/point``)."""
+    bins, d = location_embeddings.shape
+    linear, norm = model.vp_proj
+    if d != linear.out_features:
+        raise ValueError(f"location embeddings are {d}-wide, the model's tokens {linear.out_features}")
+    if bins < 2:
+        raise ValueError(f"need at least two location tokens, got {bins}")
+    table = location_embeddings.detach().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    corners = torch.rand(samples, 2, 2, generator=g)
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values], -1)  # x0 y0 x1 y1
+    points = torch.rand(samples, 2, generator=g)
+    encoder = model.vp_encoder
+    dev = next(encoder.parameters()).device
+    valid = torch.ones(samples, 1, dtype=torch.bool, device=dev)
+    feats = torch.cat([encoder.embed_boxes(boxes[:, None].to(dev), valid)[:, 0],
+                       encoder.embed_points(points[:, None].to(dev), valid)[:, 0]]).float().cpu()
+    coords = torch.cat([boxes, points.repeat(1, 2)])
+    target = table[(coords * (bins - 1)).round().long()].sum(-2)
+    mean, std = target.mean(-1, keepdim=True), target.std(-1, keepdim=True, unbiased=False)
+    z = (target - mean) / std
+    x = torch.cat([feats, torch.ones(len(feats), 1)], 1)
+    fit = torch.zeros(len(feats), dtype=torch.bool)
+    fit[torch.randperm(samples, generator=g)[: int(0.8 * samples)]] = True
+    fit[samples:] = fit[:samples]
+    solution = torch.linalg.lstsq(x[fit].double(), z[fit].double()).solution.float()
+    report = {}
+    for kind, rows in (("box", slice(0, samples)), ("point", slice(samples, 2 * samples))):
+        held = ~fit[rows]
+        pred, truth = x[rows][held] @ solution, z[rows][held]
+        report[f"r2/{kind}"] = float(1 - ((pred - truth) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum())
+    linear.weight.copy_(solution[:-1].T)
+    linear.bias.copy_(solution[-1])
+    norm.weight.fill_(float(std.mean()))
+    norm.bias.fill_(float(mean.mean()))
+    return report
+
+
 class VPMLLMForConditionalGeneration(PreTrainedModel):
     config_class = VPMLLMConfig
     base_model_prefix = "vp_mllm"
@@ -220,7 +272,7 @@ class VPMLLMForConditionalGeneration(PreTrainedModel):
 STAGES = ("stage1", "stage2")
 
 
-def set_trainable(model: VPMLLMForConditionalGeneration, stage: str) -> list[str]:
+def set_trainable(model: VPMLLMForConditionalGeneration, stage: str, aligned: bool = False) -> list[str]:
     """Freeze everything, then open the stage's set; returns the trainable parameter names.
 
     - ``stage1`` (image-visual prompt alignment): the prompt encoder (but its frozen Fourier matrix),
@@ -228,15 +280,22 @@ def set_trainable(model: VPMLLMForConditionalGeneration, stage: str) -> list[str
       and the LM head; the LLM's blocks and the vision tower frozen.
     - ``stage2`` (instruction tuning): everything but the vision tower and the prompt encoder itself
       (the whole LLM, the projectors, ``vp_proj``, the tags).
+
+    ``aligned``: ``vp_proj`` was set by :func:`align_to_locations`, which does the prompt side's part of
+    stage 1; stage 1 then holds the encoder and ``vp_proj`` (with the LLM frozen their gradients carry
+    no location: trained, they lose the alignment in a few hundred steps, README) and trains the rest
+    of its set. Stage 2 is unchanged.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     lm = model.lmm.model.language_model
     for p in model.parameters():
         p.requires_grad_(False)
-    opened = [model.vp_proj, model.lmm.model.multi_modal_projector, model.lmm.lm_head]
+    opened = [model.lmm.model.multi_modal_projector, model.lmm.lm_head]
+    if not (aligned and stage == "stage1"):
+        opened.append(model.vp_proj)
     if stage == "stage1":
-        opened += [model.vp_encoder, lm.get_input_embeddings(), lm.norm]
+        opened += [lm.get_input_embeddings(), lm.norm] + ([] if aligned else [model.vp_encoder])
     else:
         opened += [lm]
     for module in opened:

@@ -5,7 +5,8 @@ Stages (each reused on a second run with the same config, recomputed with ``forc
 1. data: the synthetic world exported as MDVP-Instruct-Data (stage-1 labels, stage-2 instruction
    turns, held-out evaluation records), or real MDVP files;
 2. start: VP-LLaVA as training starts it: the LLaVA base, a visual prompt encoder initialised from
-   the SAM base's ``prompt_encoder.*``, fresh ``vp_proj`` and tags (the "untrained" row);
+   the SAM base's ``prompt_encoder.*``, ``vp_proj`` aligned to the base's location tokens (or at
+   random: ``model.align_locations``), fresh tags (the "untrained" row);
 3. stage 1 (image-visual prompt alignment) and stage 2 (instruction tuning), with the paper's
    trainable sets (``modeling.set_trainable``); the same two stages again with the prompts dropped
    (the no-encoder baseline: trained and evaluated on the text alone);
@@ -24,6 +25,7 @@ from pathlib import Path
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from groundlab.shared.bases import ensure_base
+from groundlab.shared.boxes import loc_bins, loc_token_names
 from groundlab.shared.config import RunConfigFile, model_overrides, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, torch_load
@@ -32,9 +34,15 @@ from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
 from .configuration import VPMLLMConfig
-from .data import MDVPDataset, eval_records, export_world, majority_label, read_mdvp
+from .data import EXPORT_VERSION, TASKS, MDVPDataset, eval_records, export_world, majority_label, read_mdvp
 from .evaluation import constant_predictions, predict, read_predictions, score
-from .modeling import VPMLLMForConditionalGeneration, load_sam_prompt_encoder, sam_prompt_dim, set_trainable
+from .modeling import (
+    VPMLLMForConditionalGeneration,
+    align_to_locations,
+    load_sam_prompt_encoder,
+    sam_prompt_dim,
+    set_trainable,
+)
 from .processing import VPCollator, VPProcessor, add_tokens
 
 logger = logging.getLogger("groundlab")
@@ -82,6 +90,11 @@ class ModelConfig:
     config: dict = field(default_factory=dict)
     """:class:`VPMLLMConfig` arguments over its defaults (``views``, ``vp_config``: K slots, the +0.5
     flag); ``lmm_config`` and ``vp_token_index`` come from the checkpoint and the tokenizer."""
+    align_locations: bool = True
+    """Start ``vp_proj`` where the base reads locations (``modeling.align_to_locations``: a box's
+    token starts as the sum of its four location tokens' embeddings); needs a base with location
+    tokens. False: ``vp_proj`` at random, as the paper (README: the tiny base then never learns to
+    read the prompt)."""
 
     def __post_init__(self) -> None:
         one_of(self, "template", ("vicuna", "sphinx"))
@@ -92,11 +105,12 @@ class ModelConfig:
 class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 48
-    tasks: tuple[str, ...] = ("labels", "caption", "ocr")
+    tasks: tuple[str, ...] = TASKS
+    """``labels`` (every object marked), ``single`` (each alone), ``caption``, ``ocr``."""
 
     def __post_init__(self) -> None:
         positive(self, "batch_size", "max_new_tokens")
-        one_of(self, "tasks", ("labels", "caption", "ocr"))
+        one_of(self, "tasks", TASKS)
 
 
 def _stage(steps: int, lr: float) -> TrainConfig:
@@ -134,6 +148,9 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     recipe = Recipe("vp_mllm", cfg.name, force)
     data = prepare_data(recipe, cfg)
     start = build_start(recipe, cfg)
+    if (start / "alignment.json").exists():
+        fit = json.loads((start / "alignment.json").read_text())
+        recipe.metrics |= {f"start/alignment/{k}": v for k, v in fit.items()}
     models = {"untrained": start}
     for arm in cfg.arms:
         stage1 = train_stage(recipe, cfg, data, start, arm, "stage1")
@@ -168,7 +185,7 @@ def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
                   | export_world(world, "val", d.eval_scenes, out, files=("eval",)))
         (out / "counts.json").write_text(json.dumps(counts, indent=2))
 
-    root = recipe.stage("data", asdict(d), build=export)
+    root = recipe.stage("data", asdict(d), EXPORT_VERSION, build=export)
     recipe.metrics |= {f"data/{k}": v for k, v in json.loads((root / "counts.json").read_text()).items()}
     return Data(root, root / "train_stage1.json", root / "train_stage2.json", root / "val_eval.json")
 
@@ -202,6 +219,16 @@ def build_start(recipe: Recipe, cfg: RunConfig) -> Path:
         model = VPMLLMForConditionalGeneration(config)
         model.lmm.load_state_dict(base.state_dict())
         load_sam_prompt_encoder(model.vp_encoder, sam_state)
+        if cfg.model.align_locations:
+            names = loc_token_names(loc_bins(processor.tokenizer))
+            if not names:
+                raise ValueError(f"model.align_locations needs a LLaVA base with location tokens (<loc0000> ...); "
+                                 f"the tokenizer of {llava} has none (set model.align_locations: false)")
+            table = model.lmm.get_input_embeddings().weight[processor.tokenizer.convert_tokens_to_ids(names)]
+            fit = align_to_locations(model, table, seed=cfg.stage1.seed)
+            logger.info("vp_proj aligned to the base's %d location tokens: R^2 box %.3f, point %.3f",
+                        len(names), fit["r2/box"], fit["r2/point"])
+            (out / "alignment.json").write_text(json.dumps(fit, indent=1))
         model.save_pretrained(out / "model")
         processor.save_pretrained(out / "model")
 
@@ -223,7 +250,7 @@ def train_stage(recipe: Recipe, cfg: RunConfig, data: Data, start: Path, arm: st
     def fit(out: Path) -> None:
         seed_everything(tc.seed)
         model, processor = load_model(start, cfg.model.template)
-        opened = set_trainable(model, stage)
+        opened = set_trainable(model, stage, aligned=cfg.model.align_locations)
         logger.info("%s %s: %d trainable tensors, %d parameters", arm, stage, len(opened),
                     sum(p.numel() for p in model.parameters() if p.requires_grad))
         source = data.stage1 if stage == "stage1" else data.stage2
@@ -234,7 +261,10 @@ def train_stage(recipe: Recipe, cfg: RunConfig, data: Data, start: Path, arm: st
         model.save_pretrained(out / "model")
         AutoProcessor.from_pretrained(start / "model").save_pretrained(out / "model")
 
-    return recipe.stage(f"{arm}_{stage}", str(start), train_key(tc), asdict(cfg.data), arm, build=fit)
+    # the trainable set differs (set_trainable); without prompts the prompt side gets no gradient either way
+    held = stage == "stage1" and cfg.model.align_locations and use_prompts
+    return recipe.stage(f"{arm}_{stage}", str(start), train_key(tc), asdict(cfg.data), arm,
+                        *(["aligned prompt side held"] if held else []), build=fit)
 
 
 def evaluate_model(recipe: Recipe, cfg: RunConfig, data: Data, model_dir: Path, tag: str) -> dict:
@@ -251,7 +281,7 @@ def evaluate_model(recipe: Recipe, cfg: RunConfig, data: Data, model_dir: Path, 
 
 def baselines(recipe: Recipe, cfg: RunConfig, data: Data) -> dict:
     """The majority label of the training regions, as every region's answer."""
-    records = eval_records(json.loads(data.eval.read_text()), ("labels",))
+    records = eval_records(json.loads(data.eval.read_text()), ("labels", "single"))
     answer = majority_label(json.loads(data.stage1.read_text()))
     if answer is None or not records:
         logger.info("no majority-label baseline: %s has no region labels or the held-out data no labels task",
@@ -273,13 +303,14 @@ def print_table(m: dict) -> None:
 
     rows = [("VP-LLaVA (stage 1 + 2)", "vp"), ("no prompt encoder (prompts dropped)", "no_prompts"),
             ("untrained (start of stage 1)", "untrained"), ("majority label", "baseline/majority")]
-    print("\n| model | prompts | label acc. | Semantic Sim. | Semantic IoU | caption METEOR | CIDEr | OCR EM |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | prompts | label acc. | Semantic Sim. | Semantic IoU | label acc., one marked | caption METEOR "
+          "| CIDEr | OCR EM |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, tag in rows:
         for kind in ("box", "point"):
             k = f"{tag}/{kind}"
             if f"{k}/labels/accuracy" not in m:
                 continue
             print(f"| {name} | {kind} | {f(k + '/labels/accuracy')} | {f(k + '/labels/semantic_similarity')} | "
-                  f"{f(k + '/labels/semantic_iou')} | {f(k + '/caption/METEOR', False)} | "
+                  f"{f(k + '/labels/semantic_iou')} | {f(k + '/single/accuracy')} | {f(k + '/caption/METEOR', False)} | "
                   f"{f(k + '/caption/CIDEr', False)} | {f(k + '/ocr/exact_match')} |")

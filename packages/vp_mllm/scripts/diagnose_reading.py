@@ -1,0 +1,192 @@
+"""Where reading a visual prompt breaks on the tiny LLaVA base: the token, or the binding of
+``<Region n>`` to the n-th slot.
+
+One question a sample (``What is <Region k>?`` -> ``colour kind``) on world scenes of 2-4 shapes; the
+LLaVA base with the prompt block of this package, trained with the stage-2 trainable set (the whole
+LLM, ``vp_proj``, the tags) for ``--steps`` at ``--lr`` (warm-up then cosine), batch 32, fresh
+samples each step from 3,000 training scenes; teacher-forced accuracy (every answer token right) on
+200 held-out scenes every 50 steps. How the region reaches the model (``--token``):
+
+- ``encoder``: the prompt encoder's token (SAM's Fourier features, ``vp_proj``), ``vp_proj`` at random
+  as in the paper, or with ``--align`` started by ``modeling.align_to_locations``;
+- ``loc_sum``: the slot's token is the sum of the base's four location-token embeddings of the box
+  (a fixed lookup, no encoder);
+- ``text``: no prompt block; the box written as the base's location tokens in the question
+  (``What is <loc..><loc..><loc..><loc..>?``): the design's upper bound, the base's own reading.
+
+``--marked one`` marks only the asked object (slot 1); ``all`` marks every object in a shuffled slot
+order and asks about a random one (the binding of ``<Region k>`` to slot k is then needed);
+``--slot-numbers X`` adds a learned per-slot vector started at X times the embedding of the number
+token `` k`` (the one the text reference uses). ``--answer box``: the answer is the asked region's
+box in location tokens instead of its label (reading the slot without looking at the image: with
+``--marked all`` the binding alone).
+
+``--check DIR [DIR ...]`` instead measures saved models (a run's ``start-*``, ``vp_stage1-*``, ...
+directories): how close each one's box tokens are to the sum of its own location-token embeddings
+(mean cosine over 500 random boxes, and how often a box's token is nearest its own box's target).
+
+    .venv/bin/python packages/vp_mllm/scripts/diagnose_reading.py --token encoder --align --marked one
+    .venv/bin/python packages/vp_mllm/scripts/diagnose_reading.py --check runs/vp_mllm/tiny/start-* runs/vp_mllm/tiny/vp_stage1-*
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from groundlab.shared.bases import ensure_base
+from groundlab.shared.boxes import box_to_loc, loc_bins, loc_token_names, xywh_to_xyxy
+from groundlab.shared.distributed import seed_everything
+from groundlab.shared.loading import load_pretrained, torch_load
+from groundlab.shared.training import resolve_bf16
+from groundlab.shared.world import World, WorldConfig
+from groundlab.vp_mllm.configuration import VPMLLMConfig
+from groundlab.vp_mllm.data import label
+from groundlab.vp_mllm.modeling import (
+    VPMLLMForConditionalGeneration,
+    align_to_locations,
+    load_sam_prompt_encoder,
+    sam_prompt_dim,
+    set_trainable,
+)
+from groundlab.vp_mllm.processing import VisualPrompts, VPCollator, VPProcessor, add_tokens, jitter_box
+
+
+def build(args):
+    llava, sam = ensure_base("llava"), ensure_base("sam")
+    hf = AutoProcessor.from_pretrained(llava)
+    tok = hf.tokenizer
+    vp_id = add_tokens(tok)
+    base = load_pretrained(LlavaForConditionalGeneration, llava, "the LLaVA base")
+    sam_state = torch_load(sam, "SAM checkpoint")
+    config = VPMLLMConfig(vp_config={"embed_dim": sam_prompt_dim(sam_state)}, lmm_config=base.config.to_dict(),
+                          vp_token_index=vp_id, slot_embeddings=args.slot_numbers > 0)
+    model = VPMLLMForConditionalGeneration(config)
+    model.lmm.load_state_dict(base.state_dict())
+    load_sam_prompt_encoder(model.vp_encoder, sam_state)
+    table = model.lmm.get_input_embeddings().weight[tok.convert_tokens_to_ids(loc_token_names(loc_bins(tok)))]
+    if args.align:
+        print("alignment", align_to_locations(model, table), flush=True)
+    if args.slot_numbers > 0:
+        numbers = tok.convert_tokens_to_ids([tok.tokenize(f" {k + 1}")[-1] for k in range(config.vp_config.num_slots)])
+        with torch.no_grad():
+            model.vp_slots.copy_(args.slot_numbers * model.lmm.get_input_embeddings().weight[numbers][None])
+    if args.token == "loc_sum":
+        fixed, bins = table.detach().clone(), len(table)
+
+        def prompt_tokens(coords, valid, is_box):  # the sum of the box's location-token rows
+            tokens = fixed[(coords.clamp(0, 1) * (bins - 1)).round().long()].sum(-2) * valid[..., None]
+            b = tokens.shape[0]
+            return torch.cat([model.start_vp.expand(b, -1, -1), tokens.to(model.start_vp.dtype),
+                              model.end_vp.expand(b, -1, -1)], 1)
+
+        model.prompt_tokens = prompt_tokens
+    return model, VPProcessor(tok, hf.image_processor, config)
+
+
+def sample(processor, scene, rng, args, train: bool):
+    objects = [scene.objects[int(i)] for i in rng.permutation(len(scene.objects))]
+    k = int(rng.integers(len(objects)))
+    boxes = []
+    for obj in objects:
+        box = xywh_to_xyxy(obj.bbox)
+        if train:
+            x0, y0, x1, y1 = jitter_box(box, rng)
+            box = (max(0.0, x0), max(0.0, y0), min(scene.size, x1), min(scene.size, y1))
+        boxes.append(box)
+    answer = label(objects[k]) if args.answer == "label" else box_to_loc(boxes[k], scene.size, scene.size, order="xyxy")
+    if args.token == "text":
+        question = f"What is {box_to_loc(boxes[k], scene.size, scene.size, order='xyxy')}?"
+        return processor.encode(scene.image, [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                                None, use_prompts=False)
+    if args.marked == "one":
+        boxes, k = [boxes[k]], 0
+    conv = [{"from": "human", "value": f"What is <Region {k + 1}>?"}, {"from": "gpt", "value": answer}]
+    return processor.encode(scene.image, conv, VisualPrompts("box", boxes))
+
+
+@torch.no_grad()
+def check(directories: list[str]) -> None:
+    from pathlib import Path
+
+    from groundlab.vp_mllm.train import load_model
+
+    g = torch.Generator().manual_seed(3)
+    corners = torch.rand(500, 2, 2, generator=g)
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values], -1)
+    slots = torch.zeros(500, 10, 4)
+    slots[:, 0] = boxes
+    valid = torch.zeros(500, 10, dtype=torch.bool)
+    valid[:, 0] = True
+    for directory in directories:
+        model, processor = load_model(Path(directory))
+        tok = processor.tokenizer
+        table = model.lmm.get_input_embeddings().weight[tok.convert_tokens_to_ids(loc_token_names(loc_bins(tok)))]
+        tokens = model.prompt_tokens(slots, valid, torch.ones(500, dtype=torch.bool))[:, 1].float()
+        target = table[(boxes * (len(table) - 1)).round().long()].sum(1).float()
+        cosine = torch.nn.functional.cosine_similarity(tokens, target, dim=-1).mean()
+        nearest = (torch.cdist(tokens, target).argmin(1) == torch.arange(500)).float().mean()
+        print(f"{directory}: cosine {float(cosine):.3f}, nearest its own target {float(nearest):.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--token", choices=("encoder", "loc_sum", "text"), default="encoder")
+    ap.add_argument("--align", action="store_true")
+    ap.add_argument("--marked", choices=("one", "all"), default="one")
+    ap.add_argument("--slot-numbers", type=float, default=0.0)
+    ap.add_argument("--answer", choices=("label", "box"), default="label")
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", nargs="+", metavar="DIR")
+    args = ap.parse_args()
+    if args.check:
+        return check(args.check)
+    seed_everything(args.seed)
+    model, processor = build(args)
+    world = World(WorldConfig(image_size=64, min_objects=2, max_objects=4, glyph_prob=0.3), seed=0)
+    train_scenes, held_out = world.scenes("train", 3000), world.scenes("val", 200)
+    rng = np.random.default_rng(args.seed)
+    test = [sample(processor, s, rng, args, train=False) for s in held_out]
+    params = [model.get_parameter(n) for n in set_trainable(model, "stage2")]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    collate = VPCollator(processor.tokenizer.pad_token_id)
+    bf16 = resolve_bf16("auto")
+
+    def accuracy() -> float:
+        model.eval()
+        hits = 0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for i in range(0, len(test), 50):
+                batch = collate(test[i:i + 50])
+                logits, labels = model(**batch).logits[:, :-1].float(), batch["labels"][:, 1:]
+                hits += int(((logits.argmax(-1) == labels) | (labels == -100)).all(1).sum())
+        model.train()
+        return hits / len(test)
+
+    t0 = time.time()
+    print(f"step 0 accuracy {accuracy():.3f}", flush=True)
+    for step in range(1, args.steps + 1):
+        scale = min(1.0, step / 10) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = args.lr * scale
+        batch = collate([sample(processor, train_scenes[int(rng.integers(len(train_scenes)))], rng, args, True)
+                         for _ in range(32)])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 8.0)
+        opt.step()
+        opt.zero_grad()
+        if step % 50 == 0 or step == args.steps:
+            print(f"step {step} loss {loss.item():.3f} accuracy {accuracy():.3f} ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
