@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -124,7 +125,12 @@ def test_run_stage_builds_once_and_newest_complete_finds_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing trained under .*nothing-\\*: train it"):
         require_complete(tmp_path, "nothing-*", "train it")
     (first / "out.txt").write_text("changed")
+    later = (tmp_path / "s-2").stat().st_mtime + 10  # the unfinished attempt is newer: the damage is still named
+    os.utime(tmp_path / "s-2", (later, later))
     with pytest.raises(FileNotFoundError, match="no complete s-\\* under .*(does not match|bytes)"):
+        require_complete(tmp_path, "s-*", "train it")
+    (first / MARKER).unlink()  # nothing finished: the newest attempt's reason
+    with pytest.raises(FileNotFoundError, match="s-2 .*never finished"):
         require_complete(tmp_path, "s-*", "train it")
 
 

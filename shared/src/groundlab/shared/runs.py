@@ -159,11 +159,14 @@ def newest_complete(parent: str | Path, pattern: str) -> Path | None:
 
 def require_complete(parent: str | Path, pattern: str, hint: str) -> Path:
     """:func:`newest_complete`, or ``FileNotFoundError`` saying why: nothing there (``hint`` says what
-    to run), or every candidate incomplete or damaged (the newest one's reason)."""
+    to run), or every candidate incomplete or damaged: the reason of the newest one that finished (its
+    damage), else of the newest attempt (never finished). Ranking finished ones first keeps the
+    answer independent of the file system's timestamp resolution."""
     found = newest_complete(parent, pattern)
     if found is not None:
         return found
-    candidates = sorted((d for d in Path(parent).glob(pattern) if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    candidates = sorted((d for d in Path(parent).glob(pattern) if d.is_dir()),
+                        key=lambda d: ((d / MARKER).is_file(), d.stat().st_mtime, d.name))
     if not candidates:
         raise FileNotFoundError(f"nothing trained under {Path(parent) / pattern}: {hint}")
     raise FileNotFoundError(f"no complete {pattern} under {parent} ({check_complete(candidates[-1])[1]}): {hint}")
