@@ -51,6 +51,8 @@ from groundlab.vp_mllm.modeling import (
     VPMLLMForConditionalGeneration,
     align_to_locations,
     load_sam_prompt_encoder,
+    location_targets,
+    random_boxes,
     sam_prompt_dim,
     set_trainable,
 )
@@ -116,9 +118,7 @@ def check(directories: list[str]) -> None:
 
     from groundlab.vp_mllm.train import load_model
 
-    g = torch.Generator().manual_seed(3)
-    corners = torch.rand(500, 2, 2, generator=g)
-    boxes = torch.cat([corners.min(1).values, corners.max(1).values], -1)
+    boxes = random_boxes(500, torch.Generator().manual_seed(3))
     slots = torch.zeros(500, 10, 4)
     slots[:, 0] = boxes
     valid = torch.zeros(500, 10, dtype=torch.bool)
@@ -128,7 +128,7 @@ def check(directories: list[str]) -> None:
         tok = processor.tokenizer
         table = model.lmm.get_input_embeddings().weight[tok.convert_tokens_to_ids(loc_token_names(loc_bins(tok)))]
         tokens = model.prompt_tokens(slots, valid, torch.ones(500, dtype=torch.bool))[:, 1].float()
-        target = table[(boxes * (len(table) - 1)).round().long()].sum(1).float()
+        target = location_targets(table, boxes).float()
         cosine = torch.nn.functional.cosine_similarity(tokens, target, dim=-1).mean()
         nearest = (torch.cdist(tokens, target).argmin(1) == torch.arange(500)).float().mean()
         print(f"{directory}: cosine {float(cosine):.3f}, nearest its own target {float(nearest):.3f}", flush=True)

@@ -16,6 +16,7 @@ from groundlab.vp_mllm.modeling import (
     VPMLLMForConditionalGeneration,
     align_to_locations,
     load_sam_prompt_encoder,
+    random_boxes,
     set_trainable,
 )
 from groundlab.vp_mllm.processing import (
@@ -238,9 +239,7 @@ def test_vp_proj_aligned_to_the_bases_location_tokens():
     fit = align_to_locations(model, table, samples=8000)
     assert fit["r2/box"] > 0.8 and fit["r2/point"] > 0.8, fit
 
-    g = torch.Generator().manual_seed(5)
-    corners = torch.rand(40, 2, 2, generator=g)
-    boxes = torch.cat([corners.min(1).values, corners.max(1).values], -1)
+    boxes = random_boxes(40, torch.Generator().manual_seed(5))
     slots = torch.zeros(40, 10, 4)
     slots[:, 0] = boxes
     valid = torch.zeros(40, 10, dtype=torch.bool)

@@ -129,6 +129,17 @@ def load_sam_prompt_encoder(encoder: VisualPromptEncoder, checkpoint: str | Path
     return sorted(loaded)
 
 
+def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 4) boxes ``x0 y0 x1 y1`` with uniform corners in [0, 1]."""
+    corners = torch.rand(n, 2, 2, generator=generator)
+    return torch.cat([corners.min(1).values, corners.max(1).values], -1)
+
+
+def location_targets(table: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """The sum of the location-token rows of ``table`` (bins, D) for [0, 1] coordinates (..., 4)."""
+    return table[(coords * (len(table) - 1)).round().long()].sum(-2)
+
+
 @torch.no_grad()
 def align_to_locations(model: VPMLLMForConditionalGeneration, location_embeddings: torch.Tensor,
                        samples: int = 20000, seed: int = 0) -> dict[str, float]:
@@ -152,8 +163,7 @@ def align_to_locations(model: VPMLLMForConditionalGeneration, location_embedding
         raise ValueError(f"need at least two location tokens, got {bins}")
     table = location_embeddings.detach().float().cpu()
     g = torch.Generator().manual_seed(seed)
-    corners = torch.rand(samples, 2, 2, generator=g)
-    boxes = torch.cat([corners.min(1).values, corners.max(1).values], -1)  # x0 y0 x1 y1
+    boxes = random_boxes(samples, g)
     points = torch.rand(samples, 2, generator=g)
     encoder = model.vp_encoder
     dev = next(encoder.parameters()).device
@@ -161,7 +171,7 @@ def align_to_locations(model: VPMLLMForConditionalGeneration, location_embedding
     feats = torch.cat([encoder.embed_boxes(boxes[:, None].to(dev), valid)[:, 0],
                        encoder.embed_points(points[:, None].to(dev), valid)[:, 0]]).float().cpu()
     coords = torch.cat([boxes, points.repeat(1, 2)])
-    target = table[(coords * (bins - 1)).round().long()].sum(-2)
+    target = location_targets(table, coords)
     mean, std = target.mean(-1, keepdim=True), target.std(-1, keepdim=True, unbiased=False)
     z = (target - mean) / std
     x = torch.cat([feats, torch.ones(len(feats), 1)], 1)
