@@ -7,6 +7,7 @@ from groundlab.shared.world import World, WorldConfig
 from groundlab.tldr.correction import (
     REWRITE_PROMPT,
     RewriteDataset,
+    corrected_where_marked,
     marked_caption,
     noisy_flags,
     oracle_flags,
@@ -61,10 +62,15 @@ def test_rewrite_items_and_dataset(tok):
         rewrite_items(scenes, [s.caption for s in scenes[:5]])
     cfg = TinyVLMConfig(kind="paligemma")
     data = RewriteDataset(items, tok, cfg)
-    assert sum(data.modes.values()) == 12
+    assert sum(data.modes.values()) == 12 and data.modes["none"] and data.modes["oracle"]
     sample = data[1]
     answer = [t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab != -100]
-    assert tok.decode(answer[:-1]) == items[1].truth and answer[-1] == tok.eos_token_id  # only the truth is learned
+    assert tok.decode(answer[:-1]) == data.targets[1] and answer[-1] == tok.eos_token_id  # only the target is learned
+    for item, target, mode in zip(items, data.targets, data.item_modes):
+        if mode == "none":  # nothing marked: the caption is kept
+            assert target == item.caption
+        elif mode == "oracle" and item.source != "base":  # one verified edit, marked: the truth
+            assert target == item.truth
     prompt = tok.decode([t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab == -100
                          and t != tok.convert_tokens_to_ids("<image>")], skip_special_tokens=True)
     assert prompt.startswith(REWRITE_PROMPT.format(caption="")) and sample["image"] is items[1].image
@@ -88,3 +94,23 @@ def test_self_correction_reports_each_mark_set_on_the_same_captions(tok):
         assert out[f"{mode}/true_error"] == 1.0 and out[f"{mode}/broken"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="other tokens"):
         self_correction(model, processor, cfg, scenes, captions, [scores[1], scores[0], scores[2]])
+
+
+def test_rewrite_targets_correct_only_the_marked_differences(tok):
+    truth = "a large red circle and a small blue square."
+    wrong = "a small red circle and a small green square."
+    n = len(response_tokens(tok, wrong))
+    oracle = oracle_flags(tok, wrong, truth)
+    assert corrected_where_marked(tok, wrong, truth, oracle) == truth
+    assert corrected_where_marked(tok, wrong, truth, [True] * n) == truth
+    assert corrected_where_marked(tok, wrong, truth, [False] * n) == wrong
+    tokens = tok.convert_ids_to_tokens(response_tokens(tok, wrong))
+    first = [f and i < n // 2 for i, f in enumerate(oracle)]  # only the first error marked
+    assert marked_caption(tokens, first) == "a [small] red circle and a small green square."
+    assert corrected_where_marked(tok, wrong, truth, first) == "a large red circle and a small green square."
+    false_alarm = [i == 3 for i in range(n)]  # a right word marked stays
+    assert corrected_where_marked(tok, wrong, truth, false_alarm) == wrong
+    cut = "a large red circle."  # the truth's second object dropped: the cut point is flagged
+    assert corrected_where_marked(tok, cut, truth, oracle_flags(tok, cut, truth)) == truth
+    with pytest.raises(ValueError, match="flags"):
+        corrected_where_marked(tok, wrong, truth, [True])

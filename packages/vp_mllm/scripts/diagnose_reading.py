@@ -19,7 +19,8 @@ order and asks about a random one (the binding of ``<Region k>`` to slot k is th
 ``--slot-numbers X`` adds a learned per-slot vector started at X times the embedding of the number
 token `` k`` (the one the text reference uses). ``--answer box``: the answer is the asked region's
 box in location tokens instead of its label (reading the slot without looking at the image: with
-``--marked all`` the binding alone).
+``--marked all`` the binding alone). ``--extra-layers N`` puts N fresh decoder blocks, started as
+the identity, in front of the base LLM's four (is depth what the binding lacks?).
 
 ``--check DIR [DIR ...]`` instead measures saved models (a run's ``start-*``, ``vp_stage1-*``, ...
 directories): how close each one's box tokens are to the sum of its own location-token embeddings
@@ -78,17 +79,47 @@ def build(args):
         numbers = tok.convert_tokens_to_ids([tok.tokenize(f" {k + 1}")[-1] for k in range(config.vp_config.num_slots)])
         with torch.no_grad():
             model.vp_slots.copy_(args.slot_numbers * model.lmm.get_input_embeddings().weight[numbers][None])
+    if args.extra_layers:
+        add_blocks(model, args.extra_layers)
     if args.token == "loc_sum":
         fixed, bins = table.detach().clone(), len(table)
 
         def prompt_tokens(coords, valid, is_box):  # the sum of the box's location-token rows
             tokens = fixed[(coords.clamp(0, 1) * (bins - 1)).round().long()].sum(-2) * valid[..., None]
+            if config.slot_embeddings:
+                tokens = tokens + model.vp_slots
             b = tokens.shape[0]
             return torch.cat([model.start_vp.expand(b, -1, -1), tokens.to(model.start_vp.dtype),
                               model.end_vp.expand(b, -1, -1)], 1)
 
         model.prompt_tokens = prompt_tokens
     return model, VPProcessor(tok, hf.image_processor, config)
+
+
+def add_blocks(model, n: int) -> None:
+    """``n`` fresh decoder blocks in front of the base LLM's, started as the identity (their output
+    projections zero): does the binding need depth the 4-layer base lacks?"""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    lm = model.lmm.model.language_model
+    fresh = []
+    for _ in range(n):
+        block = LlamaDecoderLayer(lm.config, 0)
+        for name, p in block.named_parameters():
+            with torch.no_grad():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.zero_()
+                elif name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, lm.config.initializer_range)
+        fresh.append(block)
+    lm.layers = torch.nn.ModuleList(fresh + list(lm.layers))
+    for i, block in enumerate(lm.layers):
+        block.self_attn.layer_idx = i
+    lm.config.num_hidden_layers = len(lm.layers)
+    if getattr(lm.config, "layer_types", None):
+        lm.config.layer_types = [lm.config.layer_types[0]] * len(lm.layers)
 
 
 def sample(processor, scene, rng, args, train: bool):
@@ -141,6 +172,7 @@ def main() -> None:
     ap.add_argument("--marked", choices=("one", "all"), default="one")
     ap.add_argument("--slot-numbers", type=float, default=0.0)
     ap.add_argument("--answer", choices=("label", "box"), default="label")
+    ap.add_argument("--extra-layers", type=int, default=0)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)

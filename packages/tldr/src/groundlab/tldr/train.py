@@ -385,7 +385,7 @@ def correct_captions(recipe: Recipe, cfg: RunConfig, pali: Path, processor, rewa
     from groundlab.shared.attention import HF_ATTENTION
     from groundlab.shared.loading import load_pretrained
 
-    from .correction import rewrite_items, self_correction, train_rewriter
+    from .correction import REWRITE_TARGETS, rewrite_items, self_correction, train_rewriter
     from .downstream import CAPTION_PROMPT, generator_config, score_texts, tiny_captions
 
     base = load_pretrained(PaliGemmaForConditionalGeneration, pali, "the PaliGemma base",
@@ -399,7 +399,7 @@ def correct_captions(recipe: Recipe, cfg: RunConfig, pali: Path, processor, rewa
 
     # what decides the rewriter (not how many held-out captions it rewrites)
     root = recipe.stage("rewriter", cfg.correction.train_scenes, train_key(cfg.correction.train), str(pali),
-                        cfg.data.image_size, cfg.data.world_seed, build=fit)
+                        cfg.data.image_size, cfg.data.world_seed, REWRITE_TARGETS, build=fit)
     rewriter = load_pretrained(PaliGemmaForConditionalGeneration, root / "model", "the rewriter",
                                attn_implementation=HF_ATTENTION)
     scenes = _test_scenes(cfg, cfg.correction.n_scenes)
