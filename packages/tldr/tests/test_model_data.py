@@ -289,6 +289,12 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     trained = sorted(Path(path).parent.glob("tldr-*/adapter/adapter_config.json"))
     assert len(trained) == 6  # three arms x two seeds, each its own stage
     assert len({json.loads(p.read_text())["target_modules"] for p in trained}) == 3  # three LoRA placements
+    # a subset of arms: only those are scored (the cached models reloaded, the same figures)
+    sub = json.loads(Path(ablation(cfg, seeds=(0, 1), arms=("naive",))).read_text())
+    assert {k for k in sub if "/seed_" in k} == {k for k in ab if k.startswith("naive/seed_")}
+    assert sub["naive/mean/A_R"] == ab["naive/mean/A_R"]
+    with pytest.raises(ValueError, match="subset"):
+        ablation(cfg, seeds=(0, 1), arms=("lora_everywhere",))
 
 
 def _tiny_mllama_dir(tmp_path) -> Path:

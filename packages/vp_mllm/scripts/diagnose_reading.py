@@ -14,8 +14,8 @@ samples each step from 3,000 training scenes; teacher-forced accuracy (every ans
 - ``text``: no prompt block; the box written as the base's location tokens in the question
   (``What is <loc..><loc..><loc..><loc..>?``): the design's upper bound, the base's own reading.
 
-``--marked one`` marks only the asked object (slot 1); ``all`` marks every object in a shuffled slot
-order and asks about a random one (the binding of ``<Region k>`` to slot k is then needed);
+``--marked one`` marks only the asked object (slot 1); ``two`` the asked object and one other in a
+random order; ``all`` marks every object in a shuffled slot order and asks about a random one (the binding of ``<Region k>`` to slot k is then needed);
 ``--slot-numbers X`` adds a learned per-slot vector started at X times the embedding of the number
 token `` k`` (the one the text reference uses). ``--answer box``: the answer is the asked region's
 box in location tokens instead of its label (reading the slot without looking at the image: with
@@ -139,6 +139,10 @@ def sample(processor, scene, rng, args, train: bool):
                                 None, use_prompts=False)
     if args.marked == "one":
         boxes, k = [boxes[k]], 0
+    elif args.marked == "two":  # the asked object and one other, in a random order
+        other = int(rng.choice([i for i in range(len(boxes)) if i != k]))
+        pair = [k, other] if rng.random() < 0.5 else [other, k]
+        boxes, k = [boxes[i] for i in pair], pair.index(k)
     conv = [{"from": "human", "value": f"What is <Region {k + 1}>?"}, {"from": "gpt", "value": answer}]
     return processor.encode(scene.image, conv, VisualPrompts("box", boxes))
 
@@ -169,7 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--token", choices=("encoder", "loc_sum", "text"), default="encoder")
     ap.add_argument("--align", action="store_true")
-    ap.add_argument("--marked", choices=("one", "all"), default="one")
+    ap.add_argument("--marked", choices=("one", "two", "all"), default="one")
     ap.add_argument("--slot-numbers", type=float, default=0.0)
     ap.add_argument("--answer", choices=("label", "box"), default="label")
     ap.add_argument("--extra-layers", type=int, default=0)

@@ -1,7 +1,7 @@
 """``groundlab-tldr``: train | eval | ablate | score | score-jsonl.
 
     groundlab-tldr train --config packages/tldr/configs/tiny.yaml [--force] [--key.sub value ...]
-    groundlab-tldr ablate --config packages/tldr/configs/tiny.yaml [--seeds 0 1 2] [--force]
+    groundlab-tldr ablate --config packages/tldr/configs/tiny.yaml [--seeds 0 1 2] [--arms ARM ...] [--force]
     groundlab-tldr score --image X.jpg --text "a small red circle." [--prompt "caption en"] [--html out.html]
     groundlab-tldr score-jsonl --input in.jsonl --image-root DIR --out scored.jsonl
 
@@ -66,13 +66,16 @@ def ablate(args) -> None:
 
     if not args.config.is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")
-    ablation(RunConfig.from_yaml(args.config), tuple(args.seeds), force=args.force)
+    ablation(RunConfig.from_yaml(args.config), tuple(args.seeds), force=args.force,
+             arms=tuple(args.arms) if args.arms else None)
 
 
 def _add_commands(sub) -> None:
     a = sub.add_parser("ablate", help="Table 2 (where the LoRA goes) and the naive RM, over seeds")
     a.add_argument("--config", required=True, type=Path)
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help="a subset of projector_decoder, naive, projector, decoder (default: all)")
     a.add_argument("--force", action="store_true")
     s = sub.add_parser("score", help="per-token probabilities of one response, flagged tokens highlighted")
     s.add_argument("--image", required=True, type=Path)

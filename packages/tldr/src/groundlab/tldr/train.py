@@ -271,22 +271,31 @@ ABLATION_ARMS = {"projector_decoder": {}, "projector": {"lora_decoder": False}, 
 ABLATION_FIGURES = ("A_T", "A_S", "A_R", "A_R_balanced", "mAP_neg", "mAP_pos")
 
 
-def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), force: bool = False) -> Path:
+def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), force: bool = False,
+             arms: tuple[str, ...] | None = None) -> Path:
     """Table 2 (which parts TLDR's LoRA trains: projector + decoder, projector only, decoder only) and
     the naive RM, each trained with every seed in ``seeds`` (the LoRA's initialisation and the data
     order) on the same data and steps as the run's; per seed, mean and standard deviation (ddof 1).
     The models are stages of the run ``cfg.name`` (its seed-0 TLDR and naive RM are reused); the
-    table lands in ``runs/tldr/<name>/ablation/metrics.json``."""
+    table lands in ``runs/tldr/<name>/ablation/metrics.json``. ``arms``: a subset of
+    :data:`ABLATION_ARMS` and ``naive`` (default: all of them)."""
     setup_logging()
     if len(seeds) < 2:
         raise ValueError(f"an ablation needs at least 2 seeds for a spread, got {list(seeds)}")
+    known = (*ABLATION_ARMS, "naive")
+    if arms is not None and (not arms or any(a not in known for a in arms)):
+        raise ValueError(f"arms must be a non-empty subset of {list(known)}, got {list(arms)}")
+    if arms is not None and "naive" in arms and not cfg.naive:
+        raise ValueError("arm 'naive' asked for, but the config's naive RM is off (naive: false)")
     stages = Recipe("tldr", cfg.name, force)
     out = Recipe("tldr", f"{cfg.name}/ablation")
     pali = Path(cfg.model.backbone) if cfg.model.backbone else ensure_base("paligemma")
     processor = AutoProcessor.from_pretrained(pali)
     data = prepare_data(stages, cfg, pali, processor.tokenizer)
-    arms = [(arm, "token", over) for arm, over in ABLATION_ARMS.items()] + ([("naive", "last", {})] if cfg.naive else [])
-    for arm, head, over in arms:
+    # TLDR's default and the naive RM first (the comparison of the main table), then the other placements
+    runs = [(arm, "token", over) for arm, over in ABLATION_ARMS.items()]
+    runs[1:1] = [("naive", "last", {})] if cfg.naive else []
+    for arm, head, over in [r for r in runs if arms is None or r[0] in arms]:
         per_seed = []
         for seed in seeds:
             c = replace(cfg, model=ModelConfig(cfg.model.backbone, {**cfg.model.config, **over}),
@@ -316,7 +325,7 @@ def print_ablation(m: dict) -> None:
     for arm, name in names.items():
         if f"{arm}/mean/A_R" in m:
             print(f"| {name} | " + " | ".join(f(arm, k) for k in ABLATION_FIGURES) + " |")
-    if "naive/mean/A_R_balanced" in m:
+    if "naive/mean/A_R_balanced" in m and "projector_decoder/mean/A_R_balanced" in m:
         gap = m["projector_decoder/mean/A_R_balanced"] - m["naive/mean/A_R_balanced"]
         spread = max(m["projector_decoder/std/A_R_balanced"], m["naive/std/A_R_balanced"])
         print(f"balanced A_R, TLDR - naive RM: {100 * gap:+.1f} points; the larger seed std {100 * spread:.1f}")
