@@ -269,6 +269,7 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     cli(["score", "--image", str(image), "--text", "a small red circle.", "--run", "micro",
          "--html", str(tmp_path / "flagged.html")])
     assert "P(good)=" in (tmp_path / "flagged.html").read_text()
+    html = (tmp_path / "flagged.html").read_text()
     # a second run reuses data and models (nothing retrained), and the reloaded models score the same
     adapters = sorted(Path(path).parent.glob("*/adapter/adapter_model.safetensors"))
     before = [p.stat().st_mtime_ns for p in adapters]
@@ -295,6 +296,15 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     assert sub["naive/mean/A_R"] == ab["naive/mean/A_R"]
     with pytest.raises(ValueError, match="subset"):
         ablation(cfg, seeds=(0, 1), arms=("lora_everywhere",))
+    # `score` still loads the run's own TLDR model, not the newest of the ablation's stages
+    from groundlab.tldr.cli import _find_model
+
+    newest = max(trained, key=lambda p: p.stat().st_mtime_ns).parent.parent
+    assert _find_model("micro", None) == Path(path).parent / (Path(path).parent / "MODEL").read_text().strip()
+    assert _find_model("micro", None) != newest
+    cli(["score", "--image", str(image), "--text", "a small red circle.", "--run", "micro",
+         "--html", str(tmp_path / "again.html")])
+    assert (tmp_path / "again.html").read_text() == html
 
 
 def _tiny_mllama_dir(tmp_path) -> Path:

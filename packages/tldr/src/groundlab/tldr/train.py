@@ -156,6 +156,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     data = prepare_data(recipe, cfg, pali, processor.tokenizer)
     heads = {"tldr": "token"} | ({"naive": "last"} if cfg.naive else {})
     models = {tag: train_reward_model(recipe, cfg, pali, processor, data, tag, head) for tag, head in heads.items()}
+    # the run's TLDR model, by name: the ablation adds more tldr-* stages to the same directory
+    (recipe.root / MODEL_POINTER).write_text(models["tldr"].name + "\n")
     scored = {tag: evaluate_reward_model(recipe, cfg, pali, processor, data, models[tag], tag, head)
               for tag, head in heads.items()}
     if data.real:  # the downstream tables need the world's truth
@@ -266,6 +268,8 @@ def _score_model(cfg: RunConfig, pali: Path, processor, data: Data, model_dir: P
     return model, score_tldr(preds) if head == "token" else score_naive(preds), preds
 
 
+MODEL_POINTER = "MODEL"
+"""A run's file naming its TLDR model's stage directory (what ``score`` loads)."""
 ABLATION_ARMS = {"projector_decoder": {}, "projector": {"lora_decoder": False}, "decoder": {"lora_projector": False}}
 """Table 2: where TLDR's LoRA goes (the paper's default is both); ``naive`` is the naive RM beside them."""
 ABLATION_FIGURES = ("A_T", "A_S", "A_R", "A_R_balanced", "mAP_neg", "mAP_pos")
