@@ -125,3 +125,17 @@ def test_the_bases_run_through_the_shared_attention():
     _, _, eager, _ = _setup("llava", "eager", n_samples=2)  # the check can fail
     assert "attn_implementation='eager'" in attention_outside_the_shared_dispatch(eager)[0]
     assert "MultiheadAttention" in attention_outside_the_shared_dispatch(torch.nn.MultiheadAttention(8, 2))[0]
+
+
+def test_stray_tensors_on_meta_catches_a_tensor_made_without_a_device():
+    import torch
+
+    from groundlab.shared.testing import stray_tensors_on_meta
+
+    x = torch.ones(3)
+    with stray_tensors_on_meta():
+        assert torch.equal(x + torch.zeros(3, device=x.device), x) and (x + x.new_zeros(3)).device == x.device
+        with pytest.raises(RuntimeError, match="meta"):
+            x + torch.zeros(3)
+        with pytest.raises(RuntimeError, match="meta"):
+            torch.arange(3).tolist()

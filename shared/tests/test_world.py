@@ -15,6 +15,7 @@ from groundlab.shared.world_io import (
     coco_dict,
     decode_rle,
     encode_rle,
+    image_file_name,
     load_image,
     write_coco,
     write_refer,
@@ -204,6 +205,24 @@ def test_refer_export_reads_back(tmp_path, scenes):
         (target,) = denotations(smp.sentence, s.objects)
         assert np.array_equal(smp.mask, target.mask)
         assert smp.image_path.is_file()
+    ids = refer.image_ids()
+    for s in splits["val"]:
+        masks = refer.instance_masks(ids[tmp_path / "images" / image_file_name(s)])
+        assert len(masks) == len(s.objects) and all(np.array_equal(m, o.mask) for m, o in zip(masks, s.objects))
+    with pytest.raises(ValueError, match=r"no refs of split 'testB'; its splits: \['testA', 'train', 'val'\]"):
+        refer.samples("testB")
+
+
+def test_refer_datasets_and_partitions_are_checked(tmp_path, scenes):
+    write_refer({"val": scenes[:4]}, tmp_path / "refer", tmp_path / "images", dataset="refcocog", split_by="umd")
+    refer = Refer(tmp_path / "refer", tmp_path / "images", dataset="refcocog", split_by="umd")
+    assert len(refer.samples("val")) == sum(len(s.refs) for s in scenes[:4])
+    with pytest.raises(ValueError, match=r"'refcocog' has no 'unc' partition; it has \['umd', 'google'\]"):
+        Refer(tmp_path / "refer", tmp_path / "images", dataset="refcocog", split_by="unc")
+    with pytest.raises(ValueError, match="unknown REFER dataset 'refcoco-g'"):
+        write_refer({"val": scenes[:1]}, tmp_path / "refer", tmp_path / "images", dataset="refcoco-g")
+    with pytest.raises(FileNotFoundError, match=r"'refcoco\+': missing .*refcoco\+/instances.json"):
+        Refer(tmp_path / "refer", tmp_path / "images", dataset="refcoco+")
 
 
 def test_rle_round_trip_and_bad_files(tmp_path):

@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 
 from groundlab.omg_llava.losses import dice_loss, hungarian_match, mask_loss, point_sample, set_loss
 from groundlab.omg_llava.segmenter import Prediction
@@ -76,3 +77,29 @@ def test_set_loss_batches_images_with_mask2former_normalisation():
     assert torch.isclose(out["class"], 2 * expected, rtol=1e-5)  # two predictions, summed
     inverted = set_loss([Prediction(class_logits, -mask_logits, pred.iou, pred.query)], targets, n_cls, num_points=256)
     assert inverted["mask"] > out["mask"]  # one inverted prediction costs more than both right ones
+
+
+def test_logits_fitted_to_full_resolution_targets_upsample_onto_them():
+    """Targets are point-sampled at their own resolution: logits on a 4x coarser grid fitted with
+    ``mask_loss`` and upsampled as evaluation does (bilinear) land on the targets. Shrinking the
+    targets to the logits' grid first (nearest, as the segmenter's pre-training once did) shifts and
+    coarsens them: the same fit then scores far lower."""
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    targets = torch.stack([((xx - cx) ** 2 + (yy - cy) ** 2 < r * r).float()
+                           for cx, cy, r in ((21.3, 37.7, 6), (40.2, 18.9, 9), (10.5, 12.2, 4.5))])
+
+    def fitted_iou(target_for_loss):
+        torch.manual_seed(0)
+        logits = torch.zeros(3, 16, 16, requires_grad=True)
+        opt = torch.optim.Adam([logits], lr=0.1)
+        for _ in range(300):
+            loss = mask_loss(logits, target_for_loss, 1024)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        up = F.interpolate(logits.detach()[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0] > 0
+        return ((up & (targets > 0)).sum((1, 2)) / (up | (targets > 0)).sum((1, 2))).mean().item()
+
+    full = fitted_iou(targets)
+    shrunk = fitted_iou(F.interpolate(targets[None], size=(16, 16), mode="nearest")[0])
+    assert full > 0.95 and shrunk < full - 0.15, (full, shrunk)

@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from groundlab.omg_llava.inference import OMGLlavaPipeline
-from groundlab.omg_llava.train import RunConfig, run
+from groundlab.omg_llava.train import RunConfig, run, score_predictions
 from groundlab.shared.tokenizer import load_tokenizer
 from groundlab.shared.world import World, WorldConfig
 
@@ -48,10 +48,14 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
     monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path))
     path = run(config(llm_dir))
     m = json.loads(path.read_text())
+    run_dir = tmp_path / "omg_llava" / "t"
     for task, cols in (("res", ("cIoU", "gIoU")), ("gcg", ("METEOR", "CIDEr", "AP50", "mIoU", "recall")),
                        ("region", ("METEOR", "CIDEr"))):
+        # every printed figure is the score of its predictions file, the trained and the untrained model's
         for prefix in ("", "baseline/untrained/"):
-            assert all(0.0 <= m[f"{prefix}{task}/{c}"] for c in cols)
+            rescored = score_predictions(config(llm_dir), run_dir / f"predictions_{prefix.replace('/', '_')}{task}.jsonl")
+            assert {f"{prefix}{k}": v for k, v in rescored.items() if k.split("/")[1] in cols} == \
+                {f"{prefix}{task}/{c}": m[f"{prefix}{task}/{c}"] for c in cols}
     assert 0 < m["baseline/whole/res/cIoU"] < 1 and 0 < m["baseline/random_object/res/gIoU"] <= 1
     # every object of the image: contains the target, so it beats the whole image on every expression
     assert m["baseline/whole/res/cIoU"] < m["baseline/union/res/cIoU"] <= 1
@@ -60,7 +64,7 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
     assert {"segmenter/panoptic/PQ", "segmenter/baseline/untrained/panoptic/PQ", "stage2/seg_mismatched",
             "time/stage1_s", "time/stage2_s"} <= set(m)
     assert m["stage2/seg_mismatched"] == 0
-    preds = [json.loads(line) for line in (tmp_path / "omg_llava" / "t" / "predictions_res.jsonl").open()]
+    preds = [json.loads(line) for line in (run_dir / "predictions_res.jsonl").open()]
     assert len(preds) == m["data/eval/res"] and {"id", "answer", "masks", "scores"} <= set(preds[0])
     # a second run reuses every stage (nothing retrained) and scores the same
     again = json.loads(run(config(llm_dir)).read_text())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .distributed import launch
@@ -93,3 +94,15 @@ def attention_outside_the_shared_dispatch(model) -> list[str]:
         if "Attention" in type(module).__name__ and impl not in (None, HF_ATTENTION):
             found.append(f"{name}: {type(module).__name__} with attn_implementation={impl!r}")
     return found
+
+
+@contextmanager
+def stray_tensors_on_meta():
+    """A device check that needs no GPU: inside it, a tensor created without ``device=`` (``torch.zeros``,
+    ``torch.arange``, ``torch.tensor(...)``, ...) lands on ``meta``, and the first operation that
+    combines it with the CPU model's tensors, or reads its value, raises. Code that creates every tensor
+    on its inputs' device runs inside it unchanged, as it would on a GPU."""
+    import torch
+
+    with torch.device("meta"):
+        yield

@@ -141,6 +141,7 @@ def write_refer(splits: dict[str, list[Scene]], data_root: str | Path, image_dir
                 dataset: str = "refcoco", split_by: str = "unc") -> Path:
     """Write scenes in the REFER layout. ``splits`` maps a REFER split name (train / val / testA ...)
     to its scenes; every object becomes one ref whose sentences are all its expressions."""
+    check_refer(dataset, split_by)
     root = Path(data_root) / dataset
     root.mkdir(parents=True, exist_ok=True)
     all_scenes = [s for scenes in splits.values() for s in scenes]
@@ -181,8 +182,24 @@ class ReferSample:
     mask: np.ndarray  # (H, W) bool
 
 
+REFER_DATASETS: dict[str, tuple[str, ...]] = {
+    "refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"), "refclef": ("unc", "berkeley")}
+"""The REFER datasets and the partitions (``split_by``) each is published with: ``<data_root>/<dataset>/
+instances.json`` + ``refs(<split_by>).p``. RefCOCO / RefCOCO+ (unc) evaluate on val / testA / testB,
+RefCOCOg (umd) on val / test."""
+
+
+def check_refer(dataset: str, split_by: str) -> None:
+    """A clear error for a REFER dataset / partition pair that is not published."""
+    if dataset not in REFER_DATASETS:
+        raise ValueError(f"unknown REFER dataset {dataset!r}; known: {sorted(REFER_DATASETS)}")
+    if split_by not in REFER_DATASETS[dataset]:
+        raise ValueError(f"REFER dataset {dataset!r} has no {split_by!r} partition; it has "
+                         f"{list(REFER_DATASETS[dataset])}")
+
+
 class Refer:
-    """Reader of the REFER layout (RefCOCO / RefCOCO+ / RefCOCOg / RefCLEF).
+    """Reader of the REFER layout (RefCOCO / RefCOCO+ / RefCOCOg / RefCLEF, :data:`REFER_DATASETS`).
 
     ``refs(<split_by>).p`` is a pickle, the format the datasets are published in: load only files
     you trust.
@@ -195,6 +212,8 @@ class Refer:
         from .config import read_json
         from .inputs import check_xywh
 
+        check_refer(dataset, split_by)
+        self.dataset, self.split_by = dataset, split_by
         root = Path(data_root) / dataset
         ann_file, refs_file = root / "instances.json", root / f"refs({split_by}).p"
         for path in (ann_file, refs_file):
@@ -248,7 +267,19 @@ class Refer:
     def splits(self) -> list[str]:
         return sorted({r["split"] for r in self.refs})
 
+    def image_ids(self) -> dict[Path, int]:
+        """Each image file's id (the paths :meth:`samples` gives)."""
+        return {self.image_dir / img["file_name"]: img_id for img_id, img in self.coco.imgs.items()}
+
+    def instance_masks(self, image_id: int) -> list[np.ndarray]:
+        """Every annotated object's (H, W) bool mask in one image (each image's decoded once a call)."""
+        return [self.coco.annToMask(a).astype(bool) for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id]))]
+
     def samples(self, split: str) -> list[ReferSample]:
+        """Every (expression, object) pair of ``split``; a split without refs is an error naming the
+        splits the file has."""
+        if split not in self.splits():
+            raise ValueError(f"{self.refs_file}: no refs of split {split!r}; its splits: {self.splits()}")
         out = []
         for ref in self.refs:
             if ref["split"] != split:

@@ -15,6 +15,8 @@ from groundlab.shared.config import pretrained_config_kwargs
 
 from .omg_seg import OMGSegConfig
 
+FEATURE_STRIDES = (4, 8, 16, 32)
+
 
 class OMGLlavaConfig(PretrainedConfig):
     model_type = "groundlab_omg_llava"
@@ -23,13 +25,17 @@ class OMGLlavaConfig(PretrainedConfig):
                  shuffle: int = 2, use_prior: bool = True, use_object_tokens: bool = True,
                  token_ids: dict[str, int] | None = None, seg_bce_weight: float = 2.0, seg_dice_weight: float = 0.5,
                  seg_points: int = 12544, reconstruction_weight: float = 10.0, template: str = "internlm2",
-                 seg_queries_attend: bool = False, **kwargs):
+                 seg_queries_attend: bool = False, feature_stride: int = 32, **kwargs):
         """
         Args:
             seg_config: the segmenter (:class:`OMGSegConfig`; the release's OMG-Seg by default).
             text_config: any causal LM's config (a dict with ``model_type``: llama, internlm2 via remote
                 code, phi3, qwen2, ...).
-            shuffle: the pixel-unshuffle factor of the stride-32 features (2: 32x32 -> 16x16 at 1024 px).
+            shuffle: the pixel-unshuffle factor of the pixel-token features (2: 32x32 -> 16x16 at 1024 px).
+            feature_stride: the backbone level the pixel tokens come from (4, 8, 16 or 32; the release's
+                CLIP stride-32 features). The token grid, ``image_size / feature_stride / shuffle`` on a
+                side, is also where the perception prior is read and the object tokens are chosen: a
+                target whose mask wins no cell of it gets no object token.
             use_prior, use_object_tokens: the paper's Table 5 ablations (prior zeroed; no object tokens).
             token_ids: ids of ``<image>`` and the special tokens in the tokenizer.
             seg_bce_weight, seg_dice_weight, seg_points: the ``[SEG]`` mask loss (2.0 / 0.5 / 12544).
@@ -53,6 +59,9 @@ class OMGLlavaConfig(PretrainedConfig):
         self.reconstruction_weight = reconstruction_weight
         self.template = template
         self.seg_queries_attend = seg_queries_attend
+        if feature_stride not in FEATURE_STRIDES:
+            raise ValueError(f"feature_stride must be one of {FEATURE_STRIDES} (the backbone's levels), got {feature_stride!r}")
+        self.feature_stride = feature_stride
         super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
     def to_dict(self) -> dict:
@@ -63,7 +72,12 @@ class OMGLlavaConfig(PretrainedConfig):
 
     @property
     def grid(self) -> int:
-        return self.seg_config.image_size // 32 // self.shuffle
+        return self.seg_config.image_size // self.feature_stride // self.shuffle
+
+    @property
+    def feature_level(self) -> int:
+        """The index of the pixel tokens' level among the backbone's outputs (strides 4, 8, 16, 32)."""
+        return FEATURE_STRIDES.index(self.feature_stride)
 
     @property
     def query_dim(self) -> int:
@@ -71,7 +85,7 @@ class OMGLlavaConfig(PretrainedConfig):
 
     @property
     def clip_dim(self) -> int:
-        return self.seg_config.dims[-1] * self.shuffle**2
+        return self.seg_config.dims[self.feature_level] * self.shuffle**2
 
 
 AutoConfig.register(OMGLlavaConfig.model_type, OMGLlavaConfig, exist_ok=True)

@@ -387,11 +387,20 @@ def export_world(world, out_dir: str | Path, n_train: int, n_val: int, qa_per_sc
     return counts
 
 
-def load_world_export(out_dir: str | Path, split: str, tasks: tuple[str, ...]) -> list[Sample]:
-    """Read an :func:`export_world` folder back through the real loaders: the samples of ``tasks``
-    (caption, qa, res, gcg, region, point) of ``split``."""
+def refer_reader(root: str | Path, dataset: str = "refcoco", split_by: str = "unc",
+                 image_dir: str | Path | None = None):
+    """The REFER reader of a data folder: ``<root>/<dataset>/instances.json`` + ``refs(<split_by>).p``,
+    images under ``image_dir`` (default ``<root>/images``, the export's; COCO's ``train2014`` for the
+    real RefCOCO / RefCOCO+ / RefCOCOg)."""
     from groundlab.shared.world_io import Refer
 
+    return Refer(root, Path(image_dir) if image_dir else Path(root) / "images", dataset, split_by)
+
+
+def load_world_export(out_dir: str | Path, split: str, tasks: tuple[str, ...], refer: dict | None = None) -> list[Sample]:
+    """Read an :func:`export_world` folder back through the real loaders: the samples of ``tasks``
+    (caption, qa, res, gcg, region, point) of ``split``. ``refer``: :func:`refer_reader`'s arguments
+    for RES (another REFER dataset, partition or image folder; default the export's RefCOCO (unc))."""
     out, images = Path(out_dir), Path(out_dir) / "images"
     samples: list[Sample] = []
     for task in tasks:
@@ -400,7 +409,7 @@ def load_world_export(out_dir: str | Path, split: str, tasks: tuple[str, ...]) -
                 raise ValueError(f"the world export has {task} records for the train split only")
             samples += load_llava(out / FILES[task], images)
         elif task == "res":
-            samples += res_samples(Refer(out, images), split)
+            samples += res_samples(refer_reader(out, **(refer or {})), split)
         elif task == "gcg":
             samples += load_grandf(out / FILES["gcg"].format(split=split), images)
         elif task == "region":

@@ -271,3 +271,128 @@ def oracle_query_predictions(segmenter, samples: list[Sample], out_path: str | P
                      "masks": [encode_rle(queries[best])], "scores": [1.0]})
     return write_jsonl(rows, out_path)
 
+
+
+@torch.no_grad()
+def object_token_coverage(model, samples: list[Sample], instances: dict[str, list[np.ndarray]],
+                          batch_size: int = 32) -> dict[str, float]:
+    """Which RES targets can get an object-centric token, on ``model.config``'s token grid (where the
+    object tokens are chosen: a query that wins no cell gets none):
+
+    - ``coverage_perfect_masks``: the design's bound: with every object's true mask as its query's,
+      the share of targets that win at least one cell against the image's other objects;
+    - ``coverage``: with the segmenter's own masks, the share of targets whose best-overlapping query
+      (as :func:`oracle_query_predictions` picks it) is a valid one.
+    """
+    from .perception import perception_prior
+    from .processing import to_input_frame
+
+    seg, g = model.segmenter, model.config.grid
+    size = seg.config.image_size
+    images = sorted({str(s.image) for s in samples})
+    won: dict[str, set[int]] = {}
+    best_valid: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        arrays = [np.asarray(load_image(p)) for p in chunk]
+        last = seg(seg.preprocess(arrays).to(model.device))[-1]
+        for b, (path, im) in enumerate(zip(chunk, arrays)):
+            _, valid = perception_prior(last.class_logits[b], last.mask_logits[b], last.query[b],
+                                        seg.decoder.query_embed.weight, (g, g))
+            best_valid[path] = ((from_input_frame(last.mask_logits[b], im.shape[:2]) > 0).cpu().numpy(), valid.cpu())
+            truth = to_input_frame(instances[path], size).float()
+            cells = torch.nn.functional.interpolate(truth[None], size=(g, g), mode="bilinear", align_corners=False)[0]
+            cells = cells.flatten(1)
+            won[path] = {int(i) for i, top in zip(cells.argmax(0), cells.max(0).values) if top > 0}
+    perfect, real = [], []
+    for s in samples:
+        path, target = str(s.image), s.seg_masks[0]
+        own = [i for i, m in enumerate(instances[path]) if np.array_equal(m, target)]
+        if len(own) != 1:
+            raise ValueError(f"RES sample {s.id}: its target is {len(own)} of the image's annotated objects, not one")
+        perfect.append(own[0] in won[path])
+        masks, valid = best_valid[path]
+        real.append(bool(valid[max(range(len(masks)), key=lambda i: mask_iou(masks[i], target))]))
+    return {"coverage_perfect_masks": float(np.mean(perfect)), "coverage": float(np.mean(real))}
+
+
+def _decode_alone(model, p, queries: torch.Tensor) -> list[torch.Tensor]:
+    """(n, 2d) ``[query ; position]`` vectors of one image through the frozen decoder, each as if alone
+    (how a ``[SEG]`` is decoded): the ``layers + 1`` mask logits, each (n, s, s)."""
+    from .modeling import seg_self_mask
+
+    feat, pos = queries[None].split(model.config.seg_config.dim, dim=-1)
+    preds = model.segmenter.decoder.run_queries(feat, pos, p.mask_features, p.memory, p.pos,
+                                                self_mask=seg_self_mask([len(queries)], False, queries.device))
+    return [pr.mask_logits[0] for pr in preds]
+
+
+def _oracle_rows(samples: list[Sample], masks: dict[str, np.ndarray]) -> list[dict]:
+    return [{"id": s.id, "task": s.task, "image": str(s.image), "answer": f"It is {SEG}.",
+             "masks": [encode_rle(masks[s.id])], "scores": [1.0]} for s in samples]
+
+
+@torch.no_grad()
+def oracle_object_token_predictions(model, samples: list[Sample], out_path: str | Path) -> Path:
+    """RES's bound through the object tokens: per sample, the best (IoU with the target) of the image's
+    object-centric tokens, each ``[Q ; E]`` re-decoded by the frozen decoder as a ``[SEG]`` query:
+    what an LLM that copied the right object token into ``text2vision`` (stage 1 teaches it to
+    reconstruct them) would give. A target with no object token of its own scores what the nearest does."""
+    out = {}
+    for path, group in _by_image(samples).items():
+        im = np.asarray(load_image(path))
+        p = model.perceive(model.segmenter.preprocess([im]).to(model.device))[0]
+        if len(p.objects) == 0:
+            for s in group:
+                out[s.id] = np.zeros(im.shape[:2], bool)
+            continue
+        cand = (from_input_frame(_decode_alone(model, p, p.objects)[-1], im.shape[:2]) > 0).cpu().numpy()
+        for s in group:
+            out[s.id] = cand[max(range(len(cand)), key=lambda i: mask_iou(cand[i], s.seg_masks[0]))]
+    return write_jsonl(_oracle_rows(samples, out), out_path)
+
+
+def oracle_free_query_predictions(model, samples: list[Sample], out_path: str | Path, steps: int = 60,
+                                  lr: float = 0.05) -> Path:
+    """RES's ceiling for any LLM and ``text2vision``: per sample, a free ``[query ; position]`` vector
+    optimised through the frozen decoder (Adam, ``steps``, the ``[SEG]`` mask loss on every prediction)
+    to reproduce the target, started from the best object-token query (or the decoder's best learned
+    query when the image has no object token)."""
+    from .losses import mask_loss
+    from .processing import to_input_frame
+
+    size = model.segmenter.config.image_size
+    out = {}
+    for path, group in _by_image(samples).items():
+        im = np.asarray(load_image(path))
+        with torch.no_grad():
+            p = model.perceive(model.segmenter.preprocess([im]).to(model.device))[0]
+            dec = model.segmenter.decoder
+            start = p.objects if len(p.objects) else torch.cat([dec.query_feat.weight, dec.query_embed.weight], -1)
+            first = _decode_alone(model, p, start)[-1]
+        for s in group:
+            target = to_input_frame([s.seg_masks[0]], size).float().to(model.device)
+            with torch.no_grad():
+                ious = [mask_iou((from_input_frame(m[None], im.shape[:2])[0] > 0).cpu().numpy(), s.seg_masks[0])
+                        for m in first]
+            q = start[int(np.argmax(ious))][None].clone().requires_grad_(True)
+            opt = torch.optim.Adam([q], lr=lr)
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(steps):
+                preds = _decode_alone(model, p, q)
+                seeds = [int(torch.randint(1 << 30, (1,), generator=gen))]
+                loss = sum(mask_loss(m, target, model.config.seg_points, bce_weight=model.config.seg_bce_weight,
+                                     dice_weight=model.config.seg_dice_weight, seeds=seeds) for m in preds)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                out[s.id] = (from_input_frame(_decode_alone(model, p, q)[-1], im.shape[:2])[0] > 0).cpu().numpy()
+    return write_jsonl(_oracle_rows(samples, out), out_path)
+
+
+def _by_image(samples: list[Sample]) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(str(s.image), []).append(s)
+    return out

@@ -68,8 +68,8 @@ class OMGLlavaPipeline:
         points = [check_point(p, hw[1], hw[0], f"point {i}") for i, p in enumerate(points)]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        seg = self.model.segmenter
-        p = self.model.perceive(seg.preprocess([image]))[0]
+        seg, device = self.model.segmenter, self.model.device
+        p = self.model.perceive(seg.preprocess([image]).to(device))[0]
         text = prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
         ids = tokenize_prompt(self.tok, [{"from": "human", "value": text}], self.template)
         ids = expand_token({"input_ids": ids}, self.model.config.token_ids[IMAGE_TOKEN],
@@ -77,15 +77,15 @@ class OMGLlavaPipeline:
         size = seg.config.image_size
         prompts = {}
         if regions:
-            prompts[REGION] = to_input_frame(regions, size)
+            prompts[REGION] = to_input_frame(regions, size).to(device)
             for i, m in enumerate(prompts[REGION]):
                 if not bool(m.any()):
                     raise ValueError(f"region {i} vanishes when the image is resized to the segmenter's {size} px "
                                      "input: give a larger region")
         if points:
-            prompts[MARK] = torch.tensor(points, dtype=torch.float32) * (size / max(hw))
+            prompts[MARK] = torch.tensor(points, dtype=torch.float32, device=device) * (size / max(hw))
         (answer, logits), = self.model.generate_with_masks(
-            torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [p], [prompts],
+            torch.tensor([ids], device=device), torch.ones(1, len(ids), dtype=torch.long, device=device), [p], [prompts],
             max_new_tokens=max_new_tokens, eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
         prob = from_input_frame(logits, hw).sigmoid().float().cpu()
         masks = (prob > 0.5).numpy()

@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+TARGETS = "full-resolution"
+"""How the mask losses read their targets (part of the training stages' cache keys: a stage trained
+when the targets were first shrunk to the logits' grid is rebuilt)."""
+
 
 def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) at (N, P, 2) normalised (x, y) in [0, 1] -> (N, C, P), bilinear."""
@@ -62,7 +66,9 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor, num_points: int = 125
               importance: float = 0.75, bce_weight: float = 2.0, dice_weight: float = 0.5,
               reduce: bool = True, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Point-sampled ``bce_weight * BCE + dice_weight * Dice`` of (N, h, w) logits against (N, H, W)
-    targets, mean over the N masks (0 when N = 0); ``reduce=False``: the (N,) per-mask losses.
+    targets, mean over the N masks (0 when N = 0); ``reduce=False``: the (N,) per-mask losses. The
+    targets are sampled at their own resolution, at the same image points as the logits (as Mask2Former:
+    a target shrunk to the logits' grid first would be blurred, or shifted by nearest resizing).
     ``seeds``: one per mask, for points that do not depend on the batch (:func:`uncertain_points`)."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0 if reduce else logits.new_zeros(0)
@@ -152,9 +158,8 @@ def set_loss(predictions, targets: list[dict], num_classes: int, no_object_weigh
     total_ce = class_weight * ((ce.view(n_pred, -1) * w).sum(1) / w.sum(1)).sum()
     if index:
         lvl, b, q, t = torch.cat(index).unbind(1)
+        # the targets stay at their full resolution: the loss samples them at the logits' points
         logits, tgt = mask_logits[lvl, b, q], masks[b, t]
-        if tgt.shape[-2:] != logits.shape[-2:]:
-            tgt = F.interpolate(tgt[None], size=logits.shape[-2:], mode="nearest")[0]
         per_mask = mask_loss(logits, tgt, num_points, bce_weight=mask_weight, dice_weight=dice_weight, reduce=False)
         per_level = torch.zeros(n_pred, device=device).index_add(0, lvl, per_mask)
         total_mask = (per_level / torch.bincount(lvl, minlength=n_pred).clamp(min=1)).sum()

@@ -161,7 +161,7 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         enc = seg.encode(pixel_values)
         last = seg.decode(enc)[-1]
         g = self.config.grid
-        pixels = pixel_unshuffle(enc["clip"], self.config.shuffle)  # (B, g*g, clip_dim)
+        pixels = pixel_unshuffle(enc["features"][self.config.feature_level], self.config.shuffle)  # (B, g*g, clip_dim)
         out = []
         for b in range(pixel_values.shape[0]):
             prior, valid = perception_prior(last.class_logits[b], last.mask_logits[b], last.query[b],
@@ -294,10 +294,9 @@ class OMGLlavaForCausalLM(PreTrainedModel):
                 terms = []
                 for layer, pred in enumerate(preds):  # every prediction (deep supervision): mean per sample
                     logits = torch.cat([pred[i, :n] for i, n in enumerate(counts)])
-                    t = F.interpolate(tgt[None], size=logits.shape[-2:], mode="bilinear", align_corners=False)[0]
                     seeds = None if point_seeds is None else [
                         mix_seed(point_seeds[b], j, layer) for b, n in zip(owners, counts) for j in range(n)]
-                    per_mask = mask_loss(logits, t, self.config.seg_points, bce_weight=self.config.seg_bce_weight,
+                    per_mask = mask_loss(logits, tgt, self.config.seg_points,  # targets at full resolution bce_weight=self.config.seg_bce_weight,
                                          dice_weight=self.config.seg_dice_weight, reduce=False, seeds=seeds)
                     terms.append(per_mask.new_zeros(len(counts)).index_add(0, sample, per_mask)
                                  / per_mask.new_tensor(counts))

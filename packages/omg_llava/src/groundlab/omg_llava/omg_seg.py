@@ -107,7 +107,7 @@ class OMGSegModel(PreTrainedModel):
     def encode(self, pixel_values: torch.Tensor) -> dict:
         feats = self.backbone(pixel_values)
         mask_features, memory, pos = self.pixel_decoder(feats)
-        return {"clip": feats[-1], "mask_features": mask_features, "memory": memory, "pos": pos}
+        return {"clip": feats[-1], "features": feats, "mask_features": mask_features, "memory": memory, "pos": pos}
 
     def decode(self, enc: dict) -> list[Prediction]:
         return self.decoder(enc["mask_features"], enc["memory"], enc["pos"])

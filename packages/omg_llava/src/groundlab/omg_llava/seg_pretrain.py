@@ -107,7 +107,7 @@ class SegmenterForTraining(nn.Module):
         out = set_loss(preds, targets, self.model.config.num_classes, num_points=self.num_points)
         prompt_preds = self.model.run_prompts(enc, prompt_kind, prompts)
         logits = torch.stack([p.mask_logits[:, 0] for p in prompt_preds])  # (L, B, h, w): every prediction at once
-        tgt = F.interpolate(prompt_target.float()[:, None], size=logits.shape[-2:], mode="nearest")[:, 0]
+        tgt = prompt_target.float()  # full resolution: mask_loss samples it at the logits' points
         p_loss = mask_loss(logits.flatten(0, 1), tgt.repeat(len(prompt_preds), 1, 1), self.num_points,
                            bce_weight=5.0, dice_weight=5.0, reduce=False).view(len(prompt_preds), -1).mean(1).sum()
         return {"loss": out["loss"] + self.prompt_weight * p_loss}

@@ -41,19 +41,23 @@ from groundlab.shared.recipe import Recipe, train_key
 from groundlab.shared.runs import content_hash, weights_hash, write_metrics
 from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
-from groundlab.shared.world_io import Refer
+from groundlab.shared.world_io import check_refer
 
 from .configuration import OMGLlavaConfig
-from .data import export_world, load_world_export
+from .data import export_world, load_world_export, refer_reader
 from .dataset import OMGDataset, PerceptionCache, image_paths
 from .evaluation import (
     baseline_predictions,
+    object_token_coverage,
+    oracle_free_query_predictions,
+    oracle_object_token_predictions,
     oracle_query_predictions,
     predict,
     read_predictions,
     res_breakdown,
     score,
 )
+from .losses import TARGETS as MASK_TARGETS
 from .modeling import OMGLlavaForCausalLM
 from .omg_seg import OMGSegConfig, OMGSegModel
 from .processing import IMAGE_TOKEN, SPECIAL_TOKENS, TEMPLATES, OMGCollator
@@ -64,6 +68,10 @@ logger = logging.getLogger("groundlab")
 
 TASKS = ("caption", "qa", "res", "gcg", "region", "point")
 EVAL_TASKS = ("res", "gcg", "region")
+
+
+REFER_EXPORT = {"refer_dataset": "refcoco", "refer_split_by": "unc", "refer_image_dir": None, "res_eval_split": "val"}
+"""How the world export writes RES (and what the ``refer_*`` fields of :class:`DataConfig` default to)."""
 
 
 @dataclass
@@ -79,12 +87,29 @@ class DataConfig:
     """Questions exported per training scene (None: all of them)."""
     eval_tasks: tuple[str, ...] = EVAL_TASKS
     max_length: int = 256
+    refer_dataset: str = "refcoco"
+    """RES's REFER dataset under ``root``: refcoco, refcoco+, refcocog or refclef."""
+    refer_split_by: str = "unc"
+    """Its partition (``refs(<split_by>).p``): unc / google for RefCOCO, unc for RefCOCO+, umd / google
+    for RefCOCOg, unc / berkeley for RefCLEF."""
+    refer_image_dir: str | None = None
+    """The REFER images (None: ``<root>/images``, the export's; COCO's ``train2014`` for the real ones)."""
+    res_eval_split: str = "val"
+    """The REFER split RES is evaluated on (val, testA, testB for RefCOCO / RefCOCO+; val, test for RefCOCOg)."""
 
     def __post_init__(self) -> None:
         positive(self, "train_scenes", "val_scenes", "qa_per_scene", "max_length")
         one_of(self, "stage1_tasks", TASKS)
         one_of(self, "stage2_tasks", TASKS)
         one_of(self, "eval_tasks", EVAL_TASKS)
+        check_refer(self.refer_dataset, self.refer_split_by)
+        if self.root is None and any(getattr(self, k) != v for k, v in REFER_EXPORT.items()):
+            raise ValueError(f"the world export holds RES as {REFER_EXPORT}; 'refer_*' and 'res_eval_split' "
+                             "choose among real REFER datasets under 'data.root'")
+
+    def refer(self) -> dict:
+        """:func:`~groundlab.omg_llava.data.refer_reader`'s arguments."""
+        return {"dataset": self.refer_dataset, "split_by": self.refer_split_by, "image_dir": self.refer_image_dir}
 
 
 @dataclass
@@ -315,6 +340,8 @@ class Data:
     stage1: list
     stage2: list
     eval: dict[str, list]
+    refer: dict = field(default_factory=dict)
+    """:func:`~groundlab.omg_llava.data.refer_reader`'s arguments for RES."""
 
 
 def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
@@ -325,11 +352,14 @@ def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
         counts = export_world(world, out, cfg.data.train_scenes, cfg.data.val_scenes, cfg.data.qa_per_scene)
         write_metrics(out / "counts.json", counts, config=asdict(cfg.data))
 
-    root = Path(cfg.data.root) if cfg.data.root else recipe.stage("data", asdict(cfg.data), world.config.key(),
-                                                                  build=export)
-    data = Data(root, load_world_export(root, "train", cfg.data.stage1_tasks),
-                load_world_export(root, "train", cfg.data.stage2_tasks),
-                {t: load_world_export(root, "val", (t,)) for t in cfg.data.eval_tasks})
+    # the export's key leaves out what only names the REFER files read back
+    key = {k: v for k, v in asdict(cfg.data).items() if k not in REFER_EXPORT}
+    root = Path(cfg.data.root) if cfg.data.root else recipe.stage("data", key, world.config.key(), build=export)
+    d, refer = cfg.data, cfg.data.refer()
+    data = Data(root, load_world_export(root, "train", d.stage1_tasks, refer),
+                load_world_export(root, "train", d.stage2_tasks, refer),
+                {t: load_world_export(root, d.res_eval_split if t == "res" else "val", (t,), refer)
+                 for t in d.eval_tasks}, refer)
     if "res" in data.eval and not cfg.eval.res_all_sentences:
         first = {}
         for s in data.eval["res"]:  # ids are "<ref_id>-<sent_id>"
@@ -364,7 +394,7 @@ def pretrain_segmenter(recipe: Recipe, cfg: RunConfig) -> Path:
         write_metrics(out / "metrics.json", seg_metrics, config=asdict(s_cfg))
 
     seg_dir = recipe.stage("segmenter", s_cfg.config, s_cfg.scenes, s_cfg.num_points, train_key(s_cfg.train),
-                           cfg.data.world_seed, build=fit)
+                           cfg.data.world_seed, MASK_TARGETS, build=fit)
     recipe.metrics |= {f"segmenter/{k}": v for k, v in json.loads((seg_dir / "metrics.json").read_text()).items()
                        if k not in ("config", "git_commit")}
     return seg_dir / "model"
@@ -420,19 +450,19 @@ def train_stage2(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok
         wrapper.merged().save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
 
-    return recipe.stage("stage2", stamp, str(s1_dir), train_key(cfg.stage2), cfg.data.stage2_tasks, build=fit)
+    return recipe.stage("stage2", stamp, str(s1_dir), train_key(cfg.stage2), cfg.data.stage2_tasks, cfg.data.refer(),
+                        MASK_TARGETS, build=fit)
 
 
 def _instance_masks(data: Data) -> dict[str, list]:
-    """Every object's mask of each RES image (for the every-object baseline and the breakdown)."""
-    refer = Refer(data.root, data.root / "images")
-    instances = {}
-    for s in data.eval.get("res", []):
-        if str(s.image) not in instances:
-            img_id = next(r.image_id for r in refer.samples("val") if r.image_path == s.image)
-            instances[str(s.image)] = [refer.coco.annToMask(a).astype(bool)
-                                       for a in refer.coco.loadAnns(refer.coco.getAnnIds(imgIds=[img_id]))]
-    return instances
+    """Every object's mask of each RES image (for the every-object baseline and the breakdown), each
+    image's decoded once."""
+    samples = data.eval.get("res", [])
+    if not samples:
+        return {}
+    refer = refer_reader(data.root, **data.refer)
+    ids = refer.image_ids()
+    return {str(image): refer.instance_masks(ids[image]) for image in dict.fromkeys(s.image for s in samples)}
 
 
 def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrained, cache) -> None:
@@ -458,6 +488,13 @@ def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrain
                 m |= {f"baseline/{kind}/res/{k}": v for k, v in score(task, path, samples).items()}
             path = oracle_query_predictions(model.segmenter, samples, root / "predictions_oracle_query_res.jsonl")
             m |= {f"oracle/best_query/res/{k}": v for k, v in score(task, path, samples).items()}
+            t1 = time.time()
+            for name, oracle in (("object_token", oracle_object_token_predictions),
+                                 ("free_query", oracle_free_query_predictions)):
+                path = oracle(model, samples, root / f"predictions_oracle_{name}_res.jsonl")
+                m |= {f"oracle/{name}/res/{k}": v for k, v in score(task, path, samples).items()}
+            m["time/oracles_s"] = time.time() - t1
+            m |= {f"perception/{k}": v for k, v in object_token_coverage(model, samples, instances).items()}
         else:
             answers = Counter(s.conversation[-1]["value"] for s in data.stage2 if s.task == task)
             const = answers.most_common(1)[0][0] if answers else ""
@@ -476,13 +513,17 @@ def print_table(m: dict, tasks) -> None:
     cols = {"res": ("cIoU", "gIoU"), "gcg": ("METEOR", "CIDEr", "AP50", "mIoU", "recall"), "region": ("METEOR", "CIDEr")}
     rows = [("OMG-LLaVA", ""), ("untrained", "baseline/untrained/"), ("whole image", "baseline/whole/"),
             ("random object", "baseline/random_object/"), ("every object", "baseline/union/"),
-            ("constant answer", "baseline/constant/"), ("oracle query", "oracle/best_query/")]
+            ("constant answer", "baseline/constant/"), ("oracle: segmenter query", "oracle/best_query/"),
+            ("oracle: object token", "oracle/object_token/"), ("oracle: free query", "oracle/free_query/")]
     for task in tasks:
-        print(f"{task:8s} " + "".join(f"{c:>9s}" for c in cols[task]))
+        print(f"{task:26s}" + "".join(f"{c:>9s}" for c in cols[task]))
         for label, prefix in rows:
             if f"{prefix}{task}/{cols[task][0]}" in m:
-                print(f"  {label:16s}" + "".join(f"{m[f'{prefix}{task}/{c}']:9.3f}" for c in cols[task]))
+                print(f"  {label:24s}" + "".join(f"{m[f'{prefix}{task}/{c}']:9.3f}" for c in cols[task]))
         if task == "res" and "res/right_rate" in m:
             print("  OMG-LLaVA answers: right object {:.3f}, wrong object {:.3f}, poor mask {:.3f}".format(
                 m["res/right_rate"], m["res/wrong_object_rate"], m["res/poor_mask_rate"]))
+        if task == "res" and "perception/coverage" in m:
+            print("  targets with an object token: {:.3f} (with perfect masks {:.3f})".format(
+                m["perception/coverage"], m["perception/coverage_perfect_masks"]))
 
