@@ -184,3 +184,19 @@ def test_object_token_coverage_with_perfect_masks_follows_the_token_grid(tmp_pat
     out = object_token_coverage(coarse, res, instances)
     assert out["coverage_perfect_masks"] == won / len(res) < 1.0
     assert set(out) == {"coverage_perfect_masks", "coverage"}
+
+
+def test_mask_baselines_pick_what_they_say(tmp_path):
+    from groundlab.omg_llava.data import Sample
+    from groundlab.omg_llava.evaluation import baseline_predictions
+
+    small, big = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    small[:2, :2] = True
+    big[4:, 2:] = True
+    conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "It is [SEG]."}]
+    samples = [Sample("s", "img.png", conv, [small], task="res")]
+    instances = {"img.png": [small, big]}
+    for kind, expected in (("largest_object", big), ("union", small | big), ("whole", np.ones((8, 8), bool))):
+        path = baseline_predictions(samples, kind, tmp_path / f"{kind}.jsonl", instance_masks=instances)
+        (pred,) = read_predictions(path, samples)
+        np.testing.assert_array_equal(pred["masks"][0], expected)

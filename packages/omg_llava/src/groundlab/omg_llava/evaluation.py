@@ -223,7 +223,8 @@ def score(task: str, predictions_path: str | Path, samples: list[Sample]) -> dic
 def baseline_predictions(samples: list[Sample], kind: str, out_path: str | Path, seed: int = 0,
                          instance_masks: dict | None = None, answer: str = "") -> Path:
     """``whole`` (every pixel), ``random_object`` (a uniformly drawn instance of the same image from
-    ``instance_masks``: image path -> list of masks), ``union`` (every instance of the image: the
+    ``instance_masks``: image path -> list of masks), ``largest_object`` (its largest instance),
+    ``union`` (every instance of the image: the
     strongest mask that ignores the expression) or ``constant`` (the same ``answer`` text for every
     sample, with whole-image masks for its ``[SEG]`` tokens)."""
     rng = np.random.default_rng(seed)
@@ -237,6 +238,9 @@ def baseline_predictions(samples: list[Sample], kind: str, out_path: str | Path,
             elif kind == "random_object":
                 pool = instance_masks[str(s.image)]
                 masks = [pool[rng.integers(len(pool))]]
+                text = f"It is {SEG}."
+            elif kind == "largest_object":
+                masks = [max(instance_masks[str(s.image)], key=lambda m: int(m.sum()))]
                 text = f"It is {SEG}."
             elif kind == "union":
                 masks = [np.any(instance_masks[str(s.image)], axis=0)]
@@ -353,41 +357,50 @@ def oracle_object_token_predictions(model, samples: list[Sample], out_path: str 
 
 
 def oracle_free_query_predictions(model, samples: list[Sample], out_path: str | Path, steps: int = 60,
-                                  lr: float = 0.05) -> Path:
+                                  lr: float = 0.05, batch_size: int = 32) -> Path:
     """RES's ceiling for any LLM and ``text2vision``: per sample, a free ``[query ; position]`` vector
     optimised through the frozen decoder (Adam, ``steps``, the ``[SEG]`` mask loss on every prediction)
     to reproduce the target, started from the best object-token query (or the decoder's best learned
-    query when the image has no object token)."""
+    query when the image has no object token); ``batch_size`` targets optimised at once, each alone
+    against its own image."""
     from .losses import mask_loss
+    from .modeling import stack_perception
     from .processing import to_input_frame
 
-    size = model.segmenter.config.image_size
-    out = {}
+    size, dim, cfg = model.segmenter.config.image_size, model.config.seg_config.dim, model.config
+    dec = model.segmenter.decoder
+    items = []  # (sample, perception, start query, target in the input frame, image size)
     for path, group in _by_image(samples).items():
         im = np.asarray(load_image(path))
         with torch.no_grad():
             p = model.perceive(model.segmenter.preprocess([im]).to(model.device))[0]
-            dec = model.segmenter.decoder
             start = p.objects if len(p.objects) else torch.cat([dec.query_feat.weight, dec.query_embed.weight], -1)
-            first = _decode_alone(model, p, start)[-1]
+            first = (from_input_frame(_decode_alone(model, p, start)[-1], im.shape[:2]) > 0).cpu().numpy()
         for s in group:
-            target = to_input_frame([s.seg_masks[0]], size).float().to(model.device)
-            with torch.no_grad():
-                ious = [mask_iou((from_input_frame(m[None], im.shape[:2])[0] > 0).cpu().numpy(), s.seg_masks[0])
-                        for m in first]
-            q = start[int(np.argmax(ious))][None].clone().requires_grad_(True)
-            opt = torch.optim.Adam([q], lr=lr)
-            gen = torch.Generator().manual_seed(0)
-            for _ in range(steps):
-                preds = _decode_alone(model, p, q)
-                seeds = [int(torch.randint(1 << 30, (1,), generator=gen))]
-                loss = sum(mask_loss(m, target, model.config.seg_points, bce_weight=model.config.seg_bce_weight,
-                                     dice_weight=model.config.seg_dice_weight, seeds=seeds) for m in preds)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                out[s.id] = (from_input_frame(_decode_alone(model, p, q)[-1], im.shape[:2])[0] > 0).cpu().numpy()
+            best = max(range(len(first)), key=lambda i: mask_iou(first[i], s.seg_masks[0]))
+            target = to_input_frame([s.seg_masks[0]], size).float().to(model.device)[0]
+            items.append((s, p, start[best], target, im.shape[:2]))
+    out = {}
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo:lo + batch_size]
+        enc = stack_perception([p for _, p, _, _, _ in chunk])
+        q = torch.stack([x for _, _, x, _, _ in chunk])[:, None].clone().requires_grad_(True)  # (B, 1, 2d)
+        targets = torch.stack([t for _, _, _, t, _ in chunk])
+        opt = torch.optim.Adam([q], lr=lr)
+        for step in range(steps):
+            feat, pos = q.split(dim, dim=-1)
+            preds = dec.run_queries(feat, pos, enc["mask_features"], enc["memory"], enc["pos"])
+            seeds = [lo + k + step * len(items) for k in range(len(chunk))]  # fixed per target and step
+            loss = sum(mask_loss(pr.mask_logits[:, 0], targets, cfg.seg_points, bce_weight=cfg.seg_bce_weight,
+                                 dice_weight=cfg.seg_dice_weight, seeds=seeds) for pr in preds)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            feat, pos = q.split(dim, dim=-1)
+            last = dec.run_queries(feat, pos, enc["mask_features"], enc["memory"], enc["pos"])[-1].mask_logits[:, 0]
+        for (s, _, _, _, hw), logits in zip(chunk, last):
+            out[s.id] = (from_input_frame(logits[None], hw)[0] > 0).cpu().numpy()
     return write_jsonl(_oracle_rows(samples, out), out_path)
 
 

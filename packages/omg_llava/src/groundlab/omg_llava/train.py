@@ -482,7 +482,7 @@ def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrain
                 m |= {f"{name}res/{k}": v
                       for k, v in res_breakdown(read_predictions(path, samples), samples, instances).items()}
         if task == "res":
-            for kind in ("whole", "random_object", "union"):
+            for kind in ("whole", "random_object", "largest_object", "union"):
                 path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",
                                             instance_masks=instances)
                 m |= {f"baseline/{kind}/res/{k}": v for k, v in score(task, path, samples).items()}
@@ -512,7 +512,8 @@ def print_table(m: dict, tasks) -> None:
             f"{k} {m.get(f'segmenter/baseline/untrained/{k}', float('nan')):.3f}" for k in seg))
     cols = {"res": ("cIoU", "gIoU"), "gcg": ("METEOR", "CIDEr", "AP50", "mIoU", "recall"), "region": ("METEOR", "CIDEr")}
     rows = [("OMG-LLaVA", ""), ("untrained", "baseline/untrained/"), ("whole image", "baseline/whole/"),
-            ("random object", "baseline/random_object/"), ("every object", "baseline/union/"),
+            ("random object", "baseline/random_object/"), ("largest object", "baseline/largest_object/"),
+            ("every object", "baseline/union/"),
             ("constant answer", "baseline/constant/"), ("oracle: segmenter query", "oracle/best_query/"),
             ("oracle: object token", "oracle/object_token/"), ("oracle: free query", "oracle/free_query/")]
     for task in tasks:
