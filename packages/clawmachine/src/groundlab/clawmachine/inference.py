@@ -69,11 +69,12 @@ class ClawAssistant:
         return cls(*load_model(model_dir))
 
     def _answer(self, image, question: str, ref_list=None):
-        tokenized = self.model.tokenize(pad_to_square(image))[0]
+        device = self.model.device  # the inputs are made on the CPU; the model may be elsewhere
+        tokenized = self.model.tokenize(pad_to_square(image).to(device))[0]
         tok = self.processor.tokenizer
         batch = ClawCollator(tok.pad_token_id, padding_side="left")(
             [{"input_ids": self.processor.prompt(question, tokenized, ref_list)}])
-        ids = self.model.generate(batch["input_ids"], batch["attention_mask"], [tokenized],
+        ids = self.model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), [tokenized],
                                   max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id)[0].tolist()
         return tokenized, *self.processor.split_answer(ids)

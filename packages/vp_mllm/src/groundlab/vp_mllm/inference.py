@@ -93,6 +93,8 @@ class VPAssistant:
         tok = self.processor.tokenizer
         sample = self.processor.prompt(image, question, prompts)
         batch = VPCollator(tok.pad_token_id, padding_side="left")([sample])
+        # the inputs are made on the CPU; the model may be elsewhere
+        batch = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.no_grad():
             ids = self.model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                                       batch["vp_coords"], batch["vp_valid"], batch["vp_is_box"],
