@@ -337,22 +337,34 @@ def _oracle_rows(samples: list[Sample], masks: dict[str, np.ndarray]) -> list[di
 
 
 @torch.no_grad()
+def _object_token_candidates(model, samples: list[Sample]):
+    """Per image of ``samples``: ``(group, image, perception, starts, best)``: its samples, the image, its
+    perception, the ``[Q ; E]`` queries the object-token oracles start from (the object tokens, or the
+    decoder's learned queries when the image has none) and, per sample of ``group``, the start whose
+    mask re-decoded alone by the frozen decoder overlaps its target best, and that mask."""
+    dec = model.segmenter.decoder
+    for path, group in _by_image(samples).items():
+        im = np.asarray(load_image(path))
+        p = model.perceive(model.segmenter.preprocess([im]).to(model.device))[0]
+        starts = p.objects if len(p.objects) else torch.cat([dec.query_feat.weight, dec.query_embed.weight], -1)
+        cand = (from_input_frame(_decode_alone(model, p, starts)[-1], im.shape[:2]) > 0).cpu().numpy()
+        best = []
+        for s in group:
+            i = max(range(len(cand)), key=lambda k: mask_iou(cand[k], s.seg_masks[0]))
+            best.append((i, cand[i]))
+        yield group, im, p, starts, best
+
+
 def oracle_object_token_predictions(model, samples: list[Sample], out_path: str | Path) -> Path:
     """RES's bound through the object tokens: per sample, the best (IoU with the target) of the image's
     object-centric tokens, each ``[Q ; E]`` re-decoded by the frozen decoder as a ``[SEG]`` query:
     what an LLM that copied the right object token into ``text2vision`` (stage 1 teaches it to
-    reconstruct them) would give. A target with no object token of its own scores what the nearest does."""
+    reconstruct them) would give. A target with no object token of its own scores what the nearest
+    does; an image with no object token at all, an empty mask."""
     out = {}
-    for path, group in _by_image(samples).items():
-        im = np.asarray(load_image(path))
-        p = model.perceive(model.segmenter.preprocess([im]).to(model.device))[0]
-        if len(p.objects) == 0:
-            for s in group:
-                out[s.id] = np.zeros(im.shape[:2], bool)
-            continue
-        cand = (from_input_frame(_decode_alone(model, p, p.objects)[-1], im.shape[:2]) > 0).cpu().numpy()
-        for s in group:
-            out[s.id] = cand[max(range(len(cand)), key=lambda i: mask_iou(cand[i], s.seg_masks[0]))]
+    for group, im, p, _, best in _object_token_candidates(model, samples):
+        for s, (_, mask) in zip(group, best):
+            out[s.id] = mask if len(p.objects) else np.zeros(im.shape[:2], bool)
     return write_jsonl(_oracle_rows(samples, out), out_path)
 
 
@@ -370,16 +382,10 @@ def oracle_free_query_predictions(model, samples: list[Sample], out_path: str | 
     size, dim, cfg = model.segmenter.config.image_size, model.config.seg_config.dim, model.config
     dec = model.segmenter.decoder
     items = []  # (sample, perception, start query, target in the input frame, image size)
-    for path, group in _by_image(samples).items():
-        im = np.asarray(load_image(path))
-        with torch.no_grad():
-            p = model.perceive(model.segmenter.preprocess([im]).to(model.device))[0]
-            start = p.objects if len(p.objects) else torch.cat([dec.query_feat.weight, dec.query_embed.weight], -1)
-            first = (from_input_frame(_decode_alone(model, p, start)[-1], im.shape[:2]) > 0).cpu().numpy()
-        for s in group:
-            best = max(range(len(first)), key=lambda i: mask_iou(first[i], s.seg_masks[0]))
+    for group, im, p, starts, best in _object_token_candidates(model, samples):
+        for s, (i, _) in zip(group, best):
             target = to_input_frame([s.seg_masks[0]], size).float().to(model.device)[0]
-            items.append((s, p, start[best], target, im.shape[:2]))
+            items.append((s, p, starts[i], target, im.shape[:2]))
     out = {}
     for lo in range(0, len(items), batch_size):
         chunk = items[lo:lo + batch_size]
