@@ -295,6 +295,98 @@ def test_llava_conversations_hold_at_most_one_box_task_each():
     assert 5 <= grounded <= 25  # about a third of the scenes
 
 
+def test_rec_contrast_draws_attribute_expressions_for_objects_that_share_their_kind():
+    world = World(WorldConfig(), seed=0)
+    scenes = [world.scene("train", i) for i in range(300)]
+    uniform, contrast = vlm.MixConfig(), vlm.MixConfig(rec_contrast=1.0)
+    shared_kind = 0
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            refs = scene.refs_for(obj.id)
+            # at 0 the draw is the old one exactly (same stream): older mixes, and their cached bases, stay
+            rng = np.random.default_rng(i)
+            assert vlm.rec_expression(scene, obj.id, rng, uniform) == refs[int(np.random.default_rng(i).integers(len(refs)))]
+            ref = vlm.rec_expression(scene, obj.id, np.random.default_rng(i), contrast)
+            assert ref in refs
+            if sum(o.kind == obj.kind for o in scene.objects) > 1:
+                shared_kind += 1
+                # (an object the same colour and size as another of its kind has no attribute expression)
+                assert ref.type == "attribute" or all(r.type != "attribute" for r in refs)
+                # an attribute expression of such an object names what tells it apart: colour or size
+                assert ref.type != "attribute" or {obj.colour, obj.size} & set(ref.text.split())
+    assert shared_kind > 50
+    # the share of draws that need the attribute grows with rec_contrast
+    def share(mix):
+        rng, hits, n = np.random.default_rng(0), 0, 0
+        for scene in scenes:
+            for obj in scene.objects:
+                ref = vlm.rec_expression(scene, obj.id, rng, mix)
+                hits += ref.type == "attribute" and sum(o.kind == obj.kind for o in scene.objects) > 1
+                n += 1
+        return hits / n
+    assert share(uniform) < 0.15 < 0.22 < share(vlm.MixConfig(rec_contrast=0.75))
+    # rec_per_object: up to that many distinct expressions of each object, each answered with its box
+    twice = vlm.MixConfig(rec=3, separate_box_tasks=False, rec_per_object=2)
+    more = 0
+    for i, scene in enumerate(scenes[:40]):
+        turns = [(q, a) for q, a in vlm.llava_conversations(scene, np.random.default_rng(i), twice)[0]
+                 if q.startswith("Please provide the bounding box")]
+        assert len(turns) == len(set(turns))
+        for obj in scene.objects:
+            box = vlm.box_text(obj, "llava", 64)
+            mine = [q for q, a in turns if a == box]
+            assert 1 <= len(mine) <= 2 and {q for q in mine} <= {
+                vlm.PROMPTS["llava"]["rec"].format(expression=r.text) for r in scene.refs_for(obj.id)}
+            more += len(mine) == 2
+    assert more > 40
+
+
+def test_region_list_questions_number_every_box_and_ask_for_one():
+    import re
+
+    world = World(WorldConfig(), seed=0)
+    asked = set()
+    for i in range(40):
+        scene = world.scene("train", i)
+        prompt, obj = vlm.region_list_question(scene, np.random.default_rng(i))
+        listed = re.fullmatch(r"Regions: (.*)\. What is region (\d+)\?", prompt)
+        items = listed.group(1).split(", ")
+        k = int(listed.group(2))
+        assert [int(it.split(" ")[0]) for it in items] == list(range(1, len(scene.objects) + 1))
+        boxes = [it.split(" ", 1)[1] for it in items]
+        assert sorted(boxes) == sorted(vlm.box_text(o, "llava", 64) for o in scene.objects)
+        assert boxes[k - 1] == vlm.box_text(obj, "llava", 64)
+        asked.add(k)
+        # in the first conversation, answered with the object's description; none without the option
+        first = vlm.llava_conversations(scene, np.random.default_rng(i), vlm.MixConfig(region_list=1))[0]
+        turns = [(p, a) for p, a in first if p.startswith("Regions:")]
+        assert len(turns) == 1 and turns[0][1] in {o.phrase for o in scene.objects}
+        plain = vlm.llava_conversations(scene, np.random.default_rng(i), vlm.MixConfig())
+        assert not any(p.startswith("Regions:") for c in plain for p, _ in c)
+    assert {1, 2} <= asked
+    # the held-out items: scenes of two or more objects, the same ones on every call
+    scenes = world.scenes("val", 20)
+    items = vlm.region_list_items(scenes)
+    assert len(items) == sum(len(s.objects) > 1 for s in scenes)
+    assert [q for _, q, _ in items] == [q for _, q, _ in vlm.region_list_items(scenes)]
+
+
+def test_rec_misses_say_which_box_an_answer_gave():
+    world = World(WorldConfig(), seed=0)
+    scene = next(s for s in world.scenes("val", 200)
+                 if len(s.objects) == 3 and s.objects[0].kind == s.objects[1].kind != s.objects[2].kind)
+    a, b, c = scene.objects
+    items = [(scene, a, "")] * 5
+    x0, y0, x1, y1 = vlm.xywh_to_xyxy(a.bbox)
+    loose = (x0 - 0.6 * (x1 - x0), y0 - 0.6 * (y1 - y0), x1 + 0.6 * (x1 - x0), y1 + 0.6 * (y1 - y0))
+    answers = [vlm.box_text(a, "llava", 64), vlm.box_text(b, "llava", 64), vlm.box_text(c, "llava", 64),
+               vlm.box_to_loc(loose, 64, 64, order="xyxy"), "a red circle"]
+    assert vlm._box_hits("llava", answers, items, 64) == [True, False, False, False, False]
+    assert vlm.rec_misses("llava", answers, items, 64) == {
+        "rec/miss/no_box": 1, "rec/miss/other_object": 2, "rec/miss/other_object/same_kind": 1,
+        "rec/miss/no_object": 1, "rec/miss/no_object/loose": 1}
+
+
 def test_paligemma_detect_answers_every_match_left_to_right():
     import numpy as np
 

@@ -20,7 +20,8 @@ random order; ``all`` marks every object in a shuffled slot order and asks about
 token `` k`` (the one the text reference uses). ``--answer box``: the answer is the asked region's
 box in location tokens instead of its label (reading the slot without looking at the image: with
 ``--marked all`` the binding alone). ``--extra-layers N`` puts N fresh decoder blocks, started as
-the identity, in front of the base LLM's four (is depth what the binding lacks?).
+the identity, in front of the base LLM's four (is depth what the binding lacks?). ``--llava DIR``
+starts from another LLaVA base (a ``runs/bases/llava-*/model`` of another mix) than ``make bases``'s.
 
 ``--check DIR [DIR ...]`` instead measures saved models (a run's ``start-*``, ``vp_stage1-*``, ...
 directories): how close each one's box tokens are to the sum of its own location-token embeddings
@@ -61,7 +62,7 @@ from groundlab.vp_mllm.processing import VisualPrompts, VPCollator, VPProcessor,
 
 
 def build(args):
-    llava, sam = ensure_base("llava"), ensure_base("sam")
+    llava, sam = (args.llava or ensure_base("llava")), ensure_base("sam")
     hf = AutoProcessor.from_pretrained(llava)
     tok = hf.tokenizer
     vp_id = add_tokens(tok)
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", nargs="+", metavar="DIR")
+    ap.add_argument("--llava", metavar="DIR", help="a LLaVA base's model directory (default: make bases's)")
     args = ap.parse_args()
     if args.check:
         return check(args.check)

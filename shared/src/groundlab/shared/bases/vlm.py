@@ -77,6 +77,7 @@ PROMPTS = {
     "llava": {"caption": "Describe the image.", "question": "{question}",
               "rec": "Please provide the bounding box of {expression}.",
               "region": "What is in the region {box}?",
+              "region_list": "Regions: {regions}. What is region {k}?",
               "grounded": "Describe the image with the box of each object."},
     "paligemma": {"caption": "caption en", "question": "answer en {question}", "rec": "detect {expression}",
                   "detect": "detect {phrase}", "region": "caption en {box}"},
@@ -145,6 +146,18 @@ class MixConfig:
     are paid for a single answer, so a third of the scenes: more of the other tasks per minute)."""
     detect: int = 1
     """PaliGemma's ``detect <colour> <kind>`` / ``detect <kind>``."""
+    region_list: int = 0
+    """LLaVA: questions in the first conversation that list every box of the scene, numbered from 1 in a
+    random order, and ask what region k is (the answer: its description, as for a box): looking an item
+    up by its number, which a model that reads prompts by their number (vp_mllm's ``<Region k>``) needs
+    and a real LLM brings from its text pre-training."""
+    rec_per_object: int = 1
+    """Referring expressions asked for each of those objects (distinct ones while it has them)."""
+    rec_contrast: float = 0.0
+    """The probability that the referring expression of an object sharing its kind with another object of
+    the scene is drawn from its attribute expressions alone (each names the colour or size that tells the
+    two apart) instead of from all its expressions. 0: uniform over all, where about one REC draw in ten
+    needs the colour or size to find its object, and a model can learn to find the kind and guess."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -384,6 +397,27 @@ def detect_answer(scene: Scene, phrase: str, objects: list) -> str:
     return " ; ".join(f"{box_text(o, 'paligemma', scene.size)} {phrase}" for o in objects)
 
 
+def rec_expression(scene: Scene, oid: int, rng: np.random.Generator, mix: MixConfig):
+    """The referring expression a training REC turn asks for object ``oid``: uniform over its
+    expressions, or (``mix.rec_contrast``) over its attribute expressions when another object of the
+    scene has its kind. No extra random draw at ``rec_contrast == 0``, so older mixes are unchanged."""
+    refs = scene.refs_for(oid)
+    if mix.rec_contrast > 0:
+        kind = scene.objects[oid].kind
+        if sum(o.kind == kind for o in scene.objects) > 1 and rng.random() < mix.rec_contrast:
+            refs = [r for r in refs if r.type == "attribute"] or refs
+    return refs[int(rng.integers(len(refs)))]
+
+
+def region_list_question(scene: Scene, rng: np.random.Generator) -> tuple[str, object]:
+    """``Regions: 1 <box>, 2 <box>, ... What is region k?`` over the scene's objects in a random order,
+    and the object region k is."""
+    order = [scene.objects[int(i)] for i in rng.permutation(len(scene.objects))]
+    k = int(rng.integers(len(order)))
+    regions = ", ".join(f"{i + 1} {box_text(o, 'llava', scene.size)}" for i, o in enumerate(order))
+    return PROMPTS["llava"]["region_list"].format(regions=regions, k=k + 1), order[k]
+
+
 def llava_conversations(scene: Scene, rng: np.random.Generator, mix: MixConfig) -> list[list[tuple[str, str]]]:
     """The (prompt, answer) turns of a scene's conversations, before shuffling: the caption, questions
     and box -> description in the first; each referring expression -> box in one of its own with a
@@ -399,17 +433,24 @@ def llava_conversations(scene: Scene, rng: np.random.Generator, mix: MixConfig) 
     for oid in order[: mix.region]:
         obj = scene.objects[oid]
         first.append((p["region"].format(box=box_text(obj, "llava", scene.size)), obj.phrase))
+    for _ in range(mix.region_list):
+        prompt, obj = region_list_question(scene, rng)
+        first.append((prompt, obj.phrase))
     convs = [first]
     extra = questions[mix.questions:]
     for k in range(min(mix.rec, len(order))):
         oid = order[k]
-        refs = scene.refs_for(oid)
-        ref = refs[int(rng.integers(len(refs)))]
-        turn = (p["rec"].format(expression=ref.text), box_text(scene.objects[oid], "llava", scene.size))
-        if mix.separate_box_tasks:
-            convs.append([turn] + extra[k:k + 1])
-        else:
-            first.append(turn)
+        asked = set()
+        for _ in range(mix.rec_per_object):
+            ref = rec_expression(scene, oid, rng, mix)
+            if ref.text in asked:
+                continue
+            asked.add(ref.text)
+            turn = (p["rec"].format(expression=ref.text), box_text(scene.objects[oid], "llava", scene.size))
+            if mix.separate_box_tasks:
+                convs.append([turn] + extra[k:k + 1])
+            else:
+                first.append(turn)
     if rng.random() < mix.grounded_caption:
         convs.append([(p["grounded"], grounded_caption(scene, "llava"))] + extra[mix.rec:mix.rec + 1])
     return convs
@@ -427,8 +468,7 @@ def paligemma_samples(scene: Scene, rng: np.random.Generator, mix: MixConfig) ->
         objects = [o for o in scene.objects if o.kind == obj.kind and (phrase == obj.kind or o.colour == obj.colour)]
         out.append((p["detect"].format(phrase=phrase), detect_answer(scene, phrase, objects)))
     for oid in rng.permutation(len(scene.objects))[: mix.rec]:
-        refs = scene.refs_for(int(oid))
-        ref = refs[int(rng.integers(len(refs)))]
+        ref = rec_expression(scene, int(oid), rng, mix)
         out.append((p["rec"].format(expression=ref.text), detect_answer(scene, ref.text, [scene.objects[int(oid)]])))
     for oid in rng.permutation(len(scene.objects))[: mix.region]:
         obj = scene.objects[int(oid)]
@@ -545,6 +585,13 @@ def rec_items(scenes: list[Scene]) -> list[tuple[Scene, object, str]]:
     return [(s, o, s.refs_for(o.id)[0].text) for s in scenes for o in s.objects if s.refs_for(o.id)]
 
 
+def region_list_items(scenes: list[Scene], seed: int = 0) -> list[tuple[Scene, str, object]]:
+    """The held-out numbered-region questions: one per scene of two or more objects (a seeded order and
+    number), with the object it asks for."""
+    rng = np.random.default_rng(seed)
+    return [(s, *region_list_question(s, rng)) for s in scenes if len(s.objects) > 1]
+
+
 def detect_items(scenes: list[Scene]) -> list[tuple[Scene, object, str]]:
     """``<colour> <kind>`` phrases that name exactly one object of their scene."""
     out = []
@@ -560,6 +607,29 @@ def hit50(pred, gt) -> bool:
     if pred[2] < pred[0] or pred[3] < pred[1]:
         return False
     return float(box_iou(pred, gt)[0, 0]) >= 0.5
+
+
+def rec_misses(kind: str, answers: list[str], items, size: int) -> dict[str, int]:
+    """Where REC answers miss (counts): no box; the box of another object (hit at IoU >= 0.5), and of
+    those one of the same kind; a box of no object at all, and of those one that overlaps the right
+    object most (a loose box)."""
+    out = dict.fromkeys(("no_box", "other_object", "other_object/same_kind", "no_object", "no_object/loose"), 0)
+    for text, (scene, obj, _) in zip(answers, items):
+        boxes = loc_to_boxes(text, size, size, order=BOX_ORDER[kind])
+        if not boxes:
+            out["no_box"] += 1
+            continue
+        if hit50(boxes[0], xywh_to_xyxy(obj.bbox)):
+            continue
+        other = [o for o in scene.objects if o is not obj and hit50(boxes[0], xywh_to_xyxy(o.bbox))]
+        if other:
+            out["other_object"] += 1
+            out["other_object/same_kind"] += other[0].kind == obj.kind
+        else:
+            out["no_object"] += 1
+            nearest = max(scene.objects, key=lambda o: float(box_iou(boxes[0], xywh_to_xyxy(o.bbox))[0, 0]))
+            out["no_object/loose"] += nearest is obj
+    return {f"rec/miss/{k}": v for k, v in out.items()}
 
 
 def _box_hits(kind: str, answers: list[str], items, size: int) -> list[bool]:
@@ -595,8 +665,10 @@ def evaluate(model, processor, cfg: TinyVLMConfig, world: World, split: str = "v
     items = rec_items(scenes)
     gen = generate(model, processor, cfg, [s.image for s, _, _ in items],
                    [p["rec"].format(expression=e) for _, _, e in items], max_new_tokens=16)
-    hits = _box_hits(cfg.kind, [tok.decode(g) for g in gen], items, size)
+    answers = [tok.decode(g) for g in gen]
+    hits = _box_hits(cfg.kind, answers, items, size)
     out["rec/acc50"], out["rec/n"] = float(np.mean(hits)), len(hits)
+    out |= rec_misses(cfg.kind, answers, items, size)
     for rtype in ("attribute", "superlative", "relation"):
         sel = [h for h, (s, o, e) in zip(hits, items) if s.refs_for(o.id)[0].type == rtype]
         if sel:
@@ -605,6 +677,12 @@ def evaluate(model, processor, cfg: TinyVLMConfig, world: World, split: str = "v
     gen = generate(model, processor, cfg, [s.image for s, _ in objs],
                    [p["region"].format(box=box_text(o, cfg.kind, size)) for _, o in objs], max_new_tokens=8)
     out["region/colour_kind"] = float(np.mean([_names(tok.decode(g), o) for g, (_, o) in zip(gen, objs)]))
+    if cfg.kind == "llava":
+        listed = region_list_items(scenes)
+        gen = generate(model, processor, cfg, [s.image for s, _, _ in listed], [q for _, q, _ in listed],
+                       max_new_tokens=8)
+        out["region_list/colour_kind"] = float(np.mean([_names(tok.decode(g), o) for g, (_, _, o) in zip(gen, listed)]))
+        out["region_list/n"] = len(listed)
     if cfg.kind == "paligemma":
         items = detect_items(scenes)
         gen = generate(model, processor, cfg, [s.image for s, _, _ in items],
@@ -675,6 +753,9 @@ def trivial_baselines(world: World, train_split: str = "train", n_train: int = 2
         out[f"baseline/random_object/{name}/acc50"] = float(np.mean(rand))
         out[f"baseline/largest_object/{name}/acc50"] = float(np.mean(largest))
         out[f"baseline/union_box/{name}/acc50"] = float(np.mean(union))
+    # a numbered region answered with a random object of the scene (the expected share named right)
+    out["baseline/random_object/region_list/colour_kind"] = float(np.mean(
+        [np.mean([(x.colour, x.kind) == (o.colour, o.kind) for x in s.objects]) for s, _, o in region_list_items(scenes)]))
     pairs = Counter((o.colour, o.kind) for s in train for o in s.objects)
     colour, kind = pairs.most_common(1)[0][0]
     out["baseline/majority/region/colour_kind"] = float(np.mean(
