@@ -1,6 +1,7 @@
 """Tiny pretrained bases: build, cache, reload through the real loaders, resume after a stop."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +14,16 @@ from transformers import (
     TrainerCallback,
 )
 
-from groundlab.shared.bases import base_dir, ensure_base, load_tiny_sam, report, smoke_spec, vlm
+from groundlab.shared.bases import (
+    _adopt_vision_checkpoints,
+    base_dir,
+    ensure_base,
+    load_tiny_sam,
+    report,
+    smoke_spec,
+    vision_dir,
+    vlm,
+)
 from groundlab.shared.bases import sam as sam_mod
 from groundlab.shared.runs import check_complete
 from groundlab.shared.world import World, WorldConfig
@@ -88,6 +98,46 @@ def test_second_build_is_a_no_op_and_half_written_entries_are_rebuilt(llava_base
     assert not check_complete(base_dir(spec, root))[0]
     ensure_base(spec, root=root)
     LlavaForConditionalGeneration.from_pretrained(path)
+
+
+class MaxSteps(TrainerCallback):
+    """Records, for every training step taken, the length of the stage it belongs to."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(state.max_steps)
+
+
+def test_bases_that_differ_after_the_vision_stage_share_it(llava_base, tmp_path):
+    root, spec, _ = llava_base
+    assert (vision_dir(spec, root) / f"checkpoint-{spec.vision.max_steps}").is_dir()
+    assert not (base_dir(spec, root) / "vision_checkpoints").exists()
+    shorter = replace(spec, train=replace(spec.train, max_steps=5, save_steps=5), mix={"rec": 1})
+    assert shorter.key() != spec.key() and shorter.vision_key() == spec.vision_key()
+    steps = MaxSteps()
+    shared = ensure_base(shorter, root=root, callbacks=[steps])
+    assert steps.seen == [5] * 5  # the main stage only: the finished vision stage was resumed, not retrained
+    alone = ensure_base(shorter, root=tmp_path)  # the same base from nothing: the same weights
+    a = LlavaForConditionalGeneration.from_pretrained(shared).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(alone).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
+    # what the vision stage depends on changes its key: another vision schedule, another seed
+    assert replace(spec, vision=replace(spec.vision, max_steps=5)).vision_key() != spec.vision_key()
+    assert replace(spec, train=replace(spec.train, seed=1)).vision_key() != spec.vision_key()
+
+
+def test_vision_checkpoints_of_a_build_stopped_before_sharing_move_to_the_shared_place(tmp_path):
+    own, shared = tmp_path / "llava-x" / "vision_checkpoints", tmp_path / "vision" / "llava-y"
+    (own / "checkpoint-2").mkdir(parents=True)
+    (own / "checkpoint-2" / "model.safetensors").write_bytes(b"w")
+    _adopt_vision_checkpoints(own, shared)
+    assert (shared / "checkpoint-2" / "model.safetensors").read_bytes() == b"w" and not own.exists()
+    (own / "checkpoint-1").mkdir(parents=True)  # the shared place already has a stage: left alone
+    _adopt_vision_checkpoints(own, shared)
+    assert (own / "checkpoint-1").is_dir() and not (shared / "checkpoint-1").exists()
 
 
 def test_stopped_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path):
@@ -376,15 +426,17 @@ def test_rec_misses_say_which_box_an_answer_gave():
     scene = next(s for s in world.scenes("val", 200)
                  if len(s.objects) == 3 and s.objects[0].kind == s.objects[1].kind != s.objects[2].kind)
     a, b, c = scene.objects
-    items = [(scene, a, "")] * 5
+    items = [(scene, a, "")] * 6
     x0, y0, x1, y1 = vlm.xywh_to_xyxy(a.bbox)
     loose = (x0 - 0.6 * (x1 - x0), y0 - 0.6 * (y1 - y0), x1 + 0.6 * (x1 - x0), y1 + 0.6 * (y1 - y0))
+    locs = re.findall(r"<loc\d+>", vlm.box_to_loc((x0, y0, x1, y1), 64, 64, order="xyxy"))
+    backwards = "".join(locs[2:] + locs[:2])  # corners the wrong way round, as a weak model can answer: a miss
     answers = [vlm.box_text(a, "llava", 64), vlm.box_text(b, "llava", 64), vlm.box_text(c, "llava", 64),
-               vlm.box_to_loc(loose, 64, 64, order="xyxy"), "a red circle"]
-    assert vlm._box_hits("llava", answers, items, 64) == [True, False, False, False, False]
+               vlm.box_to_loc(loose, 64, 64, order="xyxy"), "a red circle", backwards]
+    assert vlm._box_hits("llava", answers, items, 64) == [True, False, False, False, False, False]
     assert vlm.rec_misses("llava", answers, items, 64) == {
         "rec/miss/no_box": 1, "rec/miss/other_object": 2, "rec/miss/other_object/same_kind": 1,
-        "rec/miss/no_object": 1, "rec/miss/no_object/loose": 1}
+        "rec/miss/no_object": 2, "rec/miss/no_object/loose": 1}
 
 
 def test_paligemma_detect_answers_every_match_left_to_right():

@@ -10,8 +10,10 @@ build``) trains three small ones, each in a few minutes on 2 CPU cores:
 
 Each lands in ``runs/bases/<name>-<hash>/`` where the hash covers its config, the world and the
 training settings: ``model/`` (what packages load), ``checkpoints/`` (Trainer checkpoints, for resume),
-``metrics.json`` (held-out quality next to the untrained model's) and a ``COMPLETE`` marker. A second
-build is a no-op; an entry written half-way is detected and rebuilt (training resumes from its last
+``metrics.json`` (held-out quality next to the untrained model's) and a ``COMPLETE`` marker. A VLM
+base's first stage (its vision tower, densely) checkpoints in ``runs/bases/vision/<name>-<hash>/``,
+keyed by what precedes the instruction mix only (:meth:`BaseSpec.vision_key`), so bases that differ in
+the mix or its length share it. A second build is a no-op; an entry written half-way is detected and rebuilt (training resumes from its last
 complete checkpoint), never loaded. Packages call :func:`ensure_base` and then load with the same code
 that loads the real checkpoints.
 """
@@ -22,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +34,7 @@ import torch
 from ..attention import require_packing_support
 from ..distributed import seed_everything, setup_logging
 from ..recipe import train_key
-from ..runs import content_hash, mark_complete, reuse_or_reset, runs_root, write_metrics
+from ..runs import content_hash, invalidate, mark_complete, reuse_or_reset, runs_root, write_metrics
 from ..tokenizer import fixture_dir, load_tokenizer
 from ..training import TrainConfig, train
 from ..world import World, WorldConfig
@@ -67,16 +70,33 @@ class BaseSpec:
     probe_scenes: tuple[int, int] = (400, 100)
     """LLaVA: training / held-out scenes of the linear probe (``bases.probe``; IVM's numbers)."""
 
-    def key(self) -> str:
-        tokenizer = (fixture_dir() / "tokenizer.json").read_bytes() if self.name in ("llava", "paligemma") else b""
+    def _keyed_model(self) -> dict:
         # the attention kernel is no part of what a base is (every implementation computes the same
         # function, tested): the key reads the value every cached base was keyed with, whatever runs
         model = {**self.model, "attn_implementation": "eager"} if "attn_implementation" in self.model else self.model
         if model.get("multimask_clicks") is False:  # an option added after the bases were cached: off = as before
             model = {k: v for k, v in model.items() if k != "multimask_clicks"}
-        return content_hash(VERSION, self.name, model, _train_key(self.train), _train_key(self.vision),
+        return model
+
+    def _tokenizer_hash(self) -> str:
+        tokenizer = (fixture_dir() / "tokenizer.json").read_bytes() if self.name in ("llava", "paligemma") else b""
+        return hashlib.sha256(tokenizer).hexdigest()
+
+    def key(self) -> str:
+        return content_hash(VERSION, self.name, self._keyed_model(), _train_key(self.train), _train_key(self.vision),
                             self.vision_scenes, self.mix, self.world.key(), self.world_seed, self.train_scenes,
-                            self.eval_scenes, list(self.probe_scenes), hashlib.sha256(tokenizer).hexdigest())
+                            self.eval_scenes, list(self.probe_scenes), self._tokenizer_hash())
+
+    def vision_key(self) -> str:
+        """What decides a VLM base's vision stage: everything the build does before it (the model and
+        its initialisation, the seed, the held-out evaluation that precedes it) and the stage's own
+        settings, but not the instruction mix or its length. Bases that differ only there (another
+        mix, a shorter run) share the stage (:func:`vision_dir`)."""
+        if self.vision is None:
+            raise ValueError(f"the {self.name!r} base has no vision stage")
+        return content_hash(VERSION, self.name, "vision", self._keyed_model(), self.train.seed,
+                            _train_key(self.vision), self.vision_scenes, self.world.key(), self.world_seed,
+                            self.eval_scenes, self._tokenizer_hash())
 
 
 def default_spec(name: str) -> BaseSpec:
@@ -90,10 +110,12 @@ def default_spec(name: str) -> BaseSpec:
         # referring expressions -> boxes for every object of a scene, two distinct ones each, in its first
         # conversation; an object sharing its kind with another is asked for by an attribute expression 3
         # times in 4 (rec_contrast: REC's misses were mostly the same kind in another colour). REC 0.711
-        # -> 0.771 -> 0.841 with rec_contrast, then rec_per_object (one build each, see the README)
+        # -> 0.771 -> 0.841 with rec_contrast, then rec_per_object (one build each, see the README).
+        # Packed: these conversations are 31% padding in a padded batch; packed rows make a step 0.84x
+        # (``benchmarks/run.py --only vlm_step``), the same function (not part of the key)
         return BaseSpec("llava", TinyVLMConfig(kind="llava").to_dict(),
                         TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, bf16="auto",
-                                    save_steps=500, logging_steps=100), vision=vision,
+                                    save_steps=500, logging_steps=100, packed=True), vision=vision,
                         mix={"rec": 3, "separate_box_tasks": False, "rec_contrast": 0.75, "rec_per_object": 2})
     if name == "paligemma":
         # 4 KV heads, not Gemma-2B's one (multi-query): at this width one shared key/value head left the
@@ -132,6 +154,13 @@ def base_dir(spec: BaseSpec, root: Path | None = None) -> Path:
     return (root or runs_root() / "bases") / f"{spec.name}-{spec.key()}"
 
 
+def vision_dir(spec: BaseSpec, root: Path | None = None) -> Path:
+    """The checkpoints of a VLM base's vision stage, shared by the bases whose :meth:`BaseSpec.vision_key`
+    is the same: a base of another mix (or TLDR's weak captioner, the default LLaVA base cut short)
+    resumes the finished stage instead of training it again."""
+    return (root or runs_root() / "bases") / "vision" / f"{spec.name}-{spec.vision_key()}"
+
+
 def model_path(spec: BaseSpec, root: Path | None = None) -> Path:
     """What packages load: a ``from_pretrained`` directory (VLMs) or the SAM checkpoint file."""
     d = base_dir(spec, root) / "model"
@@ -144,13 +173,18 @@ def ensure_base(name_or_spec: str | BaseSpec, root: Path | None = None, force: b
     spec = default_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     out = base_dir(spec, root)
     if not reuse_or_reset(out, force, keep=CHECKPOINT_DIRS):
-        build(spec, out, callbacks=callbacks)
+        vision = None if spec.vision is None else vision_dir(spec, root)
+        if force and vision is not None:
+            invalidate(vision)
+        build(spec, out, callbacks=callbacks, vision_checkpoints=vision)
     return model_path(spec, root)
 
 
-def build(spec: BaseSpec, out: Path, callbacks: list | None = None) -> dict:
+def build(spec: BaseSpec, out: Path, callbacks: list | None = None, vision_checkpoints: Path | None = None) -> dict:
     """Train one base into ``out`` (each stage resuming from its checkpoints), evaluate it next to the
-    untrained model and the trivial baselines, save it and mark it complete. Returns its metrics."""
+    untrained model and the trivial baselines, save it and mark it complete. Returns its metrics.
+    ``vision_checkpoints``: where a VLM base's vision stage checkpoints (:func:`vision_dir` from
+    :func:`ensure_base`); ``out / "vision_checkpoints"`` when None."""
     out.mkdir(parents=True, exist_ok=True)
     world = World(spec.world, seed=spec.world_seed)
     seed_everything(spec.train.seed)
@@ -158,7 +192,7 @@ def build(spec: BaseSpec, out: Path, callbacks: list | None = None) -> dict:
     if spec.name == "sam":
         metrics = _build_sam(spec, world, out, callbacks)
     else:
-        metrics = _build_vlm(spec, world, out, callbacks)
+        metrics = _build_vlm(spec, world, out, callbacks, vision_checkpoints or out / "vision_checkpoints")
     metrics["time/total_s"] = time.time() - t0
     write_metrics(out / "metrics.json", metrics,
                   config={"spec": asdict(spec) | {"world": asdict(spec.world)}, "key": spec.key()})
@@ -166,7 +200,7 @@ def build(spec: BaseSpec, out: Path, callbacks: list | None = None) -> dict:
     return metrics
 
 
-def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
+def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks, vision_checkpoints: Path) -> dict:
     from . import vlm
 
     cfg = vlm.TinyVLMConfig(**spec.model)
@@ -186,8 +220,9 @@ def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
         held_out = vlm.DenseVisionDataset(world, "val", spec.eval_scenes, cfg)
         metrics |= {f"baseline/untrained/{k}": v for k, v in pretrainer.evaluate(held_out, collate).items()}
         t0 = time.time()
+        _adopt_vision_checkpoints(out / "vision_checkpoints", vision_checkpoints)
         train(pretrainer, vlm.DenseVisionDataset(world, "train", spec.vision_scenes, cfg), collate, spec.vision,
-              out / "vision_checkpoints", callbacks=callbacks)
+              vision_checkpoints, callbacks=callbacks)
         metrics["time/vision_s"] = time.time() - t0
         metrics |= pretrainer.evaluate(held_out, collate)
         vlm.vision_tower(model).requires_grad_(False)
@@ -209,6 +244,20 @@ def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
     return metrics
+
+
+def _adopt_vision_checkpoints(own: Path, shared: Path) -> None:
+    """A build stopped before the vision stage was shared left its checkpoints in the base's own
+    directory: move them where the stage now resumes (when the shared place has none)."""
+    if own == shared or not own.is_dir() or not any(own.iterdir()):
+        return
+    if shared.exists() and any(shared.iterdir()):
+        return
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    if shared.exists():
+        shared.rmdir()
+    shutil.move(str(own), str(shared))
+    logger.info("moved the vision stage's checkpoints %s -> %s", own, shared)
 
 
 def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:

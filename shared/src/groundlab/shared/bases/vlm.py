@@ -612,7 +612,8 @@ def hit50(pred, gt) -> bool:
 def rec_misses(kind: str, answers: list[str], items, size: int) -> dict[str, int]:
     """Where REC answers miss (counts): no box; the box of another object (hit at IoU >= 0.5), and of
     those one of the same kind; a box of no object at all, and of those one that overlaps the right
-    object most (a loose box)."""
+    object most (a loose box). A box with its corners the wrong way round is a box of no object, and
+    not a loose one."""
     out = dict.fromkeys(("no_box", "other_object", "other_object/same_kind", "no_object", "no_object/loose"), 0)
     for text, (scene, obj, _) in zip(answers, items):
         boxes = loc_to_boxes(text, size, size, order=BOX_ORDER[kind])
@@ -627,6 +628,8 @@ def rec_misses(kind: str, answers: list[str], items, size: int) -> dict[str, int
             out["other_object/same_kind"] += other[0].kind == obj.kind
         else:
             out["no_object"] += 1
+            if boxes[0][2] < boxes[0][0] or boxes[0][3] < boxes[0][1]:
+                continue
             nearest = max(scene.objects, key=lambda o: float(box_iou(boxes[0], xywh_to_xyxy(o.bbox))[0, 0]))
             out["no_object/loose"] += nearest is obj
     return {f"rec/miss/{k}": v for k, v in out.items()}
