@@ -13,8 +13,8 @@ training settings: ``model/`` (what packages load), ``checkpoints/`` (Trainer ch
 ``metrics.json`` (held-out quality next to the untrained model's) and a ``COMPLETE`` marker. A VLM
 base's first stage (its vision tower, densely) checkpoints in ``runs/bases/vision/<name>-<hash>/``,
 keyed by what precedes the instruction mix only (:meth:`BaseSpec.vision_key`), so bases that differ in
-the mix or its length share it. A second build is a no-op; an entry written half-way is detected and rebuilt (training resumes from its last
-complete checkpoint), never loaded. Packages call :func:`ensure_base` and then load with the same code
+the mix or its length share it. A second build is a no-op; an entry written half-way is detected and
+rebuilt (training resumes from its last complete checkpoint), never loaded. Packages call :func:`ensure_base` and then load with the same code
 that loads the real checkpoints.
 """
 

@@ -602,11 +602,14 @@ def detect_items(scenes: list[Scene]) -> list[tuple[Scene, object, str]]:
     return out
 
 
+def well_formed(box) -> bool:
+    """An (x0, y0, x1, y1) box with its corners the right way round (a generated one may not be)."""
+    return box[2] >= box[0] and box[3] >= box[1]
+
+
 def hit50(pred, gt) -> bool:
     """IoU >= 0.5; a predicted box with its corners the wrong way round misses."""
-    if pred[2] < pred[0] or pred[3] < pred[1]:
-        return False
-    return float(box_iou(pred, gt)[0, 0]) >= 0.5
+    return well_formed(pred) and float(box_iou(pred, gt)[0, 0]) >= 0.5
 
 
 def rec_misses(kind: str, answers: list[str], items, size: int) -> dict[str, int]:
@@ -628,7 +631,7 @@ def rec_misses(kind: str, answers: list[str], items, size: int) -> dict[str, int
             out["other_object/same_kind"] += other[0].kind == obj.kind
         else:
             out["no_object"] += 1
-            if boxes[0][2] < boxes[0][0] or boxes[0][3] < boxes[0][1]:
+            if not well_formed(boxes[0]):
                 continue
             nearest = max(scene.objects, key=lambda o: float(box_iou(boxes[0], xywh_to_xyxy(o.bbox))[0, 0]))
             out["no_object/loose"] += nearest is obj
