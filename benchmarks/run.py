@@ -19,6 +19,11 @@ transformers' eager attention, (b) its SDPA, (c) the shared attention registered
 the padded batch and (d) ``groundlab`` on the batch packed into one padding-free row; the arms take
 turns on every batch, so a drift of the machine's speed hits them alike. Reports each arm's median
 step and its ratio to (a), and the share of padding in the padded batches.
+
+world: rendering scenes of the default world (what every base and package draws its data from, on
+the fly for the SAM base) with each object's box and area (a) computed once, as ``ShapeObject`` does
+and (b) recomputed from the mask at every access, as it did before; the same scenes either way,
+the arms taking turns.
 """
 
 from __future__ import annotations
@@ -164,7 +169,40 @@ def bench_vlm_step(steps: int = 20) -> dict:
     return out
 
 
-BENCHES = {"attention": bench_attention, "sam_decoding": bench_sam_decoding, "vlm_step": bench_vlm_step}
+def bench_world(scenes: int = 300, rounds: int = 5) -> dict:
+    from groundlab.shared import world as world_mod
+
+    world = world_mod.World(world_mod.WorldConfig(), seed=0)
+    cached = {name: world_mod.ShapeObject.__dict__[name] for name in ("bbox", "area")}
+    plain = {name: property(c.func) for name, c in cached.items()}
+
+    def render(props):
+        for name, prop in props.items():
+            setattr(world_mod.ShapeObject, name, prop)
+        t0 = time.perf_counter()
+        boxes = [o.bbox for i in range(scenes) for o in world.scene("train", i).objects]
+        return time.perf_counter() - t0, boxes
+
+    times = {"cached": [], "recomputed": []}
+    try:
+        for _ in range(rounds):
+            for arm, props in (("recomputed", plain), ("cached", cached)):
+                dt, boxes = render(props)
+                times[arm].append(dt)
+                if arm == "recomputed":
+                    want = boxes
+                elif boxes != want:
+                    raise AssertionError("the cached boxes differ from the recomputed ones")
+    finally:
+        for name, prop in cached.items():
+            setattr(world_mod.ShapeObject, name, prop)
+    med = {arm: sorted(t)[len(t) // 2] / scenes * 1e3 for arm, t in times.items()}
+    return {"scenes": scenes, "recomputed_ms_per_scene": med["recomputed"], "cached_ms_per_scene": med["cached"],
+            "speedup": med["recomputed"] / med["cached"]}
+
+
+BENCHES = {"attention": bench_attention, "sam_decoding": bench_sam_decoding, "vlm_step": bench_vlm_step,
+           "world": bench_world}
 
 
 def main() -> None:

@@ -112,6 +112,16 @@ def test_boxes_enclose_masks_tightly(scenes):
             assert mask_utils.toBbox(encode_rle(o.mask)).tolist() == [x, y, w, h]
 
 
+def test_an_objects_mask_is_read_only_so_its_cached_box_cannot_go_stale(scenes):
+    o = scenes[0].objects[0]
+    assert o.bbox is o.bbox and o.area == int(o.mask.sum())
+    with pytest.raises(ValueError, match="read-only"):
+        o.mask[0, 0] = True
+    grown = o.mask.copy()  # a copy is the caller's to change
+    grown[0, 0] = True
+    assert grown.sum() >= o.area
+
+
 def test_captions_list_every_object_left_to_right_and_phrases_align(scenes):
     for s in scenes:
         assert s.caption.endswith(".")

@@ -22,6 +22,7 @@ margin of ``WorldConfig.spatial_margin`` of the image size, so none of them is a
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import asdict, dataclass, field
 
@@ -104,16 +105,22 @@ class ShapeObject:
     center: tuple[float, float]
     """Geometric centre (x, y) of the full, unoccluded shape, in pixels."""
     radius: float
-    mask: np.ndarray  # (H, W) bool
+    mask: np.ndarray  # (H, W) bool, read-only
     glyph: str | None = None
 
-    @property
+    def __post_init__(self) -> None:
+        # the box and area are computed once (scenes ask for them dozens of times), so the mask they
+        # come from may not change: writing to it raises
+        self.mask = np.asarray(self.mask, dtype=bool)
+        self.mask.flags.writeable = False
+
+    @functools.cached_property
     def bbox(self) -> tuple[int, int, int, int]:
         """COCO box ``(x, y, w, h)`` of the visible pixels (pixel-edge convention)."""
         ys, xs = np.nonzero(self.mask)
         return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
-    @property
+    @functools.cached_property
     def area(self) -> int:
         return int(self.mask.sum())
 
