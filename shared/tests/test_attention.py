@@ -150,6 +150,31 @@ def test_flash_packed_matches_sdpa_on_gpu():
     torch.testing.assert_close(flash, ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_padded_and_prefix_attention_on_the_gpu_match_the_cpu(dtype, causal):
+    """What the models run on a GPU (flash-attn where installed, else SDPA on CUDA): packed rows, packed
+    rows with a prefix-LM part, and a padded batch with a key mask, against the CPU's fp32 SDPA."""
+    q, k, v, cu = _packed_inputs(hkv=2)
+    prefix = torch.tensor([2, 0, 5, 1])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    gpu = [t.cuda().to(dtype) for t in (q, k, v)]
+    torch.testing.assert_close(attention(*gpu, cu_seqlens=cu.cuda(), causal=causal).float().cpu(),
+                               attention(q, k, v, cu_seqlens=cu, causal=causal, implementation="sdpa"), **tol)
+    if causal:
+        got = attention(*gpu, cu_seqlens=cu.cuda(), prefix_lengths=prefix.cuda(), implementation="sdpa")
+        want = attention(q, k, v, cu_seqlens=cu, prefix_lengths=prefix, implementation="sdpa")
+        torch.testing.assert_close(got.float().cpu(), want, **tol)
+    qp, kp, vp = (t[None].transpose(1, 2) for t in (q[:12], k[:12], v[:12]))  # (1, H, 12, D)
+    key_mask = torch.ones(1, 1, 12, 12, dtype=torch.bool)
+    key_mask[..., :3] = False  # left padding
+    got = attention(*(t.cuda().to(dtype) for t in (qp, kp, vp)), attn_mask=key_mask.cuda(), causal=causal)
+    want = attention(qp, kp, vp, attn_mask=key_mask, causal=causal, implementation="sdpa")
+    torch.testing.assert_close(got.float().cpu(), want, **tol)
+
+
 def test_multihead_attention_is_torch_s_with_the_same_parameters_initialisation_and_function():
     from torch import nn
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from groundlab.ivm.evaluation import grounding_samples, predict_heatmaps
-from groundlab.shared.testing import finish_worker, worker_args
+from groundlab.shared.testing import finish_worker, worker_args, worker_device
 from groundlab.shared.world import World, WorldConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,6 +21,7 @@ def main():
     with torch.no_grad():  # a condition MLP that carries the instruction well into the heatmap
         for p in model.condition_proj.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.to(worker_device())
     samples = grounding_samples(World(WorldConfig(), seed=0).scenes("val", 4))
     predict_heatmaps(model.eval(), processor, samples, args.out / "predictions.jsonl")
     finish_worker(None, args.out)

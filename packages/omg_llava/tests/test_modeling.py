@@ -65,6 +65,25 @@ def test_forward_backward_reaches_llm_projector_and_text2vision_not_the_segmente
     assert {"llm", "projector", "text2vision"} <= grads and "segmenter" not in grads
 
 
+def test_the_seg_loss_weighs_bce_and_dice_as_the_config_says():
+    """seg_loss = seg_bce_weight * BCE + seg_dice_weight * Dice, each weight read from the config (the
+    BCE weight was once dropped, the loss's own default used whatever the config said)."""
+    model, tok = tiny()
+    perception, ids, labels, att = batch(tok, model, ["It is [SEG].", "Sure, [SEG] and [SEG]."])
+    masks = [torch.zeros(1, 64, 64), torch.zeros(2, 64, 64)]
+    masks[0][0, :32] = 1
+    masks[1][1, :, 40:] = 1
+
+    def seg_loss(bce, dice):
+        model.config.seg_bce_weight, model.config.seg_dice_weight = bce, dice
+        out = model(ids, att, labels, perception=perception, seg_masks=masks, point_seeds=[0, 1])
+        return float(out.seg_loss.detach())
+
+    bce, dice = seg_loss(1.0, 0.0), seg_loss(0.0, 1.0)
+    assert bce > 0 and dice > 0
+    assert seg_loss(3.0, 0.5) == pytest.approx(3.0 * bce + 0.5 * dice, rel=1e-5)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stage):
     """``train.packed``: the LLM runs on one padding-free row; logits, CE, the ``[SEG]`` hidden states

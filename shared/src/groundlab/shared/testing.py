@@ -10,7 +10,13 @@ A package writes a worker script that builds its stage (model, data, collator), 
 and ``deepspeed`` from the command line, and ends with :func:`finish_worker`; its test calls
 :func:`losses_one_and_two_processes` and compares the two lists. An evaluation worker predicts to
 ``<out>/predictions.jsonl`` and ends with ``finish_worker(None, out)``; its test calls
-:func:`outputs_one_and_two_processes` and compares the two files.
+:func:`outputs_one_and_two_processes` and compares the two files. These are CPU checks (gloo): CUDA is
+hidden from them, so they mean the same on a machine with a GPU.
+
+The same workers check a GPU (tests marked ``gpu``): :func:`losses_cpu_and_cuda` and
+:func:`outputs_cpu_and_cuda` run a worker in one process with CUDA hidden and with it visible (the
+Trainer then trains on the GPU; an evaluation worker puts its model on :func:`worker_device`), fp32
+both, TF32 off, for the test to compare.
 """
 
 from __future__ import annotations
@@ -34,7 +40,18 @@ def worker_args() -> tuple[argparse.Namespace, int]:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--deepspeed", default=None)
     torch.set_num_threads(1)
+    # fp32 means fp32 on a GPU too, so that its results can be held to the CPU's
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     return p.parse_args(), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_device():
+    """Where an evaluation worker puts its model: CUDA when this process sees it (the Trainer's
+    choice too), else the CPU."""
+    from .devices import pick_device
+
+    return pick_device("auto")
 
 
 def finish_worker(trainer, out: str | Path) -> None:
@@ -66,12 +83,35 @@ def outputs_one_and_two_processes(worker: str | Path, args: list[str], out: str 
     A failed launch raises with the end of its output."""
     dirs = {}
     for n in (2, 1):
-        dirs[n] = Path(out) / f"n{n}"
-        res = launch(worker, [*args, "--out", str(dirs[n]), *(extra or {}).get(n, [])], nproc_per_node=n,
-                     env={"PYTHONWARNINGS": "ignore"}, timeout=timeout)
-        if res.returncode != 0:
-            raise RuntimeError(f"{worker} on {n} process(es) failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        dirs[n] = _run_worker(worker, [*args, *(extra or {}).get(n, [])], Path(out) / f"n{n}", n, timeout,
+                              cuda=False)
     return dirs
+
+
+def losses_cpu_and_cuda(worker: str | Path, args: list[str], out: str | Path,
+                        timeout: float = 900) -> dict[str, list[float]]:
+    """Run a training ``worker`` in one process on the CPU (CUDA hidden) and on the GPU; returns
+    ``{"cpu": losses, "cuda": losses}``."""
+    dirs = outputs_cpu_and_cuda(worker, args, out, timeout)
+    return {d: json.loads((path / "losses.json").read_text()) for d, path in dirs.items()}
+
+
+def outputs_cpu_and_cuda(worker: str | Path, args: list[str], out: str | Path,
+                         timeout: float = 900) -> dict[str, Path]:
+    """Run ``worker`` in one process on the CPU (CUDA hidden) and with the GPU visible, each with its own
+    ``--out``; returns ``{"cpu": out dir, "cuda": out dir}``."""
+    return {d: _run_worker(worker, args, Path(out) / d, 1, timeout, cuda=d == "cuda") for d in ("cpu", "cuda")}
+
+
+def _run_worker(worker, args: list[str], out: Path, nproc: int, timeout: float, cuda: bool) -> Path:
+    env = {"PYTHONWARNINGS": "ignore"}
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    res = launch(worker, [*args, "--out", str(out)], nproc_per_node=nproc, env=env, timeout=timeout)
+    if res.returncode != 0:
+        where = "the GPU" if cuda else f"{nproc} CPU process(es)"
+        raise RuntimeError(f"{worker} on {where} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return out
 
 
 def attention_outside_the_shared_dispatch(model) -> list[str]:

@@ -180,7 +180,12 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str | Path,
           callbacks: list | None = None, compute_loss_func=None) -> Trainer:
     """Train (resuming from the last complete checkpoint in ``output_dir`` if any); returns the Trainer.
-    A dataset with ``set_epoch`` learns each epoch's number (:class:`EpochToDataset`)."""
+    A dataset with ``set_epoch`` learns each epoch's number (:class:`EpochToDataset`). The Trainer
+    trains on a GPU where there is one; the model is then put back where it was (unless ZeRO-3
+    partitions it), so that what the caller does next (evaluation, saving) finds it there."""
+    from .devices import model_device
+
+    home = model_device(model)
     args = training_arguments(cfg, output_dir)
     own = [MarkCheckpoints()] + ([EpochToDataset(train_dataset)] if hasattr(train_dataset, "set_epoch") else [])
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
@@ -201,6 +206,9 @@ def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str
     # With bf16, accelerate leaves model.forward wrapped in autocast after training; unwrap it so that
     # what follows (evaluation, saving) sees the model as it will be loaded: in fp32.
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    zero3 = getattr(trainer, "is_deepspeed_enabled", False) and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if model_device(model) != home and not zero3:
+        model.to(home)
     return trainer
 
 

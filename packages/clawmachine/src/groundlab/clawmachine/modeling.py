@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from groundlab.shared.attention import HF_ATTENTION
+from groundlab.shared.devices import to_device
 from groundlab.shared.multimodal import causal_lm_forward
 
 from .configuration import ClawMachineConfig
@@ -51,7 +52,8 @@ class ClawMachineForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def tokenize(self, pixel_values: torch.Tensor) -> list[TokenizedImage]:
         """(B, 3, H, W) images -> one :class:`TokenizedImage` each (deterministic unless the config says not)."""
-        return self.visual_tokenizer.tokenize(pixel_values, sample=not self.config.tokenizer_config.deterministic)
+        return self.visual_tokenizer.tokenize(pixel_values.to(self.device),
+                                              sample=not self.config.tokenizer_config.deterministic)
 
     def embed(self, input_ids: torch.Tensor, scene_features: torch.Tensor | None = None,
               scene_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,10 +85,10 @@ class ClawMachineForCausalLM(PreTrainedModel):
 
     def allowed_codes(self, images: list[TokenizedImage | None]) -> torch.Tensor:
         """(B, codebook) bool: the codes each sample's image holds (none for a text-only sample)."""
-        allowed = torch.zeros(len(images), self.config.codebook_size, dtype=torch.bool)
+        allowed = torch.zeros(len(images), self.config.codebook_size, dtype=torch.bool, device=self.device)
         for b, image in enumerate(images):
             if image is not None:
-                allowed[b, image.codes] = True
+                allowed[b, image.codes.to(self.device)] = True
         return allowed
 
     @torch.no_grad()
@@ -96,6 +98,9 @@ class ClawMachineForCausalLM(PreTrainedModel):
                  scene_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy answers (B, new tokens) for a left-padded batch of prompts. ``constrained``: inside
         ``[IMG] ... [/IMG]`` only the codes of the sample's own image (see ``RegionConstraint``)."""
+        # the inputs may be made on the CPU while the model sits on a GPU
+        input_ids, attention_mask, scene_features, scene_mask = to_device(
+            (input_ids, attention_mask, scene_features, scene_mask), self.device)
         common = dict(attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         # with inputs_embeds, HF hands the processors the new tokens only

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groundlab.shared.devices import model_device, to_device
 from groundlab.shared.distributed import barrier, gather_shards, is_main_process, shard
 from groundlab.shared.metrics import average_precision, mask_iou, rec_accuracy
 from groundlab.shared.world import Scene
@@ -172,7 +173,8 @@ def condition_cosine(model, processor, samples: Sequence[GroundingSample]) -> fl
             continue
         input_ids, att = policy_inputs(processor.tokenizer, [s.instruction for s in group], model.config.n_image_tokens)
         pixels = tower_pixels(processor.image_processor, [s.image for s in group])
-        c = torch.nn.functional.normalize(model.condition(input_ids, att, pixels)[:, 0], dim=-1)
+        input_ids, att, pixels = to_device((input_ids, att, pixels), model_device(model))
+        c = torch.nn.functional.normalize(model.condition(input_ids, att, pixels)[:, 0].float(), dim=-1)
         sim = c @ c.T
         k = len(group)
         sims.append(float((sim.sum() - sim.diagonal().sum()) / (k * (k - 1))))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
+from groundlab.shared.devices import model_device
 from groundlab.shared.inputs import check_probability, check_text
 from groundlab.shared.metrics import mask_box
 
@@ -86,7 +87,8 @@ def box_of(m: torch.Tensor | np.ndarray, threshold: float = 0.5) -> tuple[int, i
 @torch.no_grad()
 def heatmaps(model, processor, images: Sequence[np.ndarray], instructions: Sequence[str],
              batch_size: int = 32) -> list[torch.Tensor]:
-    """Per image, the heatmap probabilities (H, W) at the image's own size."""
+    """Per image, the heatmap probabilities (H, W) at the image's own size, on the CPU (the model may
+    be on another device)."""
     if len(images) != len(instructions):
         raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
     model.eval()
@@ -98,14 +100,16 @@ def heatmaps(model, processor, images: Sequence[np.ndarray], instructions: Seque
                 raise ValueError(f"image #{start + j} must be (H, W, 3) uint8, got {im.shape} {im.dtype}")
         input_ids, attention = policy_inputs(processor.tokenizer, instructions[start : start + len(ims)],
                                              model.config.n_image_tokens)
-        pixels = tower_pixels(processor.image_processor, ims)
-        sam_in = torch.stack([model.preprocess(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None])[0]
-                              for im in ims])
+        device = model_device(model)  # the inputs are made on the CPU; the model may be elsewhere
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        pixels = tower_pixels(processor.image_processor, ims).to(device)
+        sam_in = torch.stack([model.preprocess(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None]
+                                               .to(device))[0] for im in ims])
         emb = model.image_encoder(sam_in)
         logits = model(input_ids=input_ids, attention_mask=attention, pixel_values=pixels, image_embeddings=emb).logits
         for lg, im in zip(logits, ims):
-            lg = F.interpolate(lg[None, None], size=im.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-            out.append(lg.sigmoid())
+            lg = F.interpolate(lg[None, None].float(), size=im.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+            out.append(lg.sigmoid().cpu())
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from groundlab.shared.devices import to_device
 from groundlab.shared.multimodal import (
     ChatTemplate,
     expand_token,
@@ -42,7 +43,7 @@ class PerceptionCache:
             chunk = todo[start:start + batch_size]
             images = [np.asarray(load_image(p)) for p in chunk]
             for path, im, p in zip(chunk, images, self.model.perceive(seg.preprocess(images))):
-                self.items[path] = (p, im.shape[:2])
+                self.items[path] = (to_device(p, "cpu"), im.shape[:2])  # host memory; forward moves it
 
     def __getitem__(self, path) -> tuple[Perception, tuple[int, int]]:
         key = str(path)

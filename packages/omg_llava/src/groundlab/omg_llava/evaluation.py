@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from groundlab.shared.config import iter_jsonl
+from groundlab.shared.devices import model_device
 from groundlab.shared.distributed import gather_shards, shard, write_jsonl
 from groundlab.shared.metrics import caption_metrics, mask_ap, mask_box, mask_iou, res_metrics
 from groundlab.shared.world_io import decode_rle, encode_rle, load_image
@@ -264,7 +265,8 @@ def oracle_query_predictions(segmenter, samples: list[Sample], out_path: str | P
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         arrays = [np.asarray(load_image(p)) for p in chunk]
-        logits = segmenter(segmenter.preprocess(arrays))[-1].mask_logits  # (B, Q, s, s)
+        pixels = segmenter.preprocess(arrays).to(model_device(segmenter))
+        logits = segmenter(pixels)[-1].mask_logits  # (B, Q, s, s)
         for path, im, q in zip(chunk, arrays, logits):
             masks[path] = (from_input_frame(q, im.shape[:2]) > 0).cpu().numpy()
     rows = []

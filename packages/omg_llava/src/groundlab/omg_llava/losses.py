@@ -69,7 +69,9 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor, num_points: int = 125
     targets, mean over the N masks (0 when N = 0); ``reduce=False``: the (N,) per-mask losses. The
     targets are sampled at their own resolution, at the same image points as the logits (as Mask2Former:
     a target shrunk to the logits' grid first would be blurred, or shifted by nearest resizing).
-    ``seeds``: one per mask, for points that do not depend on the batch (:func:`uncertain_points`)."""
+    ``seeds``: one per mask, for points that do not depend on the batch (:func:`uncertain_points`).
+    Computed in fp32 whatever the logits' dtype (a bf16 model's)."""
+    logits = logits.float()
     if logits.shape[0] == 0:
         return logits.sum() * 0.0 if reduce else logits.new_zeros(0)
     if logits.shape[0] != targets.shape[0]:

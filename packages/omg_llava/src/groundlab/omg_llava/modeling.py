@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from groundlab.shared.attention import HF_ATTENTION, require_packing_support
+from groundlab.shared.devices import to_device
 from groundlab.shared.multimodal import pack_rows, splice_features
 
 from .configuration import OMGLlavaConfig
@@ -158,7 +159,7 @@ class OMGLlavaForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def perceive(self, pixel_values: torch.Tensor) -> list[Perception]:
         seg = self.segmenter
-        enc = seg.encode(pixel_values)
+        enc = seg.encode(pixel_values.to(self.device, self.dtype))  # a bf16 model reads bf16 pixels
         last = seg.decode(enc)[-1]
         g = self.config.grid
         pixels = pixel_unshuffle(enc["features"][self.config.feature_level], self.config.shuffle)  # (B, g*g, clip_dim)
@@ -271,6 +272,8 @@ class OMGLlavaForCausalLM(PreTrainedModel):
             if pixel_values is None:
                 raise ValueError("OMG-LLaVA needs pixel_values or a precomputed perception")
             perception = self.perceive(pixel_values)
+        # cached perceptions and prompts are made on the CPU; the Trainer moves tensors, not these
+        perception, prompts, seg_masks = to_device((perception, prompts, seg_masks), self.device)
         embeds = self.embed(input_ids, perception, prompts)
         logits, hidden, ce_loss = self._run_llm(embeds, attention_mask, labels, packed, num_items_in_batch)
         loss, seg_loss, mismatched, masks_out = ce_loss, None, 0, []
@@ -296,7 +299,8 @@ class OMGLlavaForCausalLM(PreTrainedModel):
                     logits = torch.cat([pred[i, :n] for i, n in enumerate(counts)])
                     seeds = None if point_seeds is None else [
                         mix_seed(point_seeds[b], j, layer) for b, n in zip(owners, counts) for j in range(n)]
-                    per_mask = mask_loss(logits, tgt, self.config.seg_points,  # targets at full resolution bce_weight=self.config.seg_bce_weight,
+                    per_mask = mask_loss(logits, tgt, self.config.seg_points,  # targets at full resolution
+                                         bce_weight=self.config.seg_bce_weight,
                                          dice_weight=self.config.seg_dice_weight, reduce=False, seeds=seeds)
                     terms.append(per_mask.new_zeros(len(counts)).index_add(0, sample, per_mask)
                                  / per_mask.new_tensor(counts))
@@ -343,6 +347,8 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         order). The ``[SEG]`` hidden states come from one forward pass over prompt + answer."""
         self.eval()
         eos = self.config.text_config.eos_token_id if eos_token_id is None else eos_token_id
+        input_ids, attention_mask, perception, prompts = to_device((input_ids, attention_mask, perception, prompts),
+                                                                   self.device)
         embeds = self.embed(input_ids, perception, prompts)
         gen = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, eos_token_id=eos, pad_token_id=pad_token_id)

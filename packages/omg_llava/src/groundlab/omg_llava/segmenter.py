@@ -100,7 +100,8 @@ def ms_deform_sample(value: torch.Tensor, shapes: list[tuple[int, int]], locatio
     """The core of multi-scale deformable attention.
 
     value: (B, S, heads, hd) for all levels flattened (S = sum h*w); locations: (B, Q, heads, L, P, 2) in
-    [0, 1] (x, y); weights: (B, Q, heads, L, P), softmax-normalised over (L, P). Returns (B, Q, heads*hd).
+    [0, 1] (x, y); weights: (B, Q, heads, L, P), softmax-normalised over (L, P). Returns (B, Q, heads*hd) in
+    ``value``'s dtype; the sampling runs in fp32 (a bf16 location is off by up to 1/256 of the image).
     """
     b, _, heads, hd = value.shape
     _, q, _, levels, points, _ = locations.shape
@@ -108,12 +109,12 @@ def ms_deform_sample(value: torch.Tensor, shapes: list[tuple[int, int]], locatio
     grids = 2 * locations - 1  # grid_sample's [-1, 1]
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
-        v = per_level[lvl].permute(0, 2, 3, 1).reshape(b * heads, hd, h, w)
-        g = grids[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(b * heads, q, points, 2)
+        v = per_level[lvl].permute(0, 2, 3, 1).reshape(b * heads, hd, h, w).float()
+        g = grids[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(b * heads, q, points, 2).float()
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # (BH, hd, Q, P)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (BH, hd, Q, L*P)
-    w = weights.permute(0, 2, 1, 3, 4).reshape(b * heads, 1, q, levels * points)
-    return (stacked * w).sum(-1).view(b, heads * hd, q).transpose(1, 2)
+    w = weights.permute(0, 2, 1, 3, 4).reshape(b * heads, 1, q, levels * points).float()
+    return (stacked * w).sum(-1).view(b, heads * hd, q).transpose(1, 2).to(value.dtype)
 
 
 class MSDeformAttn(nn.Module):
@@ -156,8 +157,8 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(b, q, self.heads, self.levels, self.points, 2)
         weights = self.attention_weights(query).view(b, q, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(b, q, self.heads, self.levels, self.points)
-        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+        locations = reference.float()[:, :, None, :, None, :] + offsets.float() / normaliser[None, None, None, :, None, :]
         return self.output_proj(ms_deform_sample(v, shapes, locations, weights))
 
 
@@ -211,7 +212,7 @@ class PixelDecoder(nn.Module):
         coarse = [proj(f) for proj, f in zip(self.input_proj, reversed(feats[1:]))]  # strides 32, 16, 8
         shapes = [tuple(x.shape[-2:]) for x in coarse]
         b = coarse[0].shape[0]
-        pos = [sine_position((b, h, w), self.dim, coarse[0].device) for h, w in shapes]
+        pos = [sine_position((b, h, w), self.dim, coarse[0].device).to(coarse[0].dtype) for h, w in shapes]
         src = torch.cat([x.flatten(2).transpose(1, 2) for x in coarse], 1)
         pos_flat = torch.cat([(p.flatten(2).transpose(1, 2) + self.level_embed[i]) for i, p in enumerate(pos)], 1)
         refs = []

@@ -16,6 +16,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.bases.vlm import CAPTION_PROMPT as BASE_CAPTION_PROMPT
 from groundlab.shared.bases.vlm import TinyVLMConfig, generate
+from groundlab.shared.devices import model_device, to_device
 from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import merge_scaled
 from groundlab.shared.world import Scene
@@ -50,7 +51,8 @@ def score_texts(model, processor, layout: Layout, images: Sequence[np.ndarray], 
             spans.append((enc["response_start"], enc["response_len"], tok.convert_ids_to_tokens(ids)))
         batch = collate(samples)
         batch.pop("labels")
-        probs = torch.sigmoid(model(**batch).logits)
+        batch = to_device(batch, model_device(model))  # the model may be on a GPU
+        probs = torch.sigmoid(model(**batch).logits.float())
         for row, (s, n, toks) in enumerate(spans):
             out.append((toks, probs[row, s : s + n].tolist()))
     return out

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from groundlab.shared.config import iter_jsonl
+from groundlab.shared.devices import model_device, to_device
 from groundlab.shared.distributed import gather_shards, shard, write_jsonl
 
 from .data import TldrDataset
@@ -33,7 +34,8 @@ def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_
         idx = list(range(start, min(start + batch_size, mine.stop)))
         batch = collate([dataset[i] for i in idx])
         batch.pop("labels")
-        probs = torch.sigmoid(model(**batch).logits)  # (B, T)
+        batch = to_device(batch, model_device(model))  # the model may be on a GPU
+        probs = torch.sigmoid(model(**batch).logits.float())  # (B, T)
         for row, i in enumerate(idx):
             rec, enc = dataset.records[i], dataset.encoded[i]
             s, n = enc["response_start"], enc["response_len"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from groundlab.shared.config import iter_jsonl
+from groundlab.shared.devices import model_device, to_device
 from groundlab.shared.distributed import gather_shards, shard, write_jsonl
 from groundlab.shared.metrics import caption_metrics
 from groundlab.shared.world_io import load_image
@@ -54,7 +55,7 @@ def predict(model, processor: VPProcessor, records: list[dict], image_root: str 
             image = load_image(Path(image_root) / rec["image"])
             prompts = VisualPrompts.from_record(rec, f"record {rec.get('id')}")
             samples.append(processor.prompt(image, question_of(rec), prompts, use_prompts, where=f"record {rec.get('id')}"))
-        batch = collate(samples)
+        batch = to_device(collate(samples), model_device(model))  # the model may be on a GPU
         gen = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["vp_coords"],
                              batch["vp_valid"], batch["vp_is_box"], max_new_tokens=max_new_tokens,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

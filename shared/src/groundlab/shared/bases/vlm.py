@@ -58,6 +58,7 @@ from transformers import (
 
 from ..attention import HF_ATTENTION  # importing it registers attn_implementation="groundlab"
 from ..boxes import box_to_loc, loc_bins, loc_to_boxes, xywh_to_xyxy
+from ..devices import model_device, to_device
 from ..metrics import box_iou
 from ..multimodal import (
     IGNORE_INDEX,
@@ -572,7 +573,7 @@ def generate(model, processor, cfg: TinyVLMConfig, images: list[np.ndarray], pro
     for start in range(0, len(images), batch_size):
         samples = [{**encode_text(tok, cfg, p, None), "image": im}
                    for im, p in zip(images[start:start + batch_size], prompts[start:start + batch_size])]
-        batch = collate(samples)
+        batch = to_device(collate(samples), model_device(model))  # the model may be on a GPU
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for row in gen[:, batch["input_ids"].shape[1]:].tolist():
