@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from groundlab.shared.config import iter_jsonl
-from groundlab.shared.devices import model_device, to_device
 from groundlab.shared.distributed import gather_shards, shard, write_jsonl
 from groundlab.shared.metrics import box_iou, caption_metrics
 
@@ -99,9 +98,7 @@ def predict(model, processor: ClawProcessor, items: list[Item], tokens: dict[str
         images = [tokens[it.image] for it in chunk]
         batch = collate([{"input_ids": processor.prompt(it.question, im, it.ref_list, where=it.id)}
                          for it, im in zip(chunk, images)])
-        device = model_device(model)  # the model may be on a GPU
-        batch, on_device = to_device((batch, images), device)
-        gen = model.generate(batch["input_ids"], batch["attention_mask"], on_device, max_new_tokens=max_new_tokens,
+        gen = model.generate(batch["input_ids"], batch["attention_mask"], images, max_new_tokens=max_new_tokens,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, constrained=constrained)
         for it, im, ids in zip(chunk, images, gen.tolist()):
             text, regions = processor.split_answer(ids)
