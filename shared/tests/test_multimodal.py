@@ -111,6 +111,24 @@ def test_pad_and_pack():
     assert pg["prefix_lens"].tolist() == [2, 1]
 
 
+def test_pack_batch_fills_the_row_to_a_multiple_with_one_ignored_sequence():
+    a = {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}
+    b = {"input_ids": [8, 9], "labels": [8, 9]}
+    packed = pack_batch([a, b], pad_to_multiple_of=4, pad_token_id=0)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert packed["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and packed["max_length_q"] == 3
+    pg = pack_batch([a | {"token_type_ids": [0, 0, 1]}, b | {"token_type_ids": [0, 1]}], position_offset=1,
+                    pad_to_multiple_of=8, pad_token_id=0)
+    assert pg["prefix_lens"].tolist() == [2, 1, 0] and pg["input_ids"].shape == (1, 8)
+    assert pack_batch([a, b], pad_to_multiple_of=5)["input_ids"].shape == (1, 5)  # already a multiple
+    with pytest.raises(ValueError, match="pad_token_id"):
+        pack_batch([a, b], pad_to_multiple_of=4)
+    with pytest.raises(ValueError, match=">= 1"):
+        pack_batch([a, b], pad_to_multiple_of=0)
+
+
 def test_pack_batch_rejects_what_it_cannot_pack():
     with pytest.raises(ValueError, match="empty batch"):
         pack_batch([])

@@ -173,6 +173,13 @@ PACKED_GROUPS = 4
 padded to its own longest): attention costs about the sum of the squared lengths, not S x longest^2."""
 
 
+PACKED_LENGTH_MULTIPLE = 32
+"""Each group's padded length is rounded up to a multiple of this (the extra slots are masked like any
+padding, so the output is the same): a training run's groups then come in a few recurring sizes, whose
+tensors the CPU allocator reuses; exact lengths ask for new sizes every step and the heap fragments
+(see :func:`groundlab.shared.multimodal.pack_batch`'s ``pad_to_multiple_of``, its partner)."""
+
+
 def _packed(q, k, v, cu_seqlens, causal, prefix_lengths, dropout_p, scale, implementation):
     """A packed row through a few padded kernel calls: the sequences, sorted by length, in up to
     ``PACKED_GROUPS`` groups, each scattered into (S_g, H, longest_g, D), attended with each sequence's
@@ -209,7 +216,7 @@ def _packed_layout(cu_seqlens, prefix_lengths, causal, device) -> list[tuple]:
     starts, groups = cu_seqlens[:-1].long(), []
     order = torch.argsort(lengths)
     for group in torch.tensor_split(order, min(PACKED_GROUPS, order.numel())):
-        n_seq, longest = group.numel(), int(lengths[group].max())
+        n_seq, longest = group.numel(), -(-int(lengths[group].max()) // PACKED_LENGTH_MULTIPLE) * PACKED_LENGTH_MULTIPLE
         within = torch.arange(longest, device=device)
         valid = within[None, :] < lengths[group][:, None]  # (S_g, L)
         tokens = (starts[group][:, None] + within[None, :])[valid]  # packed index of each real token

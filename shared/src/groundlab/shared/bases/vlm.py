@@ -539,15 +539,19 @@ class VLMCollator:
     ``packed``: the samples concatenated into one padding-free row instead
     (:func:`~groundlab.shared.multimodal.pack_batch`; models built with the ``groundlab`` attention):
     the same loss and gradients, no FLOP spent on padding. PaliGemma's prefix-LM goes in as
-    ``prefix_lens`` instead of ``token_type_ids`` and its positions count from 1, as the model's own do."""
+    ``prefix_lens`` instead of ``token_type_ids`` and its positions count from 1, as the model's own do.
+    The row is filled up to a multiple of ``row_multiple`` tokens (``pack_batch``'s
+    ``pad_to_multiple_of``: the same loss; a long run's memory stays flat)."""
 
-    def __init__(self, processor, padding_side: str = "right", packed: bool = False):
+    def __init__(self, processor, padding_side: str = "right", packed: bool = False, row_multiple: int = 256):
         self.processor, self.padding_side, self.packed = processor, padding_side, packed
+        self.row_multiple = row_multiple
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         paligemma = "token_type_ids" in samples[0]
         if self.packed:
-            batch = pack_batch(samples, position_offset=int(paligemma))
+            batch = pack_batch(samples, position_offset=int(paligemma), pad_to_multiple_of=self.row_multiple,
+                               pad_token_id=self.processor.tokenizer.pad_token_id)
         else:
             batch = pad_batch(samples, self.processor.tokenizer.pad_token_id, self.padding_side)
             if paligemma:
