@@ -20,6 +20,14 @@ the padded batch and (d) ``groundlab`` on the batch packed into one padding-free
 turns on every batch, so a drift of the machine's speed hits them alike. Reports each arm's median
 step and its ratio to (a), and the share of padding in the padded batches.
 
+packed_memory: the LLaVA base's instruction mix trained (forward + backward + AdamW, bf16 autocast
+where native) on the same packed batches in fresh processes, (a) with rows of their exact length and
+each attention group padded to its exact longest, as before, and (b) as now: rows filled to a
+multiple of 256 (``pack_batch(pad_to_multiple_of=)``) and groups to a multiple of 32
+(``attention.PACKED_LENGTH_MULTIPLE``); the arms alternate over two rounds. Reports each arm's resident
+memory after the warm-up and at the end, its peak, and its median step: exact sizes fragment the CPU
+heap, so its memory grows with every step.
+
 world: rendering scenes of the default world (what every base and package draws its data from, on
 the fly for the SAM base) with each object's box and area (a) computed once, as ``ShapeObject`` does
 and (b) recomputed from the mask at every access, as it did before; the same scenes either way,
@@ -201,8 +209,73 @@ def bench_world(scenes: int = 300, rounds: int = 5) -> dict:
             "speedup": med["recomputed"] / med["cached"]}
 
 
-BENCHES = {"attention": bench_attention, "sam_decoding": bench_sam_decoding, "vlm_step": bench_vlm_step,
-           "world": bench_world}
+def _packed_memory_arm(exact: bool, steps: int, warmup: int) -> dict:
+    """One arm of ``packed_memory``, in a process of its own (resident memory is per process)."""
+    import resource
+    import statistics
+
+    from groundlab.shared import attention as attention_mod
+    from groundlab.shared.bases import default_spec, vlm
+    from groundlab.shared.tokenizer import load_tokenizer
+    from groundlab.shared.training import fast_bf16
+    from groundlab.shared.world import World
+
+    def resident_gib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 30
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if exact:
+        attention_mod.PACKED_LENGTH_MULTIPLE = 1
+    spec = default_spec("llava")
+    cfg, tok = vlm.TinyVLMConfig(**spec.model), load_tokenizer()
+    processor = vlm.build_processor(cfg, tok)
+    torch.manual_seed(0)
+    model = vlm.build_model(cfg, tok)
+    vlm.vision_tower(model).requires_grad_(False)
+    data = vlm.WorldVLMDataset(World(spec.world, seed=0), "train", 1000, processor, cfg, vlm.MixConfig(**spec.mix))
+    collate = vlm.VLMCollator(processor, packed=True, row_multiple=1 if exact else 256)
+    bs, bf16 = spec.train.batch_size, fast_bf16()
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    times, after_warmup = [], 0.0
+    for j in range(steps):
+        batch = collate([data[int(i)] for i in order[(j * bs) % len(data):][:bs]])
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        if j + 1 == warmup:
+            after_warmup = resident_gib()
+    return {"resident_after_warmup_gib": after_warmup, "resident_end_gib": resident_gib(),
+            "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "step_s": statistics.median(times[warmup:])}
+
+
+def bench_packed_memory(steps: int = 80, warmup: int = 10, rounds: int = 2) -> dict:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    runs: dict[str, list[dict]] = {"exact": [], "filled": []}
+    for _ in range(rounds):
+        for arm in runs:
+            with ctx.Pool(1) as pool:
+                runs[arm].append(pool.apply(_packed_memory_arm, (arm == "exact", steps, warmup)))
+    out: dict = {"steps": steps, "warmup_steps": warmup, "rounds": rounds}
+    for arm, results in runs.items():
+        for key in results[0]:
+            out[f"{arm}/{key}"] = sum(r[key] for r in results) / rounds
+        out[f"{arm}/growth_after_warmup_gib"] = out[f"{arm}/resident_end_gib"] - out[f"{arm}/resident_after_warmup_gib"]
+    out["filled_vs_exact/step"] = out["filled/step_s"] / out["exact/step_s"]
+    return out
+
+
+BENCHES = {"attention": bench_attention, "packed_memory": bench_packed_memory, "sam_decoding": bench_sam_decoding,
+           "vlm_step": bench_vlm_step, "world": bench_world}
 
 
 def main() -> None:
