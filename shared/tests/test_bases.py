@@ -18,7 +18,9 @@ from groundlab.shared.bases import (
     _adopt_vision_checkpoints,
     base_dir,
     ensure_base,
+    evaluate_base,
     load_tiny_sam,
+    main,
     report,
     smoke_spec,
     vision_dir,
@@ -77,6 +79,36 @@ def test_llava_base_loads_through_from_pretrained_and_reports_figures(llava_base
     state = json.loads((base_dir(spec, root) / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_a_built_base_is_evaluated_again_on_more_held_out_scenes(llava_base, tmp_path, capsys):
+    root, spec, path = llava_base
+    built = json.loads((base_dir(spec, root) / "metrics.json").read_text())
+    # reloaded from its model directory, on the build's own scenes: the figures the build wrote
+    same = evaluate_base(spec, spec.eval_scenes, root=root)
+    for key in ("caption/exact_match", "qa/accuracy", "rec/acc50", "region/colour_kind", "grounded/box_acc50",
+                "baseline/random_object/rec/acc50"):
+        assert same[key] == built[key], key
+    more = evaluate_base(spec, 3 * spec.eval_scenes, root=root)
+    world = World(spec.world, seed=spec.world_seed)
+    items = vlm.rec_items(world.scenes("val", 3 * spec.eval_scenes))
+    assert more["rec/n"] == len(items) > built["rec/n"]
+    p = more["rec/acc50"]
+    assert more["rec/acc50_stderr"] == pytest.approx((p * (1 - p) / len(items)) ** 0.5)
+    # the split by the scene's number of objects makes up the whole, for the model and for a random object
+    counts = {k: sum(len(s.objects) == k for s, _, _ in items) for k in (1, 2, 3, 4, 5)}
+    for prefix in ("", "baseline/random_object/"):
+        whole = sum(n * more[f"{prefix}rec/objects_{k}/acc50"] for k, n in counts.items() if n) / len(items)
+        assert whole == pytest.approx(more[f"{prefix}rec/acc50"])
+    assert more["baseline/random_object/rec/objects_2/acc50"] == pytest.approx(0.5, abs=0.05)
+    saved = json.loads((path.parent / f"eval-val-{3 * spec.eval_scenes}.json").read_text())
+    assert saved["rec/acc50"] == p and saved["path"] == str(path)
+    # the command line: another build by its path; a missing one is named
+    main(["evaluate", "--only", "llava", "--scenes", "4", "--path", str(path)])
+    out = capsys.readouterr().out
+    assert f"base llava on 4 held-out scenes: {path}" in out and "standard error" in out and "rec/objects_2" in out
+    with pytest.raises(FileNotFoundError, match="no llava base at .*nothing"):
+        evaluate_base(spec, 4, path=tmp_path / "nothing")
 
 
 def test_second_build_is_a_no_op_and_half_written_entries_are_rebuilt(llava_base):
@@ -213,6 +245,10 @@ def test_sam_base_official_layout_strict_loads_and_learning(tmp_path):
     # the training-only class head: reported, never saved into the SAM checkpoint
     assert 0.0 <= metrics["sam/semantic_head/pixel_accuracy"] <= 1.0
     assert not any("semantic" in k for k in state)
+    # evaluated again from its checkpoint on the build's own scenes: the build's figures
+    again = evaluate_base(spec, spec.eval_scenes, root=tmp_path)
+    for key in ("sam/point/mIoU", "sam/box/mIoU", "baseline/filled_box/sam/box/mIoU"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def test_sam_semantic_head_targets_and_gradients():
@@ -492,6 +528,8 @@ def test_trivial_baselines_are_what_they_say():
     # one object a scene: any "random object" or the union box is the object itself
     assert b["baseline/random_object/rec/acc50"] == 1.0 and b["baseline/union_box/rec/acc50"] == 1.0
     assert 0.0 < b["baseline/majority/qa/accuracy"] < 1.0
+    assert "baseline/random_object/region_list/colour_kind" not in b  # no scene to list regions of
+    assert not any(np.isnan(v) for v in b.values())
 
 
 def test_sam_touching_objects_and_the_split_evaluation():

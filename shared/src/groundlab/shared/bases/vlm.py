@@ -653,8 +653,9 @@ def _box_hits(kind: str, answers: list[str], items, size: int) -> list[bool]:
 
 def evaluate(model, processor, cfg: TinyVLMConfig, world: World, split: str = "val", n_scenes: int = 100) -> dict:
     """Held-out figures of every task the base trains: caption greedy token accuracy and exact match,
-    QA accuracy, REC acc@0.5 (first expression of each object), region description (colour and kind
-    both named), and PaliGemma's ``detect <colour> <kind>`` acc@0.5 / LLaVA's grounded caption."""
+    QA accuracy, REC acc@0.5 (first expression of each object; with its binomial standard error and
+    apart by the scene's number of objects), region description (colour and kind both named), and
+    PaliGemma's ``detect <colour> <kind>`` acc@0.5 / LLaVA's grounded caption."""
     tok = processor.tokenizer
     p = PROMPTS[cfg.kind]
     scenes = world.scenes(split, n_scenes)
@@ -679,7 +680,10 @@ def evaluate(model, processor, cfg: TinyVLMConfig, world: World, split: str = "v
     answers = [tok.decode(g) for g in gen]
     hits = _box_hits(cfg.kind, answers, items, size)
     out["rec/acc50"], out["rec/n"] = float(np.mean(hits)), len(hits)
+    out["rec/acc50_stderr"] = float(np.sqrt(out["rec/acc50"] * (1 - out["rec/acc50"]) / len(hits)))
     out |= rec_misses(cfg.kind, answers, items, size)
+    for n_obj in sorted({len(s.objects) for s, _, _ in items}):  # a random object: 1, 1/2, 1/3
+        out[f"rec/objects_{n_obj}/acc50"] = float(np.mean([h for h, (s, _, _) in zip(hits, items) if len(s.objects) == n_obj]))
     for rtype in ("attribute", "superlative", "relation"):
         sel = [h for h, (s, o, e) in zip(hits, items) if s.refs_for(o.id)[0].type == rtype]
         if sel:
@@ -688,8 +692,8 @@ def evaluate(model, processor, cfg: TinyVLMConfig, world: World, split: str = "v
     gen = generate(model, processor, cfg, [s.image for s, _ in objs],
                    [p["region"].format(box=box_text(o, cfg.kind, size)) for _, o in objs], max_new_tokens=8)
     out["region/colour_kind"] = float(np.mean([_names(tok.decode(g), o) for g, (_, o) in zip(gen, objs)]))
-    if cfg.kind == "llava":
-        listed = region_list_items(scenes)
+    listed = region_list_items(scenes) if cfg.kind == "llava" else []
+    if listed:  # none where no scene has two objects
         gen = generate(model, processor, cfg, [s.image for s, _, _ in listed], [q for _, q, _ in listed],
                        max_new_tokens=8)
         out["region_list/colour_kind"] = float(np.mean([_names(tok.decode(g), o) for g, (_, _, o) in zip(gen, listed)]))
@@ -764,9 +768,16 @@ def trivial_baselines(world: World, train_split: str = "train", n_train: int = 2
         out[f"baseline/random_object/{name}/acc50"] = float(np.mean(rand))
         out[f"baseline/largest_object/{name}/acc50"] = float(np.mean(largest))
         out[f"baseline/union_box/{name}/acc50"] = float(np.mean(union))
-    # a numbered region answered with a random object of the scene (the expected share named right)
-    out["baseline/random_object/region_list/colour_kind"] = float(np.mean(
-        [np.mean([(x.colour, x.kind) == (o.colour, o.kind) for x in s.objects]) for s, _, o in region_list_items(scenes)]))
+        if name == "rec":  # apart by the scene's number of objects, as evaluate reports it
+            for n_obj in sorted({len(s.objects) for s, _, _ in items}):
+                out[f"baseline/random_object/rec/objects_{n_obj}/acc50"] = float(np.mean(
+                    [r for r, (s, _, _) in zip(rand, items) if len(s.objects) == n_obj]))
+    # a numbered region answered with a random object of the scene (the expected share named right);
+    # none where no scene has two objects
+    listed = region_list_items(scenes)
+    if listed:
+        out["baseline/random_object/region_list/colour_kind"] = float(np.mean(
+            [np.mean([(x.colour, x.kind) == (o.colour, o.kind) for x in s.objects]) for s, _, o in listed]))
     pairs = Counter((o.colour, o.kind) for s in train for o in s.objects)
     colour, kind = pairs.most_common(1)[0][0]
     out["baseline/majority/region/colour_kind"] = float(np.mean(
