@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -50,6 +52,14 @@ def test_logging_is_rank0_only(monkeypatch, capsys):
     log.info("from rank 0")
     out = capsys.readouterr().out
     assert "from rank 0" in out and "from rank 1" not in out
+
+
+def test_logging_follows_a_stdout_redirected_after_setup(capsys):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # set up while stdout was elsewhere (an earlier caller)
+        log = setup_logging()
+    log.info("written after the redirect ended")
+    assert "written after the redirect ended" in capsys.readouterr().out and buf.getvalue() == ""
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -56,10 +56,27 @@ class _Rank0Filter(logging.Filter):
         return is_main_process()
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stdout`` is when a line is written, not on the one there was
+    when logging was set up: a caller that redirects stdout later (a test's capture, a tool) gets the
+    lines."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # the base class assigns it; the property always reads sys.stdout
+        pass
+
+
 def setup_logging(level: int = logging.INFO, all_ranks: bool = False) -> logging.Logger:
     """Configure the ``groundlab`` logger: one line format, rank-0 only unless ``all_ranks``."""
     if not any(getattr(h, "_groundlab", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler._groundlab = True  # type: ignore[attr-defined]
         rank = get_rank()
         handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
