@@ -643,6 +643,15 @@ def rec_misses(kind: str, answers: list[str], items, size: int) -> dict[str, int
     return {f"rec/miss/{k}": v for k, v in out.items()}
 
 
+def by_scene_objects(prefix: str, name: str, values, items) -> dict[str, float]:
+    """The mean of per-item ``values`` apart by the number of objects in the item's scene:
+    ``{prefix}/objects_{k}/{name}``."""
+    groups: dict[int, list] = {}
+    for v, (scene, *_) in zip(values, items):
+        groups.setdefault(len(scene.objects), []).append(v)
+    return {f"{prefix}/objects_{k}/{name}": float(np.mean(vs)) for k, vs in sorted(groups.items())}
+
+
 def _box_hits(kind: str, answers: list[str], items, size: int) -> list[bool]:
     hits = []
     for text, (_, obj, _) in zip(answers, items):
@@ -682,8 +691,7 @@ def evaluate(model, processor, cfg: TinyVLMConfig, world: World, split: str = "v
     out["rec/acc50"], out["rec/n"] = float(np.mean(hits)), len(hits)
     out["rec/acc50_stderr"] = float(np.sqrt(out["rec/acc50"] * (1 - out["rec/acc50"]) / len(hits)))
     out |= rec_misses(cfg.kind, answers, items, size)
-    for n_obj in sorted({len(s.objects) for s, _, _ in items}):  # a random object: 1, 1/2, 1/3
-        out[f"rec/objects_{n_obj}/acc50"] = float(np.mean([h for h, (s, _, _) in zip(hits, items) if len(s.objects) == n_obj]))
+    out |= by_scene_objects("rec", "acc50", hits, items)  # a random object: 1, 1/2, 1/3
     for rtype in ("attribute", "superlative", "relation"):
         sel = [h for h, (s, o, e) in zip(hits, items) if s.refs_for(o.id)[0].type == rtype]
         if sel:
@@ -769,9 +777,7 @@ def trivial_baselines(world: World, train_split: str = "train", n_train: int = 2
         out[f"baseline/largest_object/{name}/acc50"] = float(np.mean(largest))
         out[f"baseline/union_box/{name}/acc50"] = float(np.mean(union))
         if name == "rec":  # apart by the scene's number of objects, as evaluate reports it
-            for n_obj in sorted({len(s.objects) for s, _, _ in items}):
-                out[f"baseline/random_object/rec/objects_{n_obj}/acc50"] = float(np.mean(
-                    [r for r, (s, _, _) in zip(rand, items) if len(s.objects) == n_obj]))
+            out |= by_scene_objects("baseline/random_object/rec", "acc50", rand, items)
     # a numbered region answered with a random object of the scene (the expected share named right);
     # none where no scene has two objects
     listed = region_list_items(scenes)
