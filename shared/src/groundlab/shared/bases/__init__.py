@@ -309,8 +309,8 @@ def evaluate_base(spec: BaseSpec, n_scenes: int, path: str | Path | None = None,
     if spec.name == "sam":
         from . import sam as sam_mod
 
-        sam = load_tiny_sam(path)
         cfg = sam_mod.TinySamConfig.from_json(path.parent / "config.json")
+        sam = sam_mod.build_tiny_sam(cfg, checkpoint=path)
         metrics |= _sam_figures(sam_mod.evaluate(sam, world, "val", n_scenes, cfg.multimask_clicks))
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
