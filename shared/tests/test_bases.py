@@ -101,6 +101,14 @@ def test_a_built_base_is_evaluated_again_on_more_held_out_scenes(llava_base, tmp
         whole = sum(n * more[f"{prefix}rec/objects_{k}/acc50"] for k, n in counts.items() if n) / len(items)
         assert whole == pytest.approx(more[f"{prefix}rec/acc50"])
     assert more["baseline/random_object/rec/objects_2/acc50"] == pytest.approx(0.5, abs=0.05)
+    # in scenes of several objects: "the <kind>" items and the rest, which together make up those scenes
+    several = [(s, o, e) for s, o, e in items if len(s.objects) > 1]
+    kind_only = sum(e == f"the {o.kind}" for _, o, e in several)
+    assert (more["rec/several/kind_only/n"], more["rec/several/more_than_kind/n"]) == (kind_only, len(several) - kind_only)
+    assert 0 < kind_only < len(several)
+    share = {k: more[f"rec/several/{k}/n"] * more[f"rec/several/{k}/acc50"] for k in ("kind_only", "more_than_kind")}
+    multi = sum(counts[k] * more[f"rec/objects_{k}/acc50"] for k in (2, 3, 4, 5) if counts[k])
+    assert sum(share.values()) == pytest.approx(multi)
     saved = json.loads((path.parent / f"eval-val-{3 * spec.eval_scenes}.json").read_text())
     assert saved["rec/acc50"] == p and saved["path"] == str(path)
     # the command line: another build by its path; a missing one is named
@@ -425,6 +433,42 @@ def test_rec_contrast_draws_attribute_expressions_for_objects_that_share_their_k
                 vlm.PROMPTS["llava"]["rec"].format(expression=r.text) for r in scene.refs_for(obj.id)}
             more += len(mine) == 2
     assert more > 40
+
+
+def test_rec_shortest_asks_each_objects_first_expression_in_its_shortest_form():
+    world = World(WorldConfig(), seed=0)
+    scenes = [world.scene("train", i) for i in range(200)]
+    prompt = vlm.PROMPTS["llava"]["rec"]
+    base = {"rec": 3, "separate_box_tasks": False, "rec_per_object": 2}
+
+    def first_turns(mix, scene, i):
+        turns = [(q, a) for q, a in vlm.llava_conversations(scene, np.random.default_rng(i), mix)[0]
+                 if q.startswith("Please provide the bounding box")]
+        firsts = {}
+        for q, a in turns:
+            firsts.setdefault(a, q)  # an object's first turn (its box is the answer)
+        return firsts
+
+    kind_only = {0.0: 0, 1.0: 0}
+    for i, scene in enumerate(scenes):
+        for share in kind_only:
+            firsts = first_turns(vlm.MixConfig(**base, rec_shortest=share), scene, i)
+            for obj in scene.objects:
+                q = firsts.get(vlm.box_text(obj, "llava", 64))
+                if q is None:
+                    continue
+                shortest = prompt.format(expression=scene.refs_for(obj.id)[0].text)
+                if share == 1.0:
+                    assert q == shortest
+                kind_only[share] += len(scene.objects) > 1 and q == prompt.format(expression=f"the {obj.kind}")
+    # the form a uniform draw rarely gives: "the <kind>" in a scene of several objects
+    assert kind_only[1.0] > 3 * kind_only[0.0] > 0
+    # at 0 a first turn draws no extra number: the old uniform draw exactly (older mixes stay as they were)
+    for i, scene in enumerate(scenes[:30]):
+        for obj in scene.objects:
+            refs = scene.refs_for(obj.id)
+            drawn = vlm.rec_expression(scene, obj.id, np.random.default_rng(i), vlm.MixConfig(), first=True)
+            assert drawn == refs[int(np.random.default_rng(i).integers(len(refs)))]
 
 
 def test_region_list_questions_number_every_box_and_ask_for_one():

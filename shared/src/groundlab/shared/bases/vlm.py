@@ -159,6 +159,13 @@ class MixConfig:
     the scene is drawn from its attribute expressions alone (each names the colour or size that tells the
     two apart) instead of from all its expressions. 0: uniform over all, where about one REC draw in ten
     needs the colour or size to find its object, and a model can learn to find the kind and guess."""
+    rec_shortest: float = 0.0
+    """The probability that an object's first referring expression is its shortest one (``the <kind>``
+    when its kind is alone in the scene: what the held-out REC asks, and what people write most), not a
+    uniform draw. Uniform draws give ``the <kind>`` about one REC turn in ten, while most of its other
+    expressions name the colour, which a model learns to find first; the builds that missed REC missed
+    on ``the <kind>`` (0.57 / 0.42 on 2 / 3-object scenes against 0.91 / 0.67 with the colour named).
+    Later expressions of the object draw as before. 0: no extra random draw, older mixes unchanged."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -398,11 +405,15 @@ def detect_answer(scene: Scene, phrase: str, objects: list) -> str:
     return " ; ".join(f"{box_text(o, 'paligemma', scene.size)} {phrase}" for o in objects)
 
 
-def rec_expression(scene: Scene, oid: int, rng: np.random.Generator, mix: MixConfig):
+def rec_expression(scene: Scene, oid: int, rng: np.random.Generator, mix: MixConfig, first: bool = False):
     """The referring expression a training REC turn asks for object ``oid``: uniform over its
     expressions, or (``mix.rec_contrast``) over its attribute expressions when another object of the
-    scene has its kind. No extra random draw at ``rec_contrast == 0``, so older mixes are unchanged."""
+    scene has its kind; the object's ``first`` turn asks for its shortest one with probability
+    ``mix.rec_shortest``. No extra random draw at ``rec_contrast == 0`` and ``rec_shortest == 0``, so
+    older mixes are unchanged."""
     refs = scene.refs_for(oid)
+    if first and mix.rec_shortest > 0 and rng.random() < mix.rec_shortest:
+        return refs[0]
     if mix.rec_contrast > 0:
         kind = scene.objects[oid].kind
         if sum(o.kind == kind for o in scene.objects) > 1 and rng.random() < mix.rec_contrast:
@@ -442,8 +453,8 @@ def llava_conversations(scene: Scene, rng: np.random.Generator, mix: MixConfig) 
     for k in range(min(mix.rec, len(order))):
         oid = order[k]
         asked = set()
-        for _ in range(mix.rec_per_object):
-            ref = rec_expression(scene, oid, rng, mix)
+        for j in range(mix.rec_per_object):
+            ref = rec_expression(scene, oid, rng, mix, first=j == 0)
             if ref.text in asked:
                 continue
             asked.add(ref.text)
@@ -696,6 +707,12 @@ def evaluate(model, processor, cfg: TinyVLMConfig, world: World, split: str = "v
         sel = [h for h, (s, o, e) in zip(hits, items) if s.refs_for(o.id)[0].type == rtype]
         if sel:
             out[f"rec/{rtype}/acc50"] = float(np.mean(sel))
+    # scenes of several objects: the object named by its kind alone ("the circle"), or by more
+    several = [(h, e == f"the {o.kind}") for h, (s, o, e) in zip(hits, items) if len(s.objects) > 1]
+    for form, kind_only in (("kind_only", True), ("more_than_kind", False)):
+        sel = [h for h, k in several if k == kind_only]
+        if sel:
+            out[f"rec/several/{form}/acc50"], out[f"rec/several/{form}/n"] = float(np.mean(sel)), len(sel)
     objs = [(s, o) for s in scenes for o in s.objects]
     gen = generate(model, processor, cfg, [s.image for s, _ in objs],
                    [p["region"].format(box=box_text(o, cfg.kind, size)) for _, o in objs], max_new_tokens=8)
