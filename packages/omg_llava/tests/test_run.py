@@ -93,3 +93,21 @@ def test_release_config_parses_with_the_papers_settings():
     assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout) == (512, 256, 0.05)
     assert cfg.stage1.lr == 1e-3 and cfg.stage2.lr == 2e-4 and cfg.stage1.batch_size * 8 == 256
     assert cfg.stage2.batch_size * 8 == 128 and cfg.stage2.deepspeed == "zero2" and cfg.model.config == {}
+
+
+def test_model_llm_may_be_a_saved_llava_whose_language_model_is_taken(tmp_path, llm_dir):
+    from groundlab.omg_llava.train import _is_llava, llm_from_llava
+    from groundlab.shared.bases import vlm
+
+    tok = load_tokenizer()
+    cfg = vlm.TinyVLMConfig(vision_hidden=16, vision_layers=1, vision_heads=2, vision_ffn=32, text_hidden=32,
+                            text_layers=1, text_heads=2, text_kv_heads=2, text_ffn=64)
+    torch.manual_seed(0)
+    llava = vlm.build_model(cfg, tok)
+    llava.save_pretrained(tmp_path / "llava")
+    tok.save_pretrained(tmp_path / "llava")
+    # another build of the base (model.llm = its directory) is read as a LLaVA, a causal LM as itself
+    assert _is_llava(tmp_path / "llava") and not _is_llava(llm_dir) and not _is_llava(tmp_path / "nothing")
+    llm = llm_from_llava(tmp_path / "llava")
+    assert torch.equal(llm.lm_head.weight, llava.lm_head.weight)
+    assert torch.equal(llm.get_input_embeddings().weight, llava.get_input_embeddings().weight)

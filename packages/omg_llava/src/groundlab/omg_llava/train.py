@@ -134,7 +134,8 @@ class ModelConfig:
     """The LLM the model starts from, the :class:`OMGLlavaConfig` this run builds, and stage 2's LoRA."""
 
     llm: str | None = None
-    """A causal LM ``from_pretrained`` directory with its tokenizer; None = the tiny LLaVA base's LM."""
+    """A causal LM ``from_pretrained`` directory with its tokenizer, or a saved LLaVA (another build of the
+    tiny base: its language model is taken); None = the tiny LLaVA base's LM."""
     config: dict = field(default_factory=dict)
     """:class:`OMGLlavaConfig` arguments over its defaults (the release's: InternLM2 template, pixel
     shuffle 2, 12544 mask-loss points, ...); the segmenter, LLM and token ids come from the parts."""
@@ -184,6 +185,11 @@ class RunConfig(RunConfigFile):
 
 # ----------------------------------------------------------------------------------------------
 # building the model
+
+
+def _is_llava(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"
 
 
 def llm_from_llava(path: str | Path) -> LlamaForCausalLM:
@@ -412,8 +418,8 @@ class ModelBuilder:
     def fresh(self, seed: int) -> tuple[OMGLlavaForCausalLM, object]:
         tok = AutoTokenizer.from_pretrained(self.llm_path)
         torch.manual_seed(seed)
-        llm = (load_pretrained(AutoModelForCausalLM, self.llm_path, "the LLM") if self.cfg.model.llm
-               else llm_from_llava(self.llm_path))
+        llm = (llm_from_llava(self.llm_path) if _is_llava(self.llm_path)
+               else load_pretrained(AutoModelForCausalLM, self.llm_path, "the LLM"))
         return build_model(self.segmenter, llm, tok, self.cfg.model), tok
 
 
