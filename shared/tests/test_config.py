@@ -18,6 +18,21 @@ class Outer:
     inner: Inner = field(default_factory=Inner)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=10, batch_size=2, lr=1e-3))
     sizes: tuple[int, int] = (1, 2)
+    extra: TrainConfig | None = None
+
+
+def test_an_optional_section_is_built_when_given_and_checked():
+    """An ``X | None`` field with a dataclass X: absent or null -> None; a mapping -> X, with X's own
+    checks and unknown keys refused under the section's name."""
+    from groundlab.shared.config import build
+
+    assert build(Outer, {}, "c.yaml").extra is None and build(Outer, {"extra": None}, "c.yaml").extra is None
+    got = build(Outer, {"extra": {"max_steps": 5, "batch_size": 2, "lr": 1e-3, "grad_clip": 0.0}}, "c.yaml").extra
+    assert got == TrainConfig(max_steps=5, batch_size=2, lr=1e-3, grad_clip=0.0)
+    with pytest.raises(ValueError, match=r"c.yaml:extra: unknown keys \['steps'\]"):
+        build(Outer, {"extra": {"steps": 5}}, "c.yaml")
+    with pytest.raises(ValueError, match="c.yaml:extra: .*max_steps"):
+        build(Outer, {"extra": {"max_steps": 0, "batch_size": 2, "lr": 1e-3}}, "c.yaml")
 
 
 def test_sections_merge_over_defaults_and_overrides_apply(tmp_path):

@@ -115,7 +115,7 @@ def test_world_export_reads_back_every_task(tmp_path):
 def test_res_reads_any_refer_dataset_and_each_image_instances_once(tmp_path):
     """RES from another REFER dataset / partition / split / image folder, chosen by the data config;
     the every-object masks of each evaluated image, decoded once per image."""
-    from groundlab.omg_llava.train import Data, DataConfig, _instance_masks
+    from groundlab.omg_llava.train import Data, DataConfig, _instances
     from groundlab.shared.world_io import image_file_name, save_image, write_refer
 
     world = World(WorldConfig(), seed=0)
@@ -129,10 +129,13 @@ def test_res_reads_any_refer_dataset_and_each_image_instances_once(tmp_path):
     res = load_world_export(tmp_path, d.res_eval_split, ("res",), d.refer())
     assert len(res) == sum(len(s.refs) for s in scenes[3:])
     assert {r.image for r in res} == {tmp_path / "coco" / image_file_name(s) for s in scenes[3:]}
-    instances = _instance_masks(Data(tmp_path, [], [], {"res": res}, d.refer()))
+    instances, categories = _instances(Data(tmp_path, [], [], {"res": res}, d.refer()))
+    from groundlab.shared.world_io import CATEGORIES
+
     for s in scenes[3:]:
         masks = instances[str(tmp_path / "coco" / image_file_name(s))]
         assert len(masks) == len(s.objects) and all(np.array_equal(m, o.mask) for m, o in zip(masks, s.objects))
+        assert categories[str(tmp_path / "coco" / image_file_name(s))] == [CATEGORIES.index(o.kind) + 1 for o in s.objects]
     with pytest.raises(ValueError, match="no refs of split 'testA'"):
         load_world_export(tmp_path, "testA", ("res",), d.refer())
     with pytest.raises(ValueError, match="'refcoco\\+' has no 'umd' partition"):
@@ -155,6 +158,25 @@ def test_res_breakdown_separates_wrong_objects_from_poor_masks():
     assert out == {"right_rate": 1 / 3, "wrong_object_rate": 1 / 3, "poor_mask_rate": 1 / 3}
 
 
+def test_res_by_distractor_splits_on_a_second_object_of_the_targets_category():
+    """Two images: one with two objects of category 1 (each target has a same-category distractor),
+    one whose target is its only object of category 2; per split the right-object share and cIoU."""
+    from groundlab.omg_llava.data import Sample
+    from groundlab.omg_llava.evaluation import res_by_distractor
+
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[:2], b[2:] = True, True
+    samples = [Sample("0", "two", [], [a]), Sample("1", "two", [], [b]), Sample("2", "one", [], [a])]
+    preds = [_pred("0", "", [a]), _pred("1", "", [a]), _pred("2", "", [a])]  # the second answer: the wrong one
+    instances, categories = {"two": [a, b], "one": [a, b]}, {"two": [1, 1], "one": [2, 1]}
+    out = res_by_distractor(preds, samples, instances, categories)
+    assert (out["same_category/n"], out["unique_category/n"]) == (2, 1)
+    assert out["same_category/right_rate"] == 0.5 and out["unique_category/right_rate"] == 1.0
+    assert out["same_category/cIoU"] == 8 / 24 and out["unique_category/cIoU"] == 1.0
+    with pytest.raises(ValueError, match="2 instance masks but 1 categories"):
+        res_by_distractor(preds, samples, instances, {"two": [1], "one": [2, 1]})
+
+
 def test_object_token_coverage_with_perfect_masks_follows_the_token_grid(tmp_path):
     """The share of RES targets whose true mask wins a cell of the token grid: every target on a fine
     grid; on a 2x2 grid at 64 px, the targets that hold the most of a cell centre's 2x2 pixels (what
@@ -166,11 +188,11 @@ def test_object_token_coverage_with_perfect_masks_follows_the_token_grid(tmp_pat
     from test_modeling import tiny  # the tests' tiny model
 
     from groundlab.omg_llava.evaluation import object_token_coverage
-    from groundlab.omg_llava.train import Data, _instance_masks
+    from groundlab.omg_llava.train import Data, _instances
 
     export_world(World(WorldConfig(), seed=0), tmp_path, n_train=1, n_val=12)
     res = list({s.id.split("-")[0]: s for s in load_world_export(tmp_path, "val", ("res",))}.values())
-    instances = _instance_masks(Data(tmp_path, [], [], {"res": res}, {}))
+    instances = _instances(Data(tmp_path, [], [], {"res": res}, {}))[0]
     fine, _ = tiny(feature_stride=4, shuffle=1)  # 16x16 cells of 4 px
     coarse, _ = tiny(feature_stride=16, shuffle=2)  # 2x2 cells of 32 px
     assert (fine.config.grid, coarse.config.grid) == (16, 2)

@@ -35,7 +35,7 @@ def llm_dir(tmp_path_factory):
 def config(llm_dir, overrides=None):
     steps = dict(max_steps=3, batch_size=4, lr=1e-3, save_steps=2, progress_bar=False)
     raw = {"name": "t", "data": {"train_scenes": 12, "val_scenes": 3},
-           "segmenter": {"config": SEG, "scenes": 12, "eval_scenes": 3, "train": steps},
+           "segmenter": {"config": SEG, "scenes": 12, "eval_scenes": 3, "semantic": steps, "train": steps},
            "model": {"llm": str(llm_dir), "config": {"template": "vicuna", "shuffle": 1, "seg_points": 256},
                      "lora_r": 4, "lora_alpha": 2}, "stage1": steps, "stage2": steps,
            "eval": {"max_new_tokens": {"res": 4, "gcg": 6, "region": 6}}}
@@ -64,6 +64,11 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
     assert {"segmenter/panoptic/PQ", "segmenter/baseline/untrained/panoptic/PQ", "stage2/seg_mismatched",
             "time/stage1_s", "time/stage2_s"} <= set(m)
     assert m["stage2/seg_mismatched"] == 0
+    # the segmenter's encoder was pre-trained on per-pixel classes first; its objects' recognition is scored
+    assert list((run_dir).glob("segmenter-*/semantic/checkpoint-3"))
+    assert {"segmenter/objects/class_acc", "segmenter/objects/colour_acc", "segmenter/objects/kind_acc"} <= set(m)
+    # RES split by a second object of the target's category: every item in one of the two
+    assert m["res/same_category/n"] + m["res/unique_category/n"] == m["data/eval/res"]
     preds = [json.loads(line) for line in (run_dir / "predictions_res.jsonl").open()]
     assert len(preds) == m["data/eval/res"] and {"id", "answer", "masks", "scores"} <= set(preds[0])
     # a second run reuses every stage (nothing retrained) and scores the same

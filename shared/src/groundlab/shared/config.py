@@ -119,6 +119,14 @@ def check_value(value, tp, what: str):
     raise ValueError(f"{what} must be {_describe(tp)}, got {value!r}")
 
 
+def _optional_dataclass(tp):
+    """The dataclass ``X`` of an ``X | None`` annotation, else None."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    classes = [a for a in typing.get_args(tp) if a is not type(None)]
+    return classes[0] if len(classes) == 1 and is_dataclass(classes[0]) else None
+
+
 def build(cls, raw: dict, where: str):
     """``cls`` from a mapping; fields whose default is a dataclass are built from their section,
     merged over that default. Values are checked against the annotations (:func:`check_value`)."""
@@ -134,6 +142,8 @@ def build(cls, raw: dict, where: str):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: '{name}' must be a mapping, got {value!r}")
             kwargs[name] = build(type(default), asdict(default) | value, f"{where}:{name}")
+        elif isinstance(value, dict) and (section := _optional_dataclass(hints.get(name))) is not None:
+            kwargs[name] = build(section, value, f"{where}:{name}")  # an ``X | None`` section, set here
         else:
             kwargs[name] = check_value(value, hints.get(name, typing.Any), f"{where}: '{name}'")
     try:

@@ -275,6 +275,11 @@ class Refer:
         """Every annotated object's (H, W) bool mask in one image (each image's decoded once a call)."""
         return [self.coco.annToMask(a).astype(bool) for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id]))]
 
+    def instance_categories(self, image_id: int) -> list[int | None]:
+        """Every annotated object's ``category_id`` in one image (None where an annotation has none),
+        in :meth:`instance_masks`' order."""
+        return [a.get("category_id") for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id]))]
+
     def samples(self, split: str) -> list[ReferSample]:
         """Every (expression, object) pair of ``split``; a split without refs is an error naming the
         splits the file has."""

@@ -131,6 +131,35 @@ def res_breakdown(predictions: list[dict], samples: list[Sample], instance_masks
     return {f"{k}_rate": v / max(1, len(samples)) for k, v in counts.items()}
 
 
+def res_by_distractor(predictions: list[dict], samples: list[Sample], instance_masks: dict,
+                      instance_categories: dict) -> dict[str, float]:
+    """RES split by whether another object of the image shares the target's category (RefCOCO's
+    same-category distractor: the expression must then say more than the category; in the world, a
+    second object of the same kind, so the colour or the place decides). Per split: cIoU / gIoU, the
+    share of answers on the right object (IoU >= 0.5) and the item count. ``instance_categories``:
+    image path -> every object's category id, in ``instance_masks``' order."""
+    groups: dict[str, list] = {"same_category": [], "unique_category": []}
+    for p, s in zip(predictions, samples):
+        path, target = str(s.image), s.seg_masks[0]
+        masks, cats = instance_masks[path], instance_categories[path]
+        if len(masks) != len(cats):
+            raise ValueError(f"{path}: {len(masks)} instance masks but {len(cats)} categories")
+        own = [i for i, m in enumerate(masks) if np.array_equal(m, target)]
+        if len(own) != 1:
+            raise ValueError(f"RES sample {s.id}: its target is {len(own)} of the image's annotated objects, not one")
+        shared = sum(c == cats[own[0]] for c in cats) > 1
+        pred = p["masks"][0] if p["masks"] else np.zeros_like(target)
+        groups["same_category" if shared else "unique_category"].append((pred, target))
+    out: dict[str, float] = {}
+    for name, items in groups.items():
+        out[f"{name}/n"] = len(items)
+        if items:
+            preds, targets = zip(*items)
+            out |= {f"{name}/{k}": v for k, v in res_metrics(list(preds), list(targets)).items()}
+            out[f"{name}/right_rate"] = float(np.mean([mask_iou(a, b) >= 0.5 for a, b in items]))
+    return out
+
+
 def phrase_similarity(a: str, b: str) -> float:
     """F1 of the two phrases' word multisets (lower-cased)."""
     wa, wb = a.lower().split(), b.lower().split()

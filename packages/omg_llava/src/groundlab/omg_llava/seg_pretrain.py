@@ -7,7 +7,8 @@ per image, a point, a box or the object's mask, kind drawn per batch; the prompt
 trained with the point-sampled mask loss at every prediction).
 
 Evaluation on held-out scenes: panoptic quality (PQ, with its SQ / RQ factors) from Mask2Former's
-panoptic inference, and mean IoU of the prompted masks per prompt kind.
+panoptic inference, mean IoU of the prompted masks per prompt kind, and how often each object's
+best-overlapping query names its class, colour and kind.
 """
 
 from __future__ import annotations
@@ -89,6 +90,43 @@ class PanopticCollator:
             size = self.model.config.image_size
             batch["prompts"] = F.interpolate(m, size=(size, size), mode="nearest") > 0.5
         return batch
+
+
+def semantic_map(labels: list[torch.Tensor], masks: list[torch.Tensor], background: int) -> torch.Tensor:
+    """(B, H, W) per-pixel class ids of a batch: each object's class on its mask, ``background`` elsewhere
+    (the world's visible masks do not overlap)."""
+    shape = masks[0].shape[-2:]
+    out = torch.full((len(masks), *shape), background, dtype=torch.long, device=masks[0].device)
+    for b, (lab, m) in enumerate(zip(labels, masks)):
+        if m.shape[-2:] != shape:
+            raise ValueError(f"image {b} of the batch: masks of {tuple(m.shape[-2:])}, the first image's {tuple(shape)}")
+        for cls, obj in zip(lab.tolist(), m.bool()):
+            out[b][obj] = cls
+    return out
+
+
+class SemanticPretraining(nn.Module):
+    """The tiny segmenter's first stage: its encoder (ConvNeXt backbone + pixel decoder) learns per-pixel
+    classes through a 1x1 head on the stride-4 mask features (cross-entropy against the class map,
+    background included); the head is dropped afterwards. It stands in for what the release's OMG-Seg
+    starts from, a CLIP-pretrained ConvNeXt that already knows what things are: trained from scratch
+    on panoptic + prompt losses alone, the tiny encoder learns each object's colour but not its kind
+    (circle / square / triangle at chance), and nothing downstream (object tokens, the LLM) can then
+    tell kinds apart (README). Square images only: the mask features cover the padded square."""
+
+    def __init__(self, model: OMGSegModel):
+        super().__init__()
+        self.model = model
+        self.head = nn.Conv2d(model.config.mask_dim, model.config.num_classes + 1, 1)
+
+    def forward(self, pixel_values, labels, masks, **unused):
+        h, w = masks[0].shape[-2:]
+        if h != w:
+            raise ValueError(f"semantic pre-training takes square images; got masks of {h}x{w}")
+        target = semantic_map(labels, masks, self.model.config.num_classes)
+        logits = self.head(self.model.encode(pixel_values)["mask_features"])
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return {"loss": F.cross_entropy(logits, target)}
 
 
 class SegmenterForTraining(nn.Module):
@@ -176,6 +214,8 @@ def evaluate(model: OMGSegModel, world: World, split: str = "val", n_scenes: int
     ds = WorldPanopticDataset(world, split, n_scenes, seed)
     pred_segs, gt_segs = [], []
     ious = {k: [] for k in KINDS}
+    names = [n.split() for n in class_names(world)]  # (colour, kind) per class
+    recognised = {"class": [], "colour": [], "kind": []}
     collate = PanopticCollator(model, seed)
     size = world.config.image_size
     for start in range(0, len(ds), 16):
@@ -190,6 +230,15 @@ def evaluate(model: OMGSegModel, world: World, split: str = "val", n_scenes: int
             for g, m in enumerate(s["masks"]):
                 gmap[m] = g
             gt_segs.append((gmap, s["labels"].tolist()))
+            # each object's best-overlapping query: does its class name the object?
+            masks = F.interpolate(one.mask_logits[None], size=(size, size), mode="bilinear", align_corners=False)[0] > 0
+            classes = one.class_logits[:, :-1].argmax(-1)
+            for m, lab in zip(s["masks"], s["labels"].tolist()):
+                q = int(((masks & m).sum((1, 2)) / (masks | m).sum((1, 2)).clamp(min=1)).argmax())
+                guess, truth = names[int(classes[q])], names[lab]
+                recognised["class"].append(guess == truth)
+                recognised["colour"].append(guess[0] == truth[0])
+                recognised["kind"].append(guess[1] == truth[1])
         for kind in KINDS:
             batch_k = PanopticCollator(model, seed, kind)(samples)
             logits = model.run_prompts(enc, kind, batch_k["prompts"])[-1].mask_logits[:, 0]
@@ -199,4 +248,5 @@ def evaluate(model: OMGSegModel, world: World, split: str = "val", n_scenes: int
                 ious[kind].append(inter / union if union else 1.0)
     out = {f"panoptic/{k}": v for k, v in panoptic_quality(pred_segs, gt_segs).items()}
     out |= {f"prompt_{k}/mIoU": float(np.mean(v)) for k, v in ious.items()}
+    out |= {f"objects/{k}_acc": float(np.mean(v)) for k, v in recognised.items()}
     return out

@@ -55,13 +55,14 @@ from .evaluation import (
     predict,
     read_predictions,
     res_breakdown,
+    res_by_distractor,
     score,
 )
 from .losses import TARGETS as MASK_TARGETS
 from .modeling import OMGLlavaForCausalLM
 from .omg_seg import OMGSegConfig, OMGSegModel
 from .processing import IMAGE_TOKEN, SPECIAL_TOKENS, TEMPLATES, OMGCollator
-from .seg_pretrain import PanopticCollator, SegmenterForTraining, WorldPanopticDataset
+from .seg_pretrain import PanopticCollator, SegmenterForTraining, SemanticPretraining, WorldPanopticDataset
 from .seg_pretrain import evaluate as evaluate_segmenter
 
 logger = logging.getLogger("groundlab")
@@ -121,6 +122,9 @@ class SegmenterConfig:
     scenes: int = 2000
     eval_scenes: int = 100
     num_points: int = 256
+    semantic: TrainConfig | None = None
+    """The encoder's per-pixel class pre-training before the panoptic one
+    (:class:`~groundlab.omg_llava.seg_pretrain.SemanticPretraining`); None: none."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=600, batch_size=16, lr=1e-3,
                                                                    warmup_steps=20))
 
@@ -391,6 +395,10 @@ def pretrain_segmenter(recipe: Recipe, cfg: RunConfig) -> Path:
         segmenter = OMGSegModel(OMGSegConfig(**s_cfg.config))
         untrained = evaluate_segmenter(segmenter, world, "val", s_cfg.eval_scenes)
         t0 = time.time()
+        if s_cfg.semantic is not None:
+            train(SemanticPretraining(segmenter),
+                  WorldPanopticDataset(world, "train", s_cfg.scenes, seed=s_cfg.semantic.seed),
+                  PanopticCollator(segmenter, seed=s_cfg.semantic.seed), s_cfg.semantic, out / "semantic")
         train(SegmenterForTraining(segmenter, s_cfg.num_points),
               WorldPanopticDataset(world, "train", s_cfg.scenes, seed=s_cfg.train.seed),
               PanopticCollator(segmenter, seed=s_cfg.train.seed), s_cfg.train, out / "checkpoints")
@@ -399,8 +407,10 @@ def pretrain_segmenter(recipe: Recipe, cfg: RunConfig) -> Path:
         segmenter.save_pretrained(out / "model")
         write_metrics(out / "metrics.json", seg_metrics, config=asdict(s_cfg))
 
+    # a segmenter without the semantic stage keeps the key it had before the option
+    semantic = () if s_cfg.semantic is None else (train_key(s_cfg.semantic),)
     seg_dir = recipe.stage("segmenter", s_cfg.config, s_cfg.scenes, s_cfg.num_points, train_key(s_cfg.train),
-                           cfg.data.world_seed, MASK_TARGETS, build=fit)
+                           cfg.data.world_seed, MASK_TARGETS, *semantic, build=fit, keep=("checkpoints", "semantic"))
     recipe.metrics |= {f"segmenter/{k}": v for k, v in json.loads((seg_dir / "metrics.json").read_text()).items()
                        if k not in ("config", "git_commit")}
     return seg_dir / "model"
@@ -460,22 +470,24 @@ def train_stage2(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok
                         MASK_TARGETS, build=fit)
 
 
-def _instance_masks(data: Data) -> dict[str, list]:
-    """Every object's mask of each RES image (for the every-object baseline and the breakdown), each
-    image's decoded once."""
+def _instances(data: Data) -> tuple[dict[str, list], dict[str, list]]:
+    """Every object's mask and category id of each RES image (for the every-object baseline and the
+    breakdowns), each image's decoded once."""
     samples = data.eval.get("res", [])
     if not samples:
-        return {}
+        return {}, {}
     refer = refer_reader(data.root, **data.refer)
     ids = refer.image_ids()
-    return {str(image): refer.instance_masks(ids[image]) for image in dict.fromkeys(s.image for s in samples)}
+    images = [str(image) for image in dict.fromkeys(s.image for s in samples)]
+    return ({i: refer.instance_masks(ids[Path(i)]) for i in images},
+            {i: refer.instance_categories(ids[Path(i)]) for i in images})
 
 
 def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrained, cache) -> None:
     """5. Predictions JSONL, then scores from the file, for every eval task, the trained and the
     untrained model, beside the trivial baselines (whole image / random object / every object for RES,
     the most frequent training answer for the others)."""
-    instances = _instance_masks(data)
+    instances, categories = _instances(data)
     m, root = recipe.metrics, recipe.root
     t0 = time.time()
     for task, samples in data.eval.items():
@@ -485,8 +497,11 @@ def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrain
                            cfg.eval.batch_size, cfg.eval.max_new_tokens.get(task, 48))
             m |= {f"{name}{task}/{k}": v for k, v in score(task, path, samples).items()}
             if task == "res":
-                m |= {f"{name}res/{k}": v
-                      for k, v in res_breakdown(read_predictions(path, samples), samples, instances).items()}
+                preds = read_predictions(path, samples)
+                m |= {f"{name}res/{k}": v for k, v in res_breakdown(preds, samples, instances).items()}
+                if all(c is not None for cats in categories.values() for c in cats):
+                    m |= {f"{name}res/{k}": v
+                          for k, v in res_by_distractor(preds, samples, instances, categories).items()}
         if task == "res":
             for kind in ("whole", "random_object", "largest_object", "union"):
                 path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",
@@ -511,7 +526,9 @@ def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrain
 
 
 def print_table(m: dict, tasks) -> None:
-    seg = {k: m.get(f"segmenter/{k}") for k in ("panoptic/PQ", "prompt_point/mIoU", "prompt_box/mIoU", "prompt_mask/mIoU")}
+    seg = {k: m.get(f"segmenter/{k}") for k in ("panoptic/PQ", "prompt_point/mIoU", "prompt_box/mIoU", "prompt_mask/mIoU",
+                                                 "objects/colour_acc", "objects/kind_acc")}
+    seg = {k: v for k, v in seg.items() if v is not None or k.startswith("panoptic")}
     if seg["panoptic/PQ"] is not None:
         print("segmenter (held-out)      " + "  ".join(f"{k} {v:.3f}" for k, v in seg.items()))
         print("  untrained               " + "  ".join(
@@ -530,6 +547,12 @@ def print_table(m: dict, tasks) -> None:
         if task == "res" and "res/right_rate" in m:
             print("  OMG-LLaVA answers: right object {:.3f}, wrong object {:.3f}, poor mask {:.3f}".format(
                 m["res/right_rate"], m["res/wrong_object_rate"], m["res/poor_mask_rate"]))
+        if task == "res" and "res/same_category/n" in m:
+            nan = float("nan")
+            print("  right object when another object shares the target's category {:.3f} (n {}), "
+                  "when none does {:.3f} (n {})".format(
+                      m.get("res/same_category/right_rate", nan), m["res/same_category/n"],
+                      m.get("res/unique_category/right_rate", nan), m["res/unique_category/n"]))
         if task == "res" and "perception/coverage" in m:
             print("  targets with an object token: {:.3f} (with perfect masks {:.3f})".format(
                 m["perception/coverage"], m["perception/coverage_perfect_masks"]))
