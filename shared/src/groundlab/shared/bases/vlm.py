@@ -165,9 +165,8 @@ class MixConfig:
     uniform draw. Uniform draws give ``the <kind>`` about one REC turn in ten, while most of its other
     expressions name the colour, which a model learns to find first; the builds that missed REC missed
     on ``the <kind>`` (0.57 / 0.42 on 2 / 3-object scenes against 0.91 / 0.67 with the colour named).
-    Later expressions of the object draw as before. 0: no extra random draw, older mixes unchanged. Off in
-    the default: 0.5 met REC in two seeds, but OMG-LLaVA's RES trained on those bases fell under its
-    every-object baseline (the README, "The shortest expression")."""
+    Later expressions of the object draw as before. 0: no extra random draw, older mixes unchanged. The
+    default LLaVA base uses 0.5, which met REC in two seeds (the README, "The shortest expression")."""
 
     def to_dict(self) -> dict:
         return asdict(self)
