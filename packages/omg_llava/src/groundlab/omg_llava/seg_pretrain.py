@@ -95,14 +95,16 @@ class PanopticCollator:
 def semantic_map(labels: list[torch.Tensor], masks: list[torch.Tensor], background: int) -> torch.Tensor:
     """(B, H, W) per-pixel class ids of a batch: each object's class on its mask, ``background`` elsewhere
     (the world's visible masks do not overlap)."""
+    from groundlab.shared.bases.sam import class_map  # 0 = background there
+
     shape = masks[0].shape[-2:]
-    out = torch.full((len(masks), *shape), background, dtype=torch.long, device=masks[0].device)
+    out = []
     for b, (lab, m) in enumerate(zip(labels, masks)):
         if m.shape[-2:] != shape:
             raise ValueError(f"image {b} of the batch: masks of {tuple(m.shape[-2:])}, the first image's {tuple(shape)}")
-        for cls, obj in zip(lab.tolist(), m.bool()):
-            out[b][obj] = cls
-    return out
+        ids = class_map(m.float(), lab + 1)
+        out.append(torch.where(ids == 0, background, ids - 1))
+    return torch.stack(out).to(masks[0].device)
 
 
 class SemanticPretraining(nn.Module):
