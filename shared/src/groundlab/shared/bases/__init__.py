@@ -113,8 +113,8 @@ def default_spec(name: str) -> BaseSpec:
         # -> 0.771 -> 0.841 with rec_contrast, then rec_per_object (one build each, see the README); the
         # code without rec_shortest builds 0.692, missing on "the <kind>". rec_shortest=0.5 lifts it to
         # 0.871 / 0.861 (two seeds). It once dropped OMG-LLaVA's RES on the base (0.574 -> 0.389): that
-        # segmenter could not tell kinds apart; with one that can, RES on this base is 0.632, above the
-        # base without it (0.617; the README, "The shortest expression").
+        # segmenter could not tell kinds apart; with one that can, RES on this base is 0.632 against 0.617
+        # without it (one run each, within rerun spread; the README, "The shortest expression").
         # Packed: these conversations are 31% padding in a padded batch; packed rows make a step 0.84x
         # (``benchmarks/run.py --only vlm_step``), the same function (not part of the key)
         return BaseSpec("llava", TinyVLMConfig(kind="llava").to_dict(),
