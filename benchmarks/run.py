@@ -16,7 +16,9 @@ batch (``bases.sam.predict_masks_batched``); the same losses either way.
 vlm_step: one training step (forward + backward + AdamW, bf16 autocast where the CPU runs bf16
 natively) of each VLM base's instruction mix at its batch size, the same batches through (a)
 transformers' eager attention, (b) its SDPA, (c) the shared attention registered as ``groundlab`` on
-the padded batch and (d) ``groundlab`` on the batch packed into one padding-free row; the arms take
+the padded batch and (d) ``groundlab`` on the batch packed into one padding-free row, and (c) and (d)
+again with logits computed where a label follows only (``VLMCollator(labeled_logits_only=True)``, as the
+bases train); the arms take
 turns on every batch, so a drift of the machine's speed hits them alike. Reports each arm's median
 step and its ratio to (a), and the share of padding in the padded batches.
 
@@ -137,8 +139,10 @@ def bench_vlm_step(steps: int = 20) -> dict:
     from groundlab.shared.world import World
 
     out = {"bf16": fast_bf16()}
-    arms = {"hf_eager": ("eager", False), "hf_sdpa": ("sdpa", False), "groundlab_padded": (HF_ATTENTION, False),
-            "groundlab_packed": (HF_ATTENTION, True)}
+    arms = {"hf_eager": ("eager", False, False), "hf_sdpa": ("sdpa", False, False),
+            "groundlab_padded": (HF_ATTENTION, False, False), "groundlab_packed": (HF_ATTENTION, True, False),
+            "groundlab_padded_labeled_logits": (HF_ATTENTION, False, True),
+            "groundlab_packed_labeled_logits": (HF_ATTENTION, True, True)}
     for kind in vlm.VLM_KINDS:
         spec = default_spec(kind)
         cfg, tok = vlm.TinyVLMConfig(**spec.model), load_tokenizer()
@@ -152,14 +156,15 @@ def bench_vlm_step(steps: int = 20) -> dict:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
         batches = [[data[int(i)] for i in order[j * bs:(j + 1) * bs]] for j in range(steps)]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        collators = {False: vlm.VLMCollator(processor), True: vlm.VLMCollator(processor, packed=True)}
+        collators = {(packed, labeled): vlm.VLMCollator(processor, packed=packed, labeled_logits_only=labeled)
+                     for packed in (False, True) for labeled in (False, True)}
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         model.train()
         for j, samples in enumerate(batches):
-            for arm, (impl, packed) in arms.items():
+            for arm, (impl, packed, labeled) in arms.items():
                 for c in (model.config, model.config.text_config, model.config.vision_config):
                     c._attn_implementation = impl
-                batch = collators[packed](samples)
+                batch = collators[packed, labeled](samples)
                 t0 = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=out["bf16"]):
                     loss = model(**batch).loss

@@ -82,17 +82,43 @@ def test_packed_prefix_lm_equals_each_sequence_with_its_own_mask(impl):
                   prefix_lengths=torch.tensor([1]))
 
 
-def test_packed_gradients_equal_each_sequence_alone():
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_gradients_equal_each_sequence_alone(impl):
     q, k, v, cu = _packed_inputs(hkv=2, seed=5)
     for t in (q, k, v):
         t.requires_grad_(True)
-    (attention(q, k, v, cu_seqlens=cu, implementation="eager") ** 2).sum().backward()
+    (attention(q, k, v, cu_seqlens=cu, implementation=impl) ** 2).sum().backward()
     packed = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
     (_alone(q, k, v, cu, True, "eager") ** 2).sum().backward()
     for a, b in zip(packed, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_cpu_sdpa_runs_in_fp32_under_bf16_autocast_and_returns_the_inputs_dtype(prefix):
+    # the CPU SDPA path computes in fp32 (autocast off inside): bf16 inputs under autocast give the fp32
+    # eager result rounded to bf16, packed (causal groups without a mask; prefix-LM groups with one)
+    q, k, v, cu = _packed_inputs(hkv=2, seed=7)
+    prefixes = torch.tensor([2, 1, 4, 0]) if prefix else None
+    q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q16, k16, v16, cu_seqlens=cu, prefix_lengths=prefixes, implementation="sdpa")
+    ref = attention(q16.float(), k16.float(), v16.float(), cu_seqlens=cu, prefix_lengths=prefixes,
+                    implementation="eager")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
+
+
+def test_padded_causal_without_a_mask_equals_the_explicit_causal_mask():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g) for _ in range(3))
+    tril = torch.ones(7, 7, dtype=torch.bool).tril()
+    for impl in ("sdpa", "eager"):
+        torch.testing.assert_close(attention(q, k, v, causal=True, implementation=impl),
+                                   attention(q, k, v, causal=False, attn_mask=tril, implementation="eager"),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_padded_mask_matches_unpadded_rows_and_zeroes_rows_without_keys():

@@ -73,6 +73,27 @@ def test_packed_batches_give_the_padded_loss_and_gradients(kind):
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("kind", vlm.VLM_KINDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_logits_where_a_label_follows_give_the_full_loss_and_gradients(kind, packed):
+    """``labeled_logits_only``: logits at the positions whose next label counts (rounded up with ignored
+    ones) give the loss and gradients of the logits at every position."""
+    _, processor, model, samples = _setup(kind, HF_ATTENTION)
+    model.train()
+    full = vlm.VLMCollator(processor, packed=packed)(samples)
+    kept = vlm.VLMCollator(processor, packed=packed, labeled_logits_only=True)(samples)
+    n_kept = int(kept["logits_to_keep"].sum())
+    n_labels = int((full["labels"][:, 1:] != -100).sum())
+    assert n_kept % 64 == 0 and n_labels <= n_kept < n_labels + 64 and n_kept < full["labels"].numel() / 2
+    assert kept["shift_labels"].shape == (n_kept,) and int((kept["shift_labels"] != -100).sum()) == n_labels
+    loss_a, grads_a = _loss_and_grads(model, full)
+    loss_b, grads_b = _loss_and_grads(model, kept)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_packed_paligemma_needs_its_prefix():
     """Without prefix_lens the packed PaliGemma row is plain causal: a different loss (the prefix
     mask is really what makes the two equal above)."""
@@ -140,3 +161,27 @@ def test_stray_tensors_on_meta_catches_a_tensor_made_without_a_device():
             x + torch.zeros(3)
         with pytest.raises(RuntimeError, match="meta"):
             torch.arange(3).tolist()
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_the_same_losses_and_are_undone_after_the_stage(tmp_path):
+    """``TrainConfig.compile_layers``: the same per-step losses as the eager stage (fp32, packed, 4
+    steps from the same weights); afterwards the layers run eager again (generation, evaluation)."""
+    import copy
+
+    from groundlab.shared.training import TrainConfig, train
+
+    _, processor, model, samples = _setup("llava", HF_ATTENTION)
+    twin = copy.deepcopy(model)
+    collate = vlm.VLMCollator(processor, packed=True, labeled_logits_only=True)
+    losses = {}
+    for compiled, m in ((False, model), (True, twin)):
+        cfg = TrainConfig(max_steps=4, batch_size=3, lr=1e-3, logging_steps=1, save_steps=4, progress_bar=False,
+                          packed=True, compile_layers=compiled)
+        trainer = train(m, samples, collate, cfg, tmp_path / str(compiled))
+        losses[compiled] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses[True]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert all(layer._compiled_call_impl is None for layer in twin.get_decoder().layers)
+    with pytest.raises(ValueError, match="get_decoder"):
+        train(torch.nn.Linear(2, 2), samples, collate, TrainConfig(max_steps=1, batch_size=1, lr=1e-3,
+                                                                    compile_layers=True), tmp_path / "linear")

@@ -16,9 +16,11 @@
   name; :func:`groundlab.shared.multimodal.pack_batch` gives them, with ``prefix_lens`` for
   PaliGemma). ``choose_attn_implementation`` picks the string for models that want HF's own.
 
-On the CPU the eager kernel runs HF models (``CPU_KERNEL``): under bf16 autocast at the tiny models'
-shapes it is as fast as transformers' eager and faster than SDPA (1.15-1.33x slower there):
-``python benchmarks/run.py --only vlm_step``.
+On the CPU, SDPA runs in fp32 whatever the input dtype (bf16 autocast included): at the tiny models'
+shapes torch's bf16 CPU kernel is 1.3-1.5x slower than its fp32 one and than the eager path, while fp32
+SDPA is the fastest of the three; a causal call without a mask (a packed row's groups of a causal LM,
+or an unpadded causal batch) takes SDPA's own causal kernel instead of a materialised mask
+(``python benchmarks/run.py --only vlm_step``).
 
 flash-attn is imported lazily and used only on CUDA with fp16/bf16 tensors; on this project's CPU
 machines the SDPA path runs, and the eager path is the readable reference the tests compare against.
@@ -187,7 +189,12 @@ def _packed(q, k, v, cu_seqlens, causal, prefix_lengths, dropout_p, scale, imple
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     for tokens, slots, n_seq, longest, mask in _packed_layout(cu_seqlens, prefix_lengths, causal, q.device):
         qg, kg, vg = (_scatter(x, tokens, slots, n_seq, longest) for x in (q, k, v))
-        o = _padded(qg, kg, vg, mask, False, dropout_p, scale, implementation)
+        if causal and prefix_lengths is None:
+            # each sequence's padding follows its last token, so causality alone keeps every real query off
+            # it (the padded queries' outputs are dropped below): SDPA's causal kernel, no mask
+            o = _padded(qg, kg, vg, None, True, dropout_p, scale, implementation)
+        else:
+            o = _padded(qg, kg, vg, mask, False, dropout_p, scale, implementation)
         flat = o.transpose(1, 2).reshape(n_seq * longest, o.shape[1], o.shape[-1])
         out = out.index_copy(0, tokens, flat.index_select(0, slots))
     return out
@@ -241,6 +248,8 @@ def _padded(q, k, v, mask, causal, dropout_p, scale, implementation):
         raise ValueError(f"attn_mask must be bool (True = attend) or a floating-point bias, got {mask.dtype}")
     if additive and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
+    if causal and mask is None and t == s and implementation != "eager":  # SDPA's own causal kernel
+        return _sdpa(q, k, v, None, dropout_p, scale, is_causal=True)
     if causal:
         causal_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
         if additive:
@@ -251,13 +260,26 @@ def _padded(q, k, v, mask, causal, dropout_p, scale, implementation):
     if implementation == "eager":
         out = _eager(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, scale, dropout_p)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                                             enable_gqa=n_rep > 1)
+        out = _sdpa(q, k, v, mask, dropout_p, scale)
     if mask is not None and not additive:  # a query that sees no key: SDPA gives NaN, eager uniform weights; zeros
         has_key = mask.any(dim=-1, keepdim=True)
         if not bool(has_key.all()):
             out = out.masked_fill(~has_key, 0.0)
     return out
+
+
+def _sdpa(q, k, v, mask, dropout_p, scale, is_causal=False):
+    """torch SDPA; on the CPU in fp32 (see the module docstring), the result in the inputs' dtype."""
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              is_causal=is_causal, enable_gqa=gqa)
+    with torch.autocast("cpu", enabled=False):  # CPU autocast would run SDPA in bf16
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
+                                             scale=scale, is_causal=is_causal, enable_gqa=gqa)
+    return out.to(q.dtype)
 
 
 def _flash(q, k, v, causal, cu_seqlens, max_seqlen, dropout_p, scale, packed):
@@ -311,7 +333,7 @@ class MultiheadAttention(nn.Module):
 # transformers integration
 
 HF_ATTENTION = "groundlab"
-CPU_KERNEL = "eager"
+CPU_KERNEL = "sdpa"
 """The kernel HF models get on the CPU (see the module docstring for the measurement)."""
 
 

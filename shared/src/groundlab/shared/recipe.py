@@ -28,10 +28,11 @@ from .training import TrainConfig, resolve_bf16
 
 def train_key(cfg: TrainConfig) -> dict:
     """The part of a stage's key that its optimisation settings give: every field but the progress
-    bar and ``packed`` (the same function computed without padding), with ``bf16: auto`` resolved to
-    what this machine runs (a bf16 run is not an fp32 run)."""
+    bar, ``packed`` (the same function computed without padding) and ``compile_layers`` (the same
+    function compiled), with ``bf16: auto`` resolved to what this machine runs (a bf16 run is not an
+    fp32 run)."""
     key = asdict(cfg) | {"progress_bar": None, "bf16": resolve_bf16(cfg.bf16)}
-    del key["packed"]
+    del key["packed"], key["compile_layers"]
     return key
 
 

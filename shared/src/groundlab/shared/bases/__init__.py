@@ -119,7 +119,8 @@ def default_spec(name: str) -> BaseSpec:
         # (``benchmarks/run.py --only vlm_step``), the same function (not part of the key)
         return BaseSpec("llava", TinyVLMConfig(kind="llava").to_dict(),
                         TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, bf16="auto",
-                                    save_steps=500, logging_steps=100, packed=True), vision=vision,
+                                    save_steps=500, logging_steps=100, packed=True, compile_layers=True),
+                        vision=vision,
                         mix={"rec": 3, "separate_box_tasks": False, "rec_contrast": 0.75, "rec_per_object": 2,
                              "rec_shortest": 0.5})
     if name == "paligemma":
@@ -127,7 +128,7 @@ def default_spec(name: str) -> BaseSpec:
         # model slow to learn to find objects (see the README)
         return BaseSpec("paligemma", TinyVLMConfig(kind="paligemma", text_kv_heads=4).to_dict(),
                         TrainConfig(max_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, bf16="auto",
-                                    save_steps=500, logging_steps=100), vision=vision,
+                                    save_steps=500, logging_steps=100, compile_layers=True), vision=vision,
                         mix={"detect": 2})
     if name == "sam":
         # fp32: bf16 autocast slows the small convolutional decoder down on this CPU. Patch 4: a 16x16
@@ -148,7 +149,7 @@ def smoke_spec(name: str, steps: int = 12, save_steps: int = 4, train_scenes: in
     same models and code paths, built in seconds."""
     spec = default_spec(name)
     main = replace(spec.train, max_steps=steps, save_steps=save_steps, logging_steps=2, progress_bar=False,
-                   warmup_steps=min(2, steps), **train)
+                   warmup_steps=min(2, steps), compile_layers=False, **train)
     vision = None if spec.vision is None else replace(spec.vision, max_steps=4, save_steps=2, logging_steps=2,
                                                       warmup_steps=1, progress_bar=False)
     return replace(spec, train=main, train_scenes=train_scenes, eval_scenes=eval_scenes, vision=vision,
@@ -236,8 +237,8 @@ def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks, vision_checkp
     metrics["data/samples"] = len(data)
     if spec.train.packed:
         require_packing_support(model)
-    train(model, data, vlm.VLMCollator(processor, packed=spec.train.packed), spec.train, out / "checkpoints",
-          callbacks=callbacks)
+    collate = vlm.VLMCollator(processor, packed=spec.train.packed, labeled_logits_only=True)
+    train(model, data, collate, spec.train, out / "checkpoints", callbacks=callbacks)
     metrics["time/train_s"] = time.time() - t0
     t0 = time.time()
     metrics.update(vlm.evaluate(model, processor, cfg, world, "val", spec.eval_scenes))

@@ -64,6 +64,7 @@ from ..multimodal import (
     IGNORE_INDEX,
     ChatTemplate,
     expand_token,
+    keep_labeled_logits,
     pack_batch,
     pad_batch,
     tokenize_conversation,
@@ -553,11 +554,14 @@ class VLMCollator:
     the same loss and gradients, no FLOP spent on padding. PaliGemma's prefix-LM goes in as
     ``prefix_lens`` instead of ``token_type_ids`` and its positions count from 1, as the model's own do.
     The row is filled up to a multiple of ``row_multiple`` tokens (``pack_batch``'s
-    ``pad_to_multiple_of``: the same loss; a long run's memory stays flat)."""
+    ``pad_to_multiple_of``: the same loss; a long run's memory stays flat). ``labeled_logits_only``:
+    training batches that make the model compute logits where a label follows only
+    (:func:`~groundlab.shared.multimodal.keep_labeled_logits`: the same loss, a cheaper step)."""
 
-    def __init__(self, processor, padding_side: str = "right", packed: bool = False, row_multiple: int = 256):
+    def __init__(self, processor, padding_side: str = "right", packed: bool = False, row_multiple: int = 256,
+                 labeled_logits_only: bool = False):
         self.processor, self.padding_side, self.packed = processor, padding_side, packed
-        self.row_multiple = row_multiple
+        self.row_multiple, self.labeled_logits_only = row_multiple, labeled_logits_only
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         paligemma = "token_type_ids" in samples[0]
@@ -571,7 +575,7 @@ class VLMCollator:
                 batch["token_type_ids"] = tt["input_ids"]
         batch["pixel_values"] = self.processor.image_processor([s["image"] for s in samples],
                                                                return_tensors="pt")["pixel_values"]
-        return batch
+        return keep_labeled_logits(batch) if self.labeled_logits_only else batch
 
 
 # ----------------------------------------------------------------------------------------------
