@@ -22,6 +22,12 @@ bases train); the arms take
 turns on every batch, so a drift of the machine's speed hits them alike. Reports each arm's median
 step and its ratio to (a), and the share of padding in the padded batches.
 
+compiled_step: the same training step of each VLM base's mix as the bases train it (``groundlab``
+attention, logits where a label follows, packed for LLaVA), on two copies of the same model, (a) eager
+and (b) with its language model's layers compiled (``training.compile_decoder_layers``, what
+``TrainConfig.compile_layers`` does); the arms take turns on every batch. Reports the compiled arm's
+first step (compilation), each arm's median step after it and their ratio.
+
 packed_memory: the LLaVA base's instruction mix trained (forward + backward + AdamW, bf16 autocast
 where native) on the same packed batches in fresh processes, (a) with rows of their exact length and
 each attention group padded to its exact longest, as before, and (b) as now: rows filled to a
@@ -182,6 +188,51 @@ def bench_vlm_step(steps: int = 20) -> dict:
     return out
 
 
+def bench_compiled_step(steps: int = 40) -> dict:
+    import copy
+    import statistics
+
+    from groundlab.shared.bases import default_spec, vlm
+    from groundlab.shared.tokenizer import load_tokenizer
+    from groundlab.shared.training import compile_decoder_layers, fast_bf16
+    from groundlab.shared.world import World
+
+    out = {"bf16": fast_bf16()}
+    for kind in vlm.VLM_KINDS:
+        spec = default_spec(kind)
+        cfg, tok = vlm.TinyVLMConfig(**spec.model), load_tokenizer()
+        processor = vlm.build_processor(cfg, tok)
+        torch.manual_seed(0)
+        eager = vlm.build_model(cfg, tok)
+        vlm.vision_tower(eager).requires_grad_(False)
+        compiled = copy.deepcopy(eager)
+        compile_decoder_layers(compiled)
+        data = vlm.WorldVLMDataset(World(spec.world, seed=0), "train", 2400, processor, cfg, vlm.MixConfig(**spec.mix))
+        collate = vlm.VLMCollator(processor, packed=spec.train.packed, labeled_logits_only=True)
+        bs = spec.train.batch_size
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        batches = [collate([data[int(i)] for i in order[j * bs:(j + 1) * bs]]) for j in range(steps)]
+        arms = {"eager": eager, "compiled": compiled}
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        opts = {arm: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+                for arm, m in arms.items()}
+        for batch in batches:
+            for arm, model in arms.items():
+                model.train()
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=out["bf16"]):
+                    loss = model(**batch).loss
+                loss.backward()
+                opts[arm].step()
+                opts[arm].zero_grad()
+                times[arm].append(time.perf_counter() - t0)
+        out[f"{kind}/first_compiled_step_s"] = times["compiled"][0]  # compilation
+        for arm, ts in times.items():
+            out[f"{kind}/{arm}_s"] = statistics.median(ts[3:])
+        out[f"{kind}/compiled_vs_eager"] = out[f"{kind}/compiled_s"] / out[f"{kind}/eager_s"]
+    return out
+
+
 def bench_world(scenes: int = 300, rounds: int = 5) -> dict:
     from groundlab.shared import world as world_mod
 
@@ -280,7 +331,7 @@ def bench_packed_memory(steps: int = 80, warmup: int = 10, rounds: int = 2) -> d
 
 
 BENCHES = {"attention": bench_attention, "packed_memory": bench_packed_memory, "sam_decoding": bench_sam_decoding,
-           "vlm_step": bench_vlm_step, "world": bench_world}
+           "vlm_step": bench_vlm_step, "compiled_step": bench_compiled_step, "world": bench_world}
 
 
 def main() -> None:

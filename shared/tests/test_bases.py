@@ -590,3 +590,23 @@ def test_sam_touching_objects_and_the_split_evaluation():
     for prompt in ("point", "box"):  # the overall figure is the two groups' weighted mean
         both = (k * m[f"{prompt}_touching/mIoU"] + (n - k) * m[f"{prompt}_isolated/mIoU"]) / n
         assert abs(both - m[f"{prompt}/mIoU"]) < 1e-9
+
+
+def test_building_several_bases_runs_each_in_a_process_of_its_own(tmp_path, monkeypatch, capsys):
+    import groundlab.shared.bases as bases_mod
+
+    monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path))
+    for name in bases_mod.BASE_NAMES:  # what each child leaves behind
+        d = bases_mod.base_dir(bases_mod.default_spec(name))
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"figure": float(len(name))}))
+    calls = []
+    monkeypatch.setattr(bases_mod, "_build_in_child", lambda name, force: calls.append((name, force)) or 0)
+    main(["build", "--force"])
+    assert calls == [(name, True) for name in bases_mod.BASE_NAMES]
+    summary = json.loads((tmp_path / "bases" / "metrics.json").read_text())
+    assert {k: summary[k] for k in ("llava/figure", "paligemma/figure", "sam/figure")} == \
+        {"llava/figure": 5.0, "paligemma/figure": 9.0, "sam/figure": 3.0}
+    monkeypatch.setattr(bases_mod, "_build_in_child", lambda name, force: 3)
+    with pytest.raises(SystemExit, match="building the llava base failed"):
+        main(["build"])

@@ -16,6 +16,7 @@ from groundlab.omg_llava.data import (
     osprey_record,
     refcocog_gcg_record,
     res_samples,
+    same_category_refs,
     tag_caption,
     write_json,
 )
@@ -159,3 +160,15 @@ def test_a_bom_is_read_and_bad_utf8_is_named(tmp_path, scenes):
     path.write_bytes(json.dumps([llava_record(scenes[0])]).encode().replace(b"what", b"wh\xe9t"))
     with pytest.raises(ValueError, match="l.json: not UTF-8"):
         load_llava(path, tmp_path)
+
+
+def test_same_category_refs_are_the_objects_that_share_their_kind_with_another_in_the_image(tmp_path):
+    world = World(WorldConfig(min_objects=2), seed=0)
+    scenes = [world.scene("train", i) for i in range(40)]
+    for s in scenes:
+        save_image(s, tmp_path / "images")
+    write_refer({"train": scenes}, tmp_path / "refer", tmp_path / "images")  # one ref per object, in order
+    kinds = [[o.kind for o in s.objects] for s in scenes]
+    want = {str(i) for i, (k, ks) in enumerate((k, ks) for ks in kinds for k in ks) if ks.count(k) > 1}
+    hard = same_category_refs(Refer(tmp_path / "refer", tmp_path / "images"), "train")
+    assert hard == want and 0 < len(hard) < sum(map(len, kinds))

@@ -337,6 +337,18 @@ def res_samples(refer, split: str) -> list[Sample]:
     return out
 
 
+def same_category_refs(refer, split: str) -> set[str]:
+    """The ``ref_id`` of every ``split`` ref whose object shares its ``category_id`` with another
+    annotated object of its image: the refs that naming the category alone cannot resolve (nearly all
+    of RefCOCO's, by its collection)."""
+    out = set()
+    for r in refer.samples(split):
+        own = refer.coco.anns[r.ann_id].get("category_id")
+        if own is not None and refer.instance_categories(r.image_id).count(own) > 1:
+            out.add(str(r.ref_id))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # the world in every format (the default run's data)
 
