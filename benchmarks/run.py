@@ -135,14 +135,31 @@ def bench_sam_decoding(batch: int = 8, repeats: int = 10) -> dict:
             "batched_s": t_batch, "speedup_batched_over_looped": t_loop / t_batch}
 
 
+def _vlm_mix_batches(kind: str, scenes: int, steps: int):
+    """A VLM base's spec, processor and untrained model (its vision tower frozen, as in the mix stage)
+    and ``steps`` batches of its instruction mix (lists of samples, a fixed draw)."""
+    from groundlab.shared.bases import default_spec, vlm
+    from groundlab.shared.tokenizer import load_tokenizer
+    from groundlab.shared.world import World
+
+    spec = default_spec(kind)
+    cfg, tok = vlm.TinyVLMConfig(**spec.model), load_tokenizer()
+    processor = vlm.build_processor(cfg, tok)
+    torch.manual_seed(0)
+    model = vlm.build_model(cfg, tok)
+    vlm.vision_tower(model).requires_grad_(False)
+    data = vlm.WorldVLMDataset(World(spec.world, seed=0), "train", scenes, processor, cfg, vlm.MixConfig(**spec.mix))
+    bs = spec.train.batch_size
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    return spec, processor, model, [[data[int(i)] for i in order[j * bs:(j + 1) * bs]] for j in range(steps)]
+
+
 def bench_vlm_step(steps: int = 20) -> dict:
     import statistics
 
     from groundlab.shared.attention import HF_ATTENTION
-    from groundlab.shared.bases import default_spec, vlm
-    from groundlab.shared.tokenizer import load_tokenizer
+    from groundlab.shared.bases import vlm
     from groundlab.shared.training import fast_bf16
-    from groundlab.shared.world import World
 
     out = {"bf16": fast_bf16()}
     arms = {"hf_eager": ("eager", False, False), "hf_sdpa": ("sdpa", False, False),
@@ -150,17 +167,7 @@ def bench_vlm_step(steps: int = 20) -> dict:
             "groundlab_padded_labeled_logits": (HF_ATTENTION, False, True),
             "groundlab_packed_labeled_logits": (HF_ATTENTION, True, True)}
     for kind in vlm.VLM_KINDS:
-        spec = default_spec(kind)
-        cfg, tok = vlm.TinyVLMConfig(**spec.model), load_tokenizer()
-        processor = vlm.build_processor(cfg, tok)
-        torch.manual_seed(0)
-        model = vlm.build_model(cfg, tok)
-        vlm.vision_tower(model).requires_grad_(False)
-        data = vlm.WorldVLMDataset(World(spec.world, seed=0), "train", 1200, processor, cfg,
-                                    vlm.MixConfig(**spec.mix))
-        bs = spec.train.batch_size
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-        batches = [[data[int(i)] for i in order[j * bs:(j + 1) * bs]] for j in range(steps)]
+        _, processor, model, batches = _vlm_mix_batches(kind, 1200, steps)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         collators = {(packed, labeled): vlm.VLMCollator(processor, packed=packed, labeled_logits_only=labeled)
                      for packed in (False, True) for labeled in (False, True)}
@@ -192,26 +199,16 @@ def bench_compiled_step(steps: int = 40) -> dict:
     import copy
     import statistics
 
-    from groundlab.shared.bases import default_spec, vlm
-    from groundlab.shared.tokenizer import load_tokenizer
+    from groundlab.shared.bases import vlm
     from groundlab.shared.training import compile_decoder_layers, fast_bf16
-    from groundlab.shared.world import World
 
     out = {"bf16": fast_bf16()}
     for kind in vlm.VLM_KINDS:
-        spec = default_spec(kind)
-        cfg, tok = vlm.TinyVLMConfig(**spec.model), load_tokenizer()
-        processor = vlm.build_processor(cfg, tok)
-        torch.manual_seed(0)
-        eager = vlm.build_model(cfg, tok)
-        vlm.vision_tower(eager).requires_grad_(False)
+        spec, processor, eager, samples = _vlm_mix_batches(kind, 2400, steps)
         compiled = copy.deepcopy(eager)
         compile_decoder_layers(compiled)
-        data = vlm.WorldVLMDataset(World(spec.world, seed=0), "train", 2400, processor, cfg, vlm.MixConfig(**spec.mix))
         collate = vlm.VLMCollator(processor, packed=spec.train.packed, labeled_logits_only=True)
-        bs = spec.train.batch_size
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-        batches = [collate([data[int(i)] for i in order[j * bs:(j + 1) * bs]]) for j in range(steps)]
+        batches = [collate(batch) for batch in samples]
         arms = {"eager": eager, "compiled": compiled}
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         opts = {arm: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)

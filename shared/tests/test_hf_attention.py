@@ -185,3 +185,23 @@ def test_compiled_layers_train_the_same_losses_and_are_undone_after_the_stage(tm
     with pytest.raises(ValueError, match="get_decoder"):
         train(torch.nn.Linear(2, 2), samples, collate, TrainConfig(max_steps=1, batch_size=1, lr=1e-3,
                                                                     compile_layers=True), tmp_path / "linear")
+
+
+def test_cpu_kernel_switches_the_kernel_hf_models_run_on_the_cpu(monkeypatch):
+    from groundlab.shared import attention as attn
+
+    seen = []
+    real = attn.attention
+    monkeypatch.setattr(attn, "attention", lambda *a, **kw: seen.append(kw["implementation"]) or real(*a, **kw))
+    _, processor, model, samples = _setup("paligemma", HF_ATTENTION, n_samples=2)
+    batch = vlm.VLMCollator(processor)(samples)
+    with torch.no_grad():
+        model(**batch)
+        with attn.cpu_kernel("eager"):
+            model(**batch)
+        model(**batch)
+    third = len(seen) // 3
+    assert seen == ["sdpa"] * third + ["eager"] * third + ["sdpa"] * third and third > 0
+    with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+        with attn.cpu_kernel("flash"):
+            pass

@@ -28,6 +28,7 @@ machines the SDPA path runs, and the eager path is the readable reference the te
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -334,6 +335,21 @@ class MultiheadAttention(nn.Module):
 
 HF_ATTENTION = "groundlab"
 CPU_KERNEL = "sdpa"
+
+
+@contextlib.contextmanager
+def cpu_kernel(name: str):
+    """Run the CPU attention of HF models through ``name`` (``"sdpa"``: fp32 SDPA, or ``"eager"``: the
+    eager path, bf16 under bf16 autocast) inside the block. The two compute the same function at
+    different precision, and a training run can learn differently on them (the PaliGemma base, README)."""
+    global CPU_KERNEL
+    if name not in ("sdpa", "eager"):
+        raise ValueError(f"the CPU kernel is 'sdpa' or 'eager', got {name!r}")
+    previous, CPU_KERNEL = CPU_KERNEL, name
+    try:
+        yield
+    finally:
+        CPU_KERNEL = previous
 """The kernel HF models get on the CPU (see the module docstring for the measurement)."""
 
 

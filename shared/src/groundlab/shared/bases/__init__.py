@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..attention import require_packing_support
+from ..attention import cpu_kernel, require_packing_support
 from ..distributed import seed_everything, setup_logging
 from ..recipe import train_key
 from ..runs import content_hash, invalidate, mark_complete, reuse_or_reset, runs_root, write_metrics
@@ -71,6 +71,9 @@ class BaseSpec:
     """VLM bases: ``vlm.MixConfig`` arguments (its defaults when empty)."""
     probe_scenes: tuple[int, int] = (400, 100)
     """LLaVA: training / held-out scenes of the linear probe (``bases.probe``; IVM's numbers)."""
+    mix_cpu_attention: str = "sdpa"
+    """VLM bases: the CPU attention kernel of the instruction-mix stage (``attention.cpu_kernel``).
+    Not in the key, as the kernel never was: every cached base was built on "eager"."""
 
     def _keyed_model(self) -> dict:
         # the attention kernel is no part of what a base is (every implementation computes the same
@@ -117,8 +120,9 @@ def default_spec(name: str) -> BaseSpec:
         # 0.871 / 0.861 (two seeds). It once dropped OMG-LLaVA's RES on the base (0.574 -> 0.389): that
         # segmenter could not tell kinds apart; with one that can, RES on this base is 0.632 against 0.617
         # without it (one run each, within rerun spread; the README, "The shortest expression").
-        # Packed: these conversations are 31% padding in a padded batch; packed rows make a step 0.84x
-        # (``benchmarks/run.py --only vlm_step``), the same function (not part of the key)
+        # Packed: these conversations are 32% padding in a padded batch; packed rows make a step 0.87x
+        # (``benchmarks/run.py --only vlm_step``), the same function (not part of the key); so are the
+        # compiled layers (``--only compiled_step``)
         return BaseSpec("llava", TinyVLMConfig(kind="llava").to_dict(),
                         TrainConfig(max_steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, bf16="auto",
                                     save_steps=500, logging_steps=100, packed=True, compile_layers=True),
@@ -128,10 +132,12 @@ def default_spec(name: str) -> BaseSpec:
     if name == "paligemma":
         # 4 KV heads, not Gemma-2B's one (multi-query): at this width one shared key/value head left the
         # model slow to learn to find objects (see the README)
+        # The eager attention (bf16 under autocast) in the mix: with fp32 SDPA `detect` fell 0.917-0.939 ->
+        # 0.691 (two builds a side, the README), the loss curve the same
         return BaseSpec("paligemma", TinyVLMConfig(kind="paligemma", text_kv_heads=4).to_dict(),
                         TrainConfig(max_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, bf16="auto",
                                     save_steps=500, logging_steps=100, compile_layers=True), vision=vision,
-                        mix={"detect": 2})
+                        mix={"detect": 2}, mix_cpu_attention="eager")
     if name == "sam":
         # fp32: bf16 autocast slows the small convolutional decoder down on this CPU. Patch 4: a 16x16
         # embedding, so the decoder's 4x upscaled masks are at full resolution; 128-d prompts / embedding
@@ -240,7 +246,8 @@ def _build_vlm(spec: BaseSpec, world: World, out: Path, callbacks, vision_checkp
     if spec.train.packed:
         require_packing_support(model)
     collate = vlm.VLMCollator(processor, packed=spec.train.packed, labeled_logits_only=True)
-    train(model, data, collate, spec.train, out / "checkpoints", callbacks=callbacks)
+    with cpu_kernel(spec.mix_cpu_attention):
+        train(model, data, collate, spec.train, out / "checkpoints", callbacks=callbacks)
     metrics["time/train_s"] = time.time() - t0
     t0 = time.time()
     metrics.update(vlm.evaluate(model, processor, cfg, world, "val", spec.eval_scenes))
