@@ -335,6 +335,8 @@ class MultiheadAttention(nn.Module):
 
 HF_ATTENTION = "groundlab"
 CPU_KERNEL = "sdpa"
+"""The kernel HF models get on the CPU (see the module docstring for the measurement; :func:`cpu_kernel`
+switches it for a block)."""
 
 
 @contextlib.contextmanager
@@ -350,7 +352,6 @@ def cpu_kernel(name: str):
         yield
     finally:
         CPU_KERNEL = previous
-"""The kernel HF models get on the CPU (see the module docstring for the measurement)."""
 
 
 def hf_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -56,7 +56,7 @@ class TrainConfig:
     """``torch.compile`` (dynamic shapes) each layer of the model's language model
     (``model.get_decoder().layers``, a transformers model) for this stage, undone when it ends, so that
     evaluation and generation after it run as before: the same function with the element-wise work
-    fused (the bases' instruction-mix steps 0.85-0.92x after 17-24 s of compilation:
+    fused (the bases' instruction-mix steps 0.81-0.92x after 5-24 s of compilation:
     ``benchmarks/run.py --only compiled_step``). Not in a stage's cache key."""
 
     def __post_init__(self) -> None:
