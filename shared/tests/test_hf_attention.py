@@ -31,6 +31,17 @@ def _loss_and_grads(model, batch):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_loss_and_grads(model, batch_a, batch_b, atol: float, rtol: float) -> None:
+    """The two batches give the model the same loss (within ``atol``) and the same gradient of every
+    parameter (``atol`` / ``rtol``)."""
+    loss_a, grads_a = _loss_and_grads(model, batch_a)
+    loss_b, grads_b = _loss_and_grads(model, batch_b)
+    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=atol)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=rtol, msg=name)
+
+
 @pytest.mark.parametrize("kind", vlm.VLM_KINDS)
 def test_groundlab_attention_equals_transformers_eager(kind):
     """Same weights, same padded batch: logits of every real token and greedy answers (left-padded
@@ -65,12 +76,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(kind):
     padded, packed = vlm.VLMCollator(processor)(samples), vlm.VLMCollator(processor, packed=True)(samples)
     n = sum(len(s["input_ids"]) for s in samples)  # filled to a multiple of 256 with an ignored sequence
     assert packed["input_ids"].shape == (1, -(-n // 256) * 256) and n % 256 != 0
-    loss_a, grads_a = _loss_and_grads(model, padded)
-    loss_b, grads_b = _loss_and_grads(model, packed)
-    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_loss_and_grads(model, padded, packed, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", vlm.VLM_KINDS)
@@ -86,12 +92,7 @@ def test_logits_where_a_label_follows_give_the_full_loss_and_gradients(kind, pac
     n_labels = int((full["labels"][:, 1:] != -100).sum())
     assert n_kept % 64 == 0 and n_labels <= n_kept < n_labels + 64 and n_kept < full["labels"].numel() / 2
     assert kept["shift_labels"].shape == (n_kept,) and int((kept["shift_labels"] != -100).sum()) == n_labels
-    loss_a, grads_a = _loss_and_grads(model, full)
-    loss_b, grads_b = _loss_and_grads(model, kept)
-    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_loss_and_grads(model, full, kept, atol=1e-6, rtol=1e-5)
 
 
 def test_packed_paligemma_needs_its_prefix():
