@@ -538,6 +538,46 @@ def test_paligemma_detect_answers_every_match_left_to_right():
                 assert len(parts) == n
 
 
+def test_detect_contrast_asks_for_objects_that_share_their_kind_by_colour_and_kind():
+    import numpy as np
+
+    world = World(WorldConfig(min_objects=2), seed=0)
+    scenes = [world.scene("train", i) for i in range(200)]
+    mix, contrast = vlm.MixConfig(detect=2), vlm.MixConfig(detect=2, detect_contrast=1.0)
+
+    def detects(scene, i, m):
+        return [(p[len("detect "):], a) for p, a in vlm.paligemma_samples(scene, np.random.default_rng(i), m)
+                if p.startswith("detect ") and not p.startswith("detect the ")]
+
+    shared_scenes = 0
+    for i, scene in enumerate(scenes):
+        shared = [o for o in scene.objects if sum(x.kind == o.kind for x in scene.objects) > 1]
+        # at 0 (the default) the draws are the old ones: without a kind-sharing object, 1.0 draws them too
+        if not shared:
+            assert detects(scene, i, contrast) == detects(scene, i, mix)
+            continue
+        shared_scenes += 1
+        for phrase, answer in detects(scene, i, contrast):
+            named = [o for o in shared if phrase == f"{o.colour} {o.kind}"]
+            assert named, (phrase, [(o.colour, o.kind) for o in shared])
+            boxes = sorted(vlm.box_text(o, "paligemma", 64) for o in scene.objects
+                           if o.colour == named[0].colour and o.kind == named[0].kind)
+            assert sorted(part[:len(boxes[0])] for part in answer.split(" ; ")) == boxes
+    assert shared_scenes > 40
+
+    def share(m):  # detect samples whose colour decides (the kind alone would match another object)
+        n = hits = 0
+        for i, scene in enumerate(scenes):
+            for phrase, _ in detects(scene, i, m):
+                words = phrase.split()
+                n += 1
+                hits += len(words) == 2 and sum(o.kind == words[1] for o in scene.objects) > 1
+        return hits / n
+    # at 1.0 every detect sample of such a scene is one (2 a scene, every scene); uniform draws about half as many
+    assert share(contrast) == shared_scenes / len(scenes)
+    assert share(mix) < 0.35 < share(vlm.MixConfig(detect=2, detect_contrast=0.5)) < share(contrast)
+
+
 def test_dense_targets_by_hand():
     import numpy as np
 

@@ -4,7 +4,7 @@ The binding ``<Region k>`` -> the k-th prompt needs a lookup by number; ``diagno
 it missing with prompts on images. This script asks the same of the language model with no image, on
 random boxes written as the world tokenizer's location tokens, trained from scratch (``--init
 scratch``, the base's text sizes) or from a LLaVA base's weights (``--init DIR``), batch 32, fresh
-samples each step, AdamW at ``--lr``, bf16 autocast; teacher-forced accuracy (every answer token
+samples each step, AdamW at ``--lr``, bf16 autocast where the CPU runs it natively (fp32 elsewhere); teacher-forced accuracy (every answer token
 right) on 300 held-out samples every 250 steps:
 
 - ``--mode copy`` (one hop): ``Regions: 1 <box>, 2 <box>, ... What is region k?`` -> box k's four
@@ -12,7 +12,10 @@ right) on 300 held-out samples every 250 steps:
 - ``--mode twohop``: the same list, then the boxes' contents listed apart in another order
   (``Objects: <box> red circle, <box> blue star, ...``) -> the colour and kind of box k: the number
   finds a box, the box finds its words, as a prompt's number finds its slot and the slot its region of
-  the image.
+  the image;
+- ``--mode twohop_spelled``: the same question, answered with both hops written out: box k's four
+  location tokens, then its colour and kind (each step a one-hop copy of something already in the
+  sequence). Accuracy counts every answer token, the box included.
 
 Answering with one of the listed items at random is right (1/2 + 1/3 + 1/4) / 3 = 0.36 of the time
 (2-4 items).
@@ -32,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGener
 from groundlab.shared.bases.vlm import TinyVLMConfig
 from groundlab.shared.boxes import loc_token_names
 from groundlab.shared.tokenizer import load_tokenizer
+from groundlab.shared.training import resolve_bf16
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 KINDS = ("circle", "square", "triangle", "star")
@@ -60,12 +64,14 @@ class Samples:
         for i, b in enumerate(boxes):
             prompt += self.ids(f" {i + 1}") + self.box(b) + self.ids("," if i < n - 1 else ".")
         answer = self.box(boxes[k])
-        if self.mode == "twohop":
+        if self.mode.startswith("twohop"):
             words = [(str(rng.choice(COLOURS)), str(rng.choice(KINDS))) for _ in range(n)]
             prompt += self.ids(" Objects:")
             for j in rng.permutation(n):
                 prompt += self.box(boxes[j]) + self.ids(f" {words[j][0]} {words[j][1]},")
             answer = self.ids(f" {words[k][0]} {words[k][1]}")
+            if self.mode == "twohop_spelled":
+                answer = self.box(boxes[k]) + answer
         return [self.tok.bos_token_id] + prompt + self.ids(f" What is region {k + 1}?"), answer
 
 
@@ -83,8 +89,10 @@ def batch(items, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("copy", "twohop"), default="copy")
+    ap.add_argument("--mode", choices=("copy", "twohop", "twohop_spelled"), default="copy")
     ap.add_argument("--init", default="scratch", help="'scratch' or a LLaVA base directory")
+    ap.add_argument("--layers", type=int, help="with --init scratch: decoder layers (default: the base's)")
+    ap.add_argument("--hidden", type=int, help="with --init scratch: width (default: the base's; FFN 4x)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -94,12 +102,16 @@ def main() -> None:
     tok = load_tokenizer()
     if args.init == "scratch":
         c = TinyVLMConfig()
+        hidden = args.hidden or c.text_hidden
         model = LlamaForCausalLM(LlamaConfig(
-            hidden_size=c.text_hidden, intermediate_size=c.text_ffn, num_hidden_layers=c.text_layers,
+            hidden_size=hidden, intermediate_size=4 * hidden if args.hidden else c.text_ffn,
+            num_hidden_layers=args.layers or c.text_layers,
             num_attention_heads=c.text_heads, num_key_value_heads=c.text_kv_heads, vocab_size=len(tok),
             max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id))
     else:  # text-only forwards through the base's language model
+        if args.layers or args.hidden:
+            raise SystemExit("--layers / --hidden size a model from scratch; a base has its own")
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
     sample = Samples(tok, args.mode)
     held_out = [sample(np.random.default_rng([1, i])) for i in range(300)]
@@ -118,11 +130,12 @@ def main() -> None:
         model.train()
         return right / len(held_out)
 
+    bf16 = resolve_bf16("auto")
     print(f"step 0: accuracy {accuracy():.3f}", flush=True)
     t0 = time.time()
     for step in range(1, args.steps + 1):
         ids, mask, labels = batch([sample(rng) for _ in range(32)], tok.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()

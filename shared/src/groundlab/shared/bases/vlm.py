@@ -148,6 +148,12 @@ class MixConfig:
     are paid for a single answer, so a third of the scenes: more of the other tasks per minute)."""
     detect: int = 1
     """PaliGemma's ``detect <colour> <kind>`` / ``detect <kind>``."""
+    detect_contrast: float = 0.0
+    """PaliGemma: the probability that a ``detect`` sample of a scene where two objects share a kind asks
+    for one of those objects by its colour and kind (the phrase whose colour decides) instead of the
+    uniform draw (a random object, named by colour and kind 3 times in 5, else by its kind). 0: no extra
+    random draw, older mixes unchanged. Built without it, in fp32, ``detect`` missed mostly there: 0.37
+    of the objects sharing their kind against 0.9 of the others (the README)."""
     region_list: int = 0
     """LLaVA: questions in the first conversation that list every box of the scene, numbered from 1 in a
     random order, and ask what region k is (the answer: its description, as for a box): looking an item
@@ -476,9 +482,14 @@ def paligemma_samples(scene: Scene, rng: np.random.Generator, mix: MixConfig) ->
     out = [(p["caption"], scene.caption)]
     for j in rng.choice(len(scene.qa), size=min(mix.questions, len(scene.qa)), replace=False):
         out.append((p["question"].format(question=scene.qa[int(j)].question), scene.qa[int(j)].answer))
+    shared = [o for o in scene.objects if sum(x.kind == o.kind for x in scene.objects) > 1]
     for _ in range(mix.detect):
-        obj = scene.objects[int(rng.integers(len(scene.objects)))]
-        phrase = f"{obj.colour} {obj.kind}" if rng.random() < 0.6 else obj.kind
+        if mix.detect_contrast and shared and rng.random() < mix.detect_contrast:
+            obj = shared[int(rng.integers(len(shared)))]
+            phrase = f"{obj.colour} {obj.kind}"
+        else:
+            obj = scene.objects[int(rng.integers(len(scene.objects)))]
+            phrase = f"{obj.colour} {obj.kind}" if rng.random() < 0.6 else obj.kind
         objects = [o for o in scene.objects if o.kind == obj.kind and (phrase == obj.kind or o.colour == obj.colour)]
         out.append((p["detect"].format(phrase=phrase), detect_answer(scene, phrase, objects)))
     for oid in rng.permutation(len(scene.objects))[: mix.rec]:
