@@ -3,9 +3,10 @@
 The binding ``<Region k>`` -> the k-th prompt needs a lookup by number; ``diagnose_reading.py`` found
 it missing with prompts on images. This script asks the same of the language model with no image, on
 random boxes written as the world tokenizer's location tokens, trained from scratch (``--init
-scratch``, the base's text sizes) or from a LLaVA base's weights (``--init DIR``), batch 32, fresh
-samples each step, AdamW at ``--lr``, bf16 autocast where the CPU runs it natively (fp32 elsewhere); teacher-forced accuracy (every answer token
-right) on 300 held-out samples every 250 steps:
+scratch``, the base's text sizes, or ``--layers`` / ``--hidden`` others) or from a LLaVA base's
+weights (``--init DIR``), batch 32, fresh samples each step, AdamW at ``--lr``, bf16 autocast where
+the CPU runs it natively (fp32 elsewhere); teacher-forced accuracy (every answer token right) on 300
+held-out samples every 250 steps:
 
 - ``--mode copy`` (one hop): ``Regions: 1 <box>, 2 <box>, ... What is region k?`` -> box k's four
   location tokens;
