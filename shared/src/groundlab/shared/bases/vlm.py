@@ -413,6 +413,11 @@ def detect_answer(scene: Scene, phrase: str, objects: list) -> str:
     return " ; ".join(f"{box_text(o, 'paligemma', scene.size)} {phrase}" for o in objects)
 
 
+def shares_kind(scene: Scene, obj) -> bool:
+    """Whether another object of ``scene`` has ``obj``'s kind (naming the kind alone is then ambiguous)."""
+    return sum(o.kind == obj.kind for o in scene.objects) > 1
+
+
 def rec_expression(scene: Scene, oid: int, rng: np.random.Generator, mix: MixConfig, first: bool = False):
     """The referring expression a training REC turn asks for object ``oid``: uniform over its
     expressions, or (``mix.rec_contrast``) over its attribute expressions when another object of the
@@ -423,8 +428,7 @@ def rec_expression(scene: Scene, oid: int, rng: np.random.Generator, mix: MixCon
     if first and mix.rec_shortest > 0 and rng.random() < mix.rec_shortest:
         return refs[0]
     if mix.rec_contrast > 0:
-        kind = scene.objects[oid].kind
-        if sum(o.kind == kind for o in scene.objects) > 1 and rng.random() < mix.rec_contrast:
+        if shares_kind(scene, scene.objects[oid]) and rng.random() < mix.rec_contrast:
             refs = [r for r in refs if r.type == "attribute"] or refs
     return refs[int(rng.integers(len(refs)))]
 
@@ -482,7 +486,7 @@ def paligemma_samples(scene: Scene, rng: np.random.Generator, mix: MixConfig) ->
     out = [(p["caption"], scene.caption)]
     for j in rng.choice(len(scene.qa), size=min(mix.questions, len(scene.qa)), replace=False):
         out.append((p["question"].format(question=scene.qa[int(j)].question), scene.qa[int(j)].answer))
-    shared = [o for o in scene.objects if sum(x.kind == o.kind for x in scene.objects) > 1]
+    shared = [o for o in scene.objects if shares_kind(scene, o)]
     for _ in range(mix.detect):
         if mix.detect_contrast and shared and rng.random() < mix.detect_contrast:
             obj = shared[int(rng.integers(len(shared)))]
