@@ -17,6 +17,7 @@ from transformers import (
 from groundlab.shared.bases import (
     _adopt_vision_checkpoints,
     base_dir,
+    default_spec,
     ensure_base,
     evaluate_base,
     load_tiny_sam,
@@ -282,6 +283,53 @@ def test_sam_semantic_head_targets_and_gradients():
     assert deep.semantic_logits(emb, 64).shape == (1, 13, 64, 64)
     assert deep.semantic_head[0].weight.grad.abs().sum() > 0
     assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_sam_touching_weight_weighs_the_mask_loss_of_objects_that_touch_another():
+    """Prompts carry whether their object touches another; the mask loss is the mean over prompts with
+    ``touching_weight`` on those (1: the plain mean, what every cached SAM trained on)."""
+    torch.manual_seed(0)
+    world = World(WorldConfig(min_objects=3), seed=0)
+    data = sam_mod.WorldSamDataset(world, "train", 40)
+    items = [data[i] for i in range(40)]
+    for item in items:
+        p = item["prompts"]
+        assert p["touching"].tolist() == sam_mod.touching(p["masks"].numpy() > 0.5).tolist()
+    mixed = [it for it in items if 0 < int(it["prompts"]["touching"].sum()) < len(it["prompts"]["touching"])]
+    assert mixed, "no scene with both touching and isolated objects"
+    batch = sam_mod.collate_sam(mixed[:2])
+    sam = sam_mod.build_tiny_sam().eval()
+    ps = batch["prompts"]
+    index = torch.cat([torch.full((len(p["use_box"]),), b) for b, p in enumerate(ps)])
+    points, boxes, use_box, masks, near = (torch.cat([p[k] for p in ps])
+                                           for k in ("points", "boxes", "use_box", "masks", "touching"))
+    with torch.no_grad():
+        emb = sam.image_encoder(sam.preprocess(batch["images"]))
+        logits, iou = sam_mod.predict_masks_batched(sam, emb, index, points, boxes, use_box, 64)
+        per = (torch.nn.functional.binary_cross_entropy_with_logits(logits, masks, reduction="none").flatten(1).mean(1)
+               + sam_mod.dice_loss(logits, masks, reduce=False))
+        iou_loss = torch.nn.functional.mse_loss(iou, sam_mod.achieved_iou(logits, masks))
+        plain = sam_mod.SamForTraining(sam)(**batch)["loss"]
+        torch.testing.assert_close(plain, per.mean() + iou_loss)
+        torch.testing.assert_close(plain, torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+                                   + sam_mod.dice_loss(logits, masks) + iou_loss)  # the loss before the option
+        w = 1 + 2 * near.float()
+        weighted = sam_mod.SamForTraining(sam, touching_weight=3.0)(**batch)["loss"]
+        torch.testing.assert_close(weighted, (per * w).sum() / w.sum() + iou_loss)
+        assert not torch.isclose(weighted, plain)
+    with pytest.raises(ValueError, match="touching_weight"):
+        sam_mod.SamForTraining(sam, touching_weight=0.0)
+    # a build trains with every option of its config
+    cfg = sam_mod.TinySamConfig(semantic_weight=0.5, semantic_hidden=8, multimask_clicks=True, touching_weight=2.5)
+    wrapper = sam_mod.SamForTraining.for_config(sam, cfg, world)
+    assert (wrapper.semantic_weight, wrapper.semantic_head[0].out_channels, wrapper.multimask_clicks,
+            wrapper.touching_weight) == (0.5, 8, True, 2.5)
+    # at its default the option leaves the cache key of a SAM base as it was
+    spec = default_spec("sam")
+    assert replace(spec, model={**spec.model, "touching_weight": 1.0}).key() == replace(
+        spec, model={k: v for k, v in spec.model.items() if k != "touching_weight"}).key()
+    assert replace(spec, model={**spec.model, "touching_weight": 2.0}).key() != replace(
+        spec, model={**spec.model, "touching_weight": 1.0}).key()
 
 
 def test_batched_decoding_equals_sams_own_decoder_per_prompt():

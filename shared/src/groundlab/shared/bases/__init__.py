@@ -44,6 +44,8 @@ from ..world import World, WorldConfig
 logger = logging.getLogger("groundlab")
 
 BASE_NAMES = ("llava", "paligemma", "sam")
+_LATE_OPTIONS = {"multimask_clicks": False, "touching_weight": 1.0}
+"""Model options added after bases were cached, and the default that means "as before" (not keyed)."""
 VERSION = 3  # bump when a change to this code changes what a base learns or reports
 CHECKPOINT_DIRS = ("checkpoints", "vision_checkpoints")
 
@@ -79,9 +81,8 @@ class BaseSpec:
         # the attention kernel is no part of what a base is (every implementation computes the same
         # function, tested): the key reads the value every cached base was keyed with, whatever runs
         model = {**self.model, "attn_implementation": "eager"} if "attn_implementation" in self.model else self.model
-        if model.get("multimask_clicks") is False:  # an option added after the bases were cached: off = as before
-            model = {k: v for k, v in model.items() if k != "multimask_clicks"}
-        return model
+        # options added after bases were cached: at their defaults they build what was built before
+        return {k: v for k, v in model.items() if k not in _LATE_OPTIONS or v != _LATE_OPTIONS[k]}
 
     def _tokenizer_hash(self) -> str:
         tokenizer = (fixture_dir() / "tokenizer.json").read_bytes() if self.name in ("llava", "paligemma") else b""
@@ -288,8 +289,7 @@ def _build_sam(spec: BaseSpec, world: World, out: Path, callbacks) -> dict:
     metrics |= {f"baseline/untrained/sam/{k}": v for k, v in before.items() if k in ("point/mIoU", "box/mIoU")}
     data = sam_mod.WorldSamDataset(world, "train", spec.train_scenes, seed=spec.train.seed)
     t0 = time.time()
-    wrapper = sam_mod.SamForTraining(sam, sam_mod.num_semantic_classes(world), cfg.semantic_weight,
-                                     cfg.semantic_hidden, cfg.multimask_clicks)
+    wrapper = sam_mod.SamForTraining.for_config(sam, cfg, world)
     train(wrapper, data, sam_mod.collate_sam, spec.train, out / "checkpoints", callbacks=callbacks)
     metrics["time/train_s"] = time.time() - t0
     if wrapper.semantic_head is not None:
