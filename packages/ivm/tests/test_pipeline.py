@@ -40,11 +40,12 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     llava = smoke_spec("llava", steps=3, train_scenes=16, eval_scenes=4)
     sam = smoke_spec("sam", steps=3, train_scenes=8, eval_scenes=4)
     llava_path, sam_path = ensure_base(llava), ensure_base(sam)
-    cfg = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {
+    overrides = {
         "name": "micro", "model.llava": str(llava_path), "model.sam": str(sam_path),
         "data.human_scenes": 3, "data.machine_scenes": 6, "data.eval_scenes": 3, "data.clutter_scenes": 4,
         "discriminator.max_steps": 4, "discriminator.save_steps": 2, "discriminator.progress_bar": False,
-        "generator.max_steps": 4, "generator.save_steps": 2, "generator.progress_bar": False, "arms": list(ARMS)})
+        "generator.max_steps": 4, "generator.save_steps": 2, "generator.progress_bar": False, "arms": list(ARMS)}
+    cfg = RunConfig.from_yaml(CONFIGS / "tiny.yaml", overrides)
     path = run(cfg)
     m = json.loads(Path(path).read_text())
     from groundlab.ivm.train import eval_samples, score_predictions
@@ -81,6 +82,12 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     assert [p.stat().st_mtime_ns for p in ckpts] == before
     for arm in ARMS:  # reloaded models score exactly as the trained ones did
         assert again[f"{arm}/mIoU"] == pytest.approx(m[f"{arm}/mIoU"], abs=1e-6)
+
+    # a run of the diagnostic oracle arm alone: its figures (reloaded), no downstream VQA to pick an arm for
+    oracle_only = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {**overrides, "arms": ["mixed_oracle"]})
+    alone = json.loads(Path(run(oracle_only)).read_text())
+    assert alone["mixed_oracle/mIoU"] == pytest.approx(m["mixed_oracle/mIoU"], abs=1e-6)
+    assert not any(k.startswith("vqa/") for k in alone)
 
     # the CLI masks an image with a trained arm
     from groundlab.ivm.cli import main as cli
