@@ -138,6 +138,27 @@ def test_pretraining_reduces_the_reconstruction_loss_and_holds_the_keep_rate():
     assert pre.tokenizer.encoder.patch_embed.proj.weight.grad is None  # the ViT stays frozen
 
 
+def test_colour_channels_append_each_patchs_mean_colour_to_its_feature():
+    with pytest.raises(ValueError, match="multiple of 3"):
+        VisualTokenizerConfig(vision_config=SAM, colour_channels=4)
+    with pytest.raises(ValueError, match="merger_heads"):  # 32 + 3 is not a multiple of 2 heads
+        VisualTokenizerConfig(vision_config=SAM, merger_heads=2, colour_channels=3)
+    torch.manual_seed(0)
+    plain = DynamicVisualTokenizer(VisualTokenizerConfig(vision_config=SAM, merger_depth=1, merger_heads=2))
+    config = VisualTokenizerConfig(vision_config=SAM, merger_depth=1, merger_heads=2, colour_channels=6)
+    coloured = DynamicVisualTokenizer(config)
+    coloured.encoder.load_state_dict(plain.encoder.state_dict())
+    assert config.width == 38 and config.vit_width == 32
+    images = _images(2)
+    feats, colour = coloured.features(images).split([32, 6], dim=-1)
+    torch.testing.assert_close(feats, plain.features(images))
+    # each patch of 4 x 4 pixels: its normalised mean colour, each channel twice (r r g g b b)
+    pixels = coloured.preprocess(images)
+    patch = pixels[1, :, 8:12, 20:24].mean(dim=(1, 2))  # row 2, column 5 of the 16 x 16 grid
+    torch.testing.assert_close(colour[1, 2 * 16 + 5], patch.repeat_interleave(2))
+    assert len(coloured.tokenize(images)) == 2  # the merger and quantiser run at the wider width
+
+
 # ----------------------------------------------------------------------------------------------
 # fetching and decoding regions
 

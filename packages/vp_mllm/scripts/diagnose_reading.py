@@ -11,6 +11,9 @@ samples each step from 3,000 training scenes; teacher-forced accuracy (every ans
   as in the paper, or with ``--align`` started by ``modeling.align_to_locations``;
 - ``loc_sum``: the slot's token is the sum of the base's four location-token embeddings of the box
   (a fixed lookup, no encoder);
+- ``roi``: the slot's token is the mean of the image tokens (as they enter the LLM) whose patch centre
+  lies in the box (the patch under the box's centre when none does): the region's content itself, as
+  region-feature MLLMs pool it, so ``<Region k>`` -> slot k is the only lookup left;
 - ``text``: no prompt block; the box written as the base's location tokens in the question
   (``What is <loc..><loc..><loc..><loc..>?``): the design's upper bound, the base's own reading.
 
@@ -19,7 +22,8 @@ random order; ``all`` marks every object in a shuffled slot order and asks about
 ``--slot-numbers X`` adds a learned per-slot vector started at X times the embedding of the number
 token `` k`` (the one the text reference uses). ``--answer box``: the answer is the asked region's
 box in location tokens instead of its label (reading the slot without looking at the image: with
-``--marked all`` the binding alone). ``--extra-layers N`` puts N fresh decoder blocks, started as
+``--marked all`` the binding alone). ``--interleave`` writes the number token of ``<Region k>`` in front of slot k's token in the prompt
+block (the layout of a text list, not the paper's). ``--extra-layers N`` puts N fresh decoder blocks, started as
 the identity, in front of the base LLM's four (is depth what the binding lacks?). ``--llava DIR``
 starts from another LLaVA base (a ``runs/bases/llava-*/model`` of another mix) than ``make bases``'s.
 
@@ -76,8 +80,8 @@ def build(args):
     table = model.lmm.get_input_embeddings().weight[tok.convert_tokens_to_ids(loc_token_names(loc_bins(tok)))]
     if args.align:
         print("alignment", align_to_locations(model, table), flush=True)
+    numbers = tok.convert_tokens_to_ids([tok.tokenize(f" {k + 1}")[-1] for k in range(config.vp_config.num_slots)])
     if args.slot_numbers > 0:
-        numbers = tok.convert_tokens_to_ids([tok.tokenize(f" {k + 1}")[-1] for k in range(config.vp_config.num_slots)])
         with torch.no_grad():
             model.vp_slots.copy_(args.slot_numbers * model.lmm.get_input_embeddings().weight[numbers][None])
     if args.extra_layers:
@@ -94,7 +98,63 @@ def build(args):
                               model.end_vp.expand(b, -1, -1)], 1)
 
         model.prompt_tokens = prompt_tokens
-    return model, VPProcessor(tok, hf.image_processor, config)
+    if args.token == "roi":
+        image_tokens, seen = model.image_tokens, {}
+
+        def stash(pixel_values):
+            seen["image"] = image_tokens(pixel_values)
+            return seen["image"]
+
+        def prompt_tokens(coords, valid, is_box):  # the mean image token inside each box
+            tokens = roi_mean(seen["image"], coords) * valid[..., None]
+            if config.slot_embeddings:
+                tokens = tokens + model.vp_slots
+            b = tokens.shape[0]
+            return torch.cat([model.start_vp.expand(b, -1, -1), tokens.to(model.start_vp.dtype),
+                              model.end_vp.expand(b, -1, -1)], 1)
+
+        model.image_tokens, model.prompt_tokens = stash, prompt_tokens
+    processor = VPProcessor(tok, hf.image_processor, config)
+    if args.interleave:
+        interleave(model, processor, numbers)
+    return model, processor
+
+
+def interleave(model, processor, numbers: list[int]) -> None:
+    """The prompt block as ``start_vp, [n 1] slot 1, [n 2] slot 2, ..., end_vp``: each slot's token
+    after the embedding of the number token that ``<Region k>`` uses (the layout of a text list
+    ``1 <box>, 2 <box>``, whose lookup the LLM learns at once: ``diagnose_lookup.py --mode copy``)."""
+    from groundlab.shared.multimodal import expand_token
+
+    slots, image_id, vp_id = model.prompt_tokens, processor.image_id, processor.vp_id
+    n_image, n_vp = processor.config.n_image_tokens, 2 * processor.config.vp_config.num_slots + 2
+
+    def prompt_tokens(coords, valid, is_box):
+        block = slots(coords, valid, is_box)  # start, K slot tokens, end
+        tags = model.lmm.get_input_embeddings()(torch.tensor(numbers))[None].expand(block.shape[0], -1, -1)
+        pairs = torch.stack([tags.to(block.dtype), block[:, 1:-1]], dim=2).flatten(1, 2)
+        return torch.cat([block[:, :1], pairs, block[:, -1:]], dim=1)
+
+    def expand(sample, use_prompts):
+        sample = expand_token(sample, image_id, n_image)
+        return expand_token(sample, vp_id, n_vp) if use_prompts else sample
+
+    model.prompt_tokens, processor._expand = prompt_tokens, expand
+
+
+def roi_mean(image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(B, G * G, D) raster image tokens, (B, K, 4) normalised xyxy boxes -> (B, K, D): the mean token
+    of the patches whose centre lies in each box (the patch under the box's centre if none does)."""
+    g = math.isqrt(image.shape[1])
+    centre = (torch.arange(g, dtype=boxes.dtype) + 0.5) / g
+    cy, cx = (c.flatten() for c in torch.meshgrid(centre, centre, indexing="ij"))
+    x0, y0, x1, y1 = (v[..., None] for v in boxes.unbind(-1))
+    inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)  # (B, K, G * G)
+    col = ((x0 + x1) / 2 * g).long().clamp(0, g - 1)
+    row = ((y0 + y1) / 2 * g).long().clamp(0, g - 1)
+    under = torch.zeros_like(inside).scatter_(-1, row * g + col, True)
+    weights = torch.where(inside.any(-1, keepdim=True), inside, under).to(image.dtype)
+    return (weights / weights.sum(-1, keepdim=True)) @ image
 
 
 def add_blocks(model, n: int) -> None:
@@ -172,12 +232,13 @@ def check(directories: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--token", choices=("encoder", "loc_sum", "text"), default="encoder")
+    ap.add_argument("--token", choices=("encoder", "loc_sum", "roi", "text"), default="encoder")
     ap.add_argument("--align", action="store_true")
     ap.add_argument("--marked", choices=("one", "two", "all"), default="one")
     ap.add_argument("--slot-numbers", type=float, default=0.0)
     ap.add_argument("--answer", choices=("label", "box"), default="label")
     ap.add_argument("--extra-layers", type=int, default=0)
+    ap.add_argument("--interleave", action="store_true")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)

@@ -43,7 +43,7 @@ class VisualTokenizerConfig(PretrainedConfig):
     def __init__(self, vision_config: dict | PretrainedConfig | None = None, merger_depth: int = 12,
                  merger_heads: int = 16, mlp_ratio: float = 4.3637, codebook_size: int = 16384, code_dim: int = 32,
                  keep_ratio: float = 0.35, decoder_depth: int = 12, deterministic: bool = True,
-                 pixel_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+                 colour_channels: int = 0, pixel_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
                  pixel_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711), **kwargs):
         """
         Args:
@@ -56,9 +56,17 @@ class VisualTokenizerConfig(PretrainedConfig):
             deterministic: keep a patch when its keep probability wins (argmax) instead of sampling the
                 Gumbel-softmax outside training (the release samples at inference too, so the same
                 image gives a different number of tokens on each call).
+            colour_channels: 0 (the release): the tokenizer reads the ViT's features alone. n > 0 (a
+                multiple of 3): each patch's mean colour (its normalised pixels averaged) is appended to
+                its feature, each of the three channels repeated n / 3 times (the repeat weighs colour
+                in the reconstruction's cosine). For a frozen ViT that does not keep colour, as the
+                tiny SAM base's encoder, trained only for masks: the release's EVA-CLIP knows colours.
             pixel_mean, pixel_std: the normalisation of [0, 1] pixels (CLIP's by default).
         """
         self.vision_config = _vision(vision_config)
+        if colour_channels < 0 or colour_channels % 3:
+            raise ValueError(f"colour_channels must be a non-negative multiple of 3, got {colour_channels}")
+        self.colour_channels = colour_channels
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         if codebook_size < 2 or code_dim < 1:
@@ -84,6 +92,11 @@ class VisualTokenizerConfig(PretrainedConfig):
 
     @property
     def width(self) -> int:
+        """The tokenizer's width: the ViT's feature size plus ``colour_channels``."""
+        return self.vit_width + self.colour_channels
+
+    @property
+    def vit_width(self) -> int:
         v = self.vision_config
         return v.out_chans if isinstance(v, SamEncoderConfig) else v.hidden_size
 

@@ -111,10 +111,16 @@ class TokenizerConfig:
     code_dim: int = 8
     keep_ratio: float = 0.3
     decoder_depth: int = 2
+    colour_channels: int = 0
+    """Each patch's mean colour appended to its SAM feature, repeated to this many channels
+    (:class:`VisualTokenizerConfig`); 0 = the SAM features alone, as the release's ViT alone."""
     train: TrainConfig = field(default_factory=_tokenizer_train)
 
     def __post_init__(self) -> None:
         positive(self, "merger_depth", "merger_heads", "mlp_ratio", "codebook_size", "code_dim", "decoder_depth")
+        if self.pretrained and self.colour_channels:
+            raise ValueError("tokenizer.colour_channels needs a tokenizer pre-trained here: the release's "
+                             f"({self.pretrained}) reads the ViT's features alone")
         within(self, "keep_ratio", 0.01, 1.0)
         one_of(self, "release", tuple(RELEASE_CONFIGS))
 
@@ -253,7 +259,7 @@ def tokenizer_config(cfg: RunConfig) -> VisualTokenizerConfig:
     return VisualTokenizerConfig(vision_config=vision, merger_depth=t.merger_depth, merger_heads=t.merger_heads,
                                  mlp_ratio=t.mlp_ratio, codebook_size=t.codebook_size, code_dim=t.code_dim,
                                  keep_ratio=t.keep_ratio, decoder_depth=t.decoder_depth,
-                                 pixel_mean=tuple(m / 255 for m in PIXEL_MEAN), pixel_std=tuple(s / 255 for s in PIXEL_STD))
+                                 colour_channels=t.colour_channels, pixel_mean=tuple(m / 255 for m in PIXEL_MEAN), pixel_std=tuple(s / 255 for s in PIXEL_STD))
 
 
 def _pixels(root: Path, names: list[str]) -> torch.Tensor:

@@ -216,11 +216,17 @@ class DynamicVisualTokenizer(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, N = G * G, width) frozen ViT features in raster order."""
+        """(B, N = G * G, width) frozen ViT features in raster order (then the patches' mean colours,
+        with ``colour_channels``)."""
         x = self.preprocess(images).to(next(self.encoder.parameters()).dtype)
         if isinstance(self.config.vision_config, SamEncoderConfig):
-            return self.encoder(x).flatten(2).transpose(1, 2)
-        return self.encoder(x)
+            feats = self.encoder(x).flatten(2).transpose(1, 2)
+        else:
+            feats = self.encoder(x)
+        if not self.config.colour_channels:
+            return feats
+        colour = F.adaptive_avg_pool2d(x, self.config.grid).flatten(2).transpose(1, 2)  # (B, N, 3)
+        return torch.cat([feats, colour.repeat_interleave(self.config.colour_channels // 3, dim=-1)], dim=-1)
 
     def keep_decision(self, logp: torch.Tensor, sample: bool) -> torch.Tensor:
         """(B, N) hard keep decisions (1 keep): straight-through Gumbel samples, or the argmax."""
