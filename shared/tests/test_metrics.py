@@ -4,6 +4,7 @@ from pycocotools import mask as mask_utils
 
 from groundlab.shared.metrics import (
     MaskIoUAccumulator,
+    auroc,
     average_precision,
     box_iou,
     caption_metrics,
@@ -152,3 +153,21 @@ def test_average_precision_matches_sklearn_with_ties():
     assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx((1 + 2 / 3) / 2)
     with pytest.raises(ValueError, match="undefined"):
         average_precision([0, 0], [0.1, 0.2])
+
+
+def test_auroc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    for trial in range(25):
+        n = int(rng.integers(5, 300))
+        y = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(int)
+        y[0], y[1] = 1, 0
+        scores = rng.random(n)
+        if trial % 2:
+            scores = np.round(scores, 1)  # many ties
+        assert auroc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert auroc([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(0.75)  # 3 of the 4 pairs in order
+    assert auroc([1, 0], [0.3, 0.3]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([1, 1], [0.1, 0.2])

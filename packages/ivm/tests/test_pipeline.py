@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from groundlab.ivm.configuration import IVMConfig
+from groundlab.ivm.data import HUMAN_SPLITS
 from groundlab.ivm.train import ARMS, RunConfig
 from groundlab.shared.bases import ensure_base, smoke_spec
 
@@ -72,6 +73,19 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     weights = [json.loads(x) for x in (run_dir / "dwsl_weights.jsonl").read_text().splitlines()]
     assert len(weights) == m["data/human_items"] + m["data/machine_items"]
     assert all(0.1 <= w["weight"] <= 0.9 for w in weights)
+    # the discriminator's AUROCs: the training ones are those of the logits it wrote; the held-out one is
+    # over the corrupted val scenes (7 items of the 3 val scenes, clean and corrupted both present)
+    from groundlab.shared.metrics import auroc
+
+    human = [w["split"] in HUMAN_SPLITS for w in weights]
+    assert m["discriminator/train_auroc_human_vs_machine"] == pytest.approx(auroc(human, [w["logit"] for w in weights]))
+    machine = [w for w in weights if w["split"] not in HUMAN_SPLITS]
+    assert m["discriminator/train_auroc_clean_vs_corrupted"] == pytest.approx(
+        auroc([w["corruption"] == "none" for w in machine], [w["logit"] for w in machine]))
+    heldout = next(run_dir.glob("heldout_machine-*")) / "VQAMachineData" / "meta.jsonl"
+    tags = [json.loads(x)["corruption"] for x in heldout.read_text().splitlines()]
+    assert m["discriminator/heldout_items"] == len(tags) == 7 and 0 < tags.count("none") < 7
+    assert 0.0 <= m["discriminator/heldout_auroc_clean_vs_corrupted"] <= 1.0
     preds = (run_dir / "predictions_mixed_dwsl.jsonl").read_text().splitlines()
     assert len(preds) == m["mixed_dwsl/n"]
     # each arm is saved in the release's layout and reloaded from it on a second run

@@ -89,3 +89,30 @@ def test_eval_scores_a_predictions_file_without_a_model(image, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--config", str(config), *small, "--predictions", str(mixed)])
     assert "holds one task's predictions" in capsys.readouterr().err
+
+
+def test_res_same_category_repeat_repeats_exactly_the_samples_whose_kind_is_shared():
+    """Stage 2 holds every sample once, and each RES sample whose target shares its kind with another
+    object of its image ``N - 1`` more times; the export (and its cache key) does not change."""
+    from collections import Counter
+    from pathlib import Path
+
+    from groundlab.omg_llava.data import refer_reader, same_category_refs
+    from groundlab.omg_llava.train import RunConfig, prepare_data
+    from groundlab.shared.recipe import Recipe
+
+    config = Path(cli.__file__).resolve().parents[3] / "configs" / "tiny.yaml"
+    data = {}
+    for n in (1, 3):
+        cfg = RunConfig.from_yaml(config, {"data": {"train_scenes": 12, "val_scenes": 2, "res_same_category_repeat": n}})
+        data[n] = prepare_data(Recipe("omg_llava", cfg.name), cfg)
+    assert data[1].root == data[3].root
+    hard = same_category_refs(refer_reader(data[1].root, **data[1].refer), "train")
+    key = lambda s: (s.task, s.id)  # noqa: E731
+    extra = Counter(map(key, data[3].stage2))
+    extra.subtract(Counter(map(key, data[1].stage2)))
+    want = Counter()
+    for s in data[1].stage2:
+        if s.task == "res" and s.id.split("-")[0] in hard:
+            want[key(s)] += 2
+    assert sum(want.values()) > 0 and +extra == want and not -extra  # nothing else added or lost

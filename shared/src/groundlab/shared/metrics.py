@@ -222,6 +222,24 @@ def mask_ap(ground_truth: dict, predictions: Sequence[dict], use_categories: boo
 # token-level AP
 
 
+def auroc(labels, scores) -> float:
+    """Area under the ROC curve of ``scores`` separating the positives (``labels == 1``) from the
+    negatives: the probability that a random positive scores above a random negative, ties counting
+    one half (the Mann-Whitney U statistic over both counts). Defined only with both classes."""
+    y = np.asarray(labels).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels for {s.size} scores")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes, got {n_pos} positives and {n_neg} negatives")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # average 1-based rank of tied scores
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def average_precision(labels, scores) -> float:
     """Average precision of ``scores`` ranking the positives (``labels == 1``) first.
 

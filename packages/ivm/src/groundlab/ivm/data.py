@@ -220,26 +220,47 @@ def export_world(world: World, out_root: str | Path, human_scenes: int, machine_
     out_root = Path(out_root)
     rng = np.random.default_rng(seed)
     counts: Counter = Counter()
-    for split, start, n in (("HumanLabelData", 0, human_scenes), ("VQAMachineData", human_scenes, machine_scenes)):
-        rows = []
-        for i in range(start, start + n):
-            scene = world.scene("train", i)
-            for target, instructions in sorted(target_instructions(scene).items()):
-                heat, extra = scene.objects[target].mask, {}
-                if split != "HumanLabelData":
-                    kind = "none"
-                    if rng.random() < corrupt_prob:
-                        options = [k for k in CORRUPTIONS if corrupt(scene, target, k, np.random.default_rng(0)) is not None]
-                        kind = options[int(rng.integers(len(options)))] if options else "none"
-                        if kind != "none":
-                            heat = corrupt(scene, target, kind, rng)
-                    extra = {"corruption": kind}
-                    counts[f"{split}/{kind}"] += 1
-                rows.append((f"{scene.split}{scene.index:06d}_{target}", scene.image, heat.astype(np.float32),
-                             instructions, extra))
-        write_split(out_root / split, rows)
-        counts[split] = len(rows)
+    human = _rows(world, "train", 0, human_scenes, None, rng, counts)
+    machine = _rows(world, "train", human_scenes, machine_scenes, corrupt_prob, rng, counts, "VQAMachineData")
+    write_split(out_root / "HumanLabelData", human)
+    write_split(out_root / "VQAMachineData", machine)
+    counts["HumanLabelData"], counts["VQAMachineData"] = len(human), len(machine)
     return dict(counts)
+
+
+def export_heldout_machine(world: World, out_root: str | Path, scenes: int, corrupt_prob: float = 0.5,
+                           seed: int = 0) -> dict[str, int]:
+    """``VQAMachineData`` of held-out scenes (the world's ``val`` split [0, scenes)), corrupted as
+    :func:`export_world` corrupts the training ones: the items on which a discriminator's separation of
+    clean from corrupted labels is measured."""
+    counts: Counter = Counter()
+    rows = _rows(world, "val", 0, scenes, corrupt_prob, np.random.default_rng(seed), counts, "VQAMachineData")
+    write_split(Path(out_root) / "VQAMachineData", rows)
+    counts["VQAMachineData"] = len(rows)
+    return dict(counts)
+
+
+def _rows(world: World, split: str, start: int, n: int, corrupt_prob: float | None, rng: np.random.Generator,
+          counts: Counter, name: str = "HumanLabelData") -> list:
+    """One row per (scene, target object) of ``world``'s ``split`` scenes [start, start + n); labels
+    corrupted with ``corrupt_prob`` (None: clean, no ``corruption`` tag)."""
+    rows = []
+    for i in range(start, start + n):
+        scene = world.scene(split, i)
+        for target, instructions in sorted(target_instructions(scene).items()):
+            heat, extra = scene.objects[target].mask, {}
+            if corrupt_prob is not None:
+                kind = "none"
+                if rng.random() < corrupt_prob:
+                    options = [k for k in CORRUPTIONS if corrupt(scene, target, k, np.random.default_rng(0)) is not None]
+                    kind = options[int(rng.integers(len(options)))] if options else "none"
+                    if kind != "none":
+                        heat = corrupt(scene, target, kind, rng)
+                extra = {"corruption": kind}
+                counts[f"{name}/{kind}"] += 1
+            rows.append((f"{scene.split}{scene.index:06d}_{target}", scene.image, heat.astype(np.float32),
+                         instructions, extra))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from groundlab.shared.bases.vlm import TinyVLMConfig
 from groundlab.shared.config import RunConfigFile, model_overrides, non_negative, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, torch_load
+from groundlab.shared.metrics import auroc
 from groundlab.shared.recipe import Recipe, train_key
 from groundlab.shared.runs import content_hash, write_metrics
 from groundlab.shared.training import TrainConfig, train
@@ -47,7 +48,7 @@ from groundlab.shared.world import World, WorldConfig
 
 from .checkpoint import load_official, load_part, to_official, trained_keys
 from .configuration import IVMConfig
-from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMDataset, export_world, read_split
+from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMDataset, export_heldout_machine, export_world, read_split
 from .evaluation import (
     all_objects_baseline,
     chat_completions_answerer,
@@ -339,6 +340,7 @@ def dwsl_item_weights(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data, 
     m["discriminator/train_accuracy"] = float(((logits > 0) == is_human).float().mean())
     m["dwsl/mean_weight_human"] = float(weights[is_human].mean())
     if data.machine:
+        m["discriminator/train_auroc_human_vs_machine"] = auroc(is_human.numpy(), logits.float().numpy())
         machine_w = weights[~is_human]
         m["dwsl/mean_weight_machine"] = float(machine_w.mean())
         if "corruption" in data.machine[0].extra:
@@ -347,10 +349,39 @@ def dwsl_item_weights(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data, 
                 m["dwsl/mean_weight_machine_clean"] = float(machine_w[clean].mean())
             if (~clean).any():
                 m["dwsl/mean_weight_machine_corrupted"] = float(machine_w[~clean].mean())
+            if clean.any() and (~clean).any():
+                m["discriminator/train_auroc_clean_vs_corrupted"] = auroc(clean.numpy(), logits[~is_human].float().numpy())
+    if cfg.data.root is None and cfg.data.corrupt_prob > 0:
+        heldout_auroc(recipe, cfg, bases, model)
+    else:
+        logger.info("no held-out discriminator AUROC: it needs the world's corrupted held-out items")
     with open(recipe.root / "dwsl_weights.jsonl", "w") as f:
         for it, w, lg in zip(data.mixed, weights.tolist(), logits.tolist()):
             f.write(json.dumps({"uuid": it.uuid, "split": it.split, "weight": w, "logit": lg, **it.extra}) + "\n")
     return weights
+
+
+def heldout_auroc(recipe: Recipe, cfg: RunConfig, bases: Bases, model: IVMModel) -> None:
+    """How well the discriminator tells clean machine labels from corrupted ones on scenes it never
+    saw: the world's ``val`` scenes [0, eval_scenes), labelled and corrupted as the training ones."""
+    d = cfg.data
+
+    def export(out: Path) -> None:
+        counts = export_heldout_machine(World(WorldConfig(), seed=d.world_seed), out, d.eval_scenes, d.corrupt_prob,
+                                        seed=d.world_seed + 1)
+        write_metrics(out / "counts.json", counts, config=asdict(d))
+
+    root = recipe.stage("heldout_machine", d.world_seed, d.eval_scenes, d.corrupt_prob, build=export)
+    items = read_split(root / "VQAMachineData")
+    clean = np.array([it.extra["corruption"] == "none" for it in items])
+    if clean.all() or not clean.any():
+        logger.info("no held-out discriminator AUROC: the held-out items are all %s", "clean" if clean.all() else "corrupted")
+        return
+    plain = IVMDataset(items, bases.processor.tokenizer, bases.n_image_tokens, bases.image_size,
+                       role="discriminator", augment=False)
+    logits = discriminator_scores(model, plain, IVMCollator(bases.processor, role="discriminator"))
+    recipe.metrics |= {"discriminator/heldout_auroc_clean_vs_corrupted": auroc(clean, logits.float().numpy()),
+                       "discriminator/heldout_items": len(items)}
 
 
 def evaluate_baselines(recipe: Recipe, cfg: RunConfig, bases: Bases, samples) -> None:
@@ -449,6 +480,13 @@ def print_table(m: dict, arms=ARMS) -> None:
               f"{m.get('dwsl/mean_weight_machine_clean', float('nan')):.3f}, machine corrupted "
               f"{m.get('dwsl/mean_weight_machine_corrupted', float('nan')):.3f} "
               f"(discriminator train accuracy {m['discriminator/train_accuracy']:.3f})")
+        aurocs = [(k, m[key]) for k, key in (("human vs machine, training items", "discriminator/train_auroc_human_vs_machine"),
+                                             ("clean vs corrupted machine labels, training items",
+                                              "discriminator/train_auroc_clean_vs_corrupted"),
+                                             (f"clean vs corrupted, {m.get('discriminator/heldout_items')} held-out items",
+                                              "discriminator/heldout_auroc_clean_vs_corrupted")) if key in m]
+        if aurocs:
+            print("discriminator AUROC: " + "; ".join(f"{k} {v:.3f}" for k, v in aurocs))
     if "vqa/n" not in m:
         print("\ndownstream VQA: not run (it uses the best trained arm; this run has only the oracle arm)")
         return
