@@ -96,8 +96,15 @@ def test_overlay_pixels():
     im = np.full((2, 2, 3), 100, np.uint8)
     m = np.zeros((1, 2, 2), bool)
     m[0, 0, 0] = True
-    out = overlay(im, m, alpha=0.5)
+    out = overlay(im, m, alpha=0.5, outline=False)
     assert tuple(out[0, 0]) == (165, 62, 88) and tuple(out[1, 1]) == (100, 100, 100)
+    im = np.full((5, 5, 3), 100, np.uint8)
+    m = np.zeros((1, 5, 5), bool)
+    m[0, 1:4, 1:4] = True  # a 3x3 square: its 8 border pixels black, its centre tinted, the rest untouched
+    out = overlay(im, m, alpha=0.5)
+    border = m[0].copy()
+    border[2, 2] = False
+    assert (out[border] == 0).all() and tuple(out[2, 2]) == (165, 62, 88) and (out[~m[0]] == 100).all()
 
 
 def test_world_export_reads_back_every_task(tmp_path):

@@ -222,16 +222,22 @@ def mask_ap(ground_truth: dict, predictions: Sequence[dict], use_categories: boo
 # token-level AP
 
 
-def auroc(labels, scores) -> float:
-    """Area under the ROC curve of ``scores`` separating the positives (``labels == 1``) from the
-    negatives: the probability that a random positive scores above a random negative, ties counting
-    one half (the Mann-Whitney U statistic over both counts). Defined only with both classes."""
+def _binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Flat 0 / 1 labels and float64 scores of one length, or an error saying what is wrong."""
     y = np.asarray(labels).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
         raise ValueError(f"{y.size} labels for {s.size} scores")
     if not np.isin(y, (0, 1)).all():
         raise ValueError("labels must be 0 or 1")
+    return y.astype(np.int64), s
+
+
+def auroc(labels, scores) -> float:
+    """Area under the ROC curve of ``scores`` separating the positives (``labels == 1``) from the
+    negatives: the probability that a random positive scores above a random negative, ties counting
+    one half (the Mann-Whitney U statistic over both counts). Defined only with both classes."""
+    y, s = _binary(labels, scores)
     n_pos, n_neg = int(y.sum()), int((1 - y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUROC needs both classes, got {n_pos} positives and {n_neg} negatives")
@@ -246,12 +252,7 @@ def average_precision(labels, scores) -> float:
     ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds, from the highest down
     (tied scores enter together). Defined only when there is at least one positive.
     """
-    y = np.asarray(labels).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if y.shape != s.shape:
-        raise ValueError(f"{y.size} labels for {s.size} scores")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 or 1")
+    y, s = _binary(labels, scores)
     n_pos = int(y.sum())
     if n_pos == 0:
         raise ValueError("average precision is undefined without a positive label")

@@ -96,9 +96,16 @@ class OMGLlavaPipeline:
         return self(image, RES_PROMPT.format(sent=expression))
 
 
-def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image with each mask tinted in its own colour (``PALETTE`` in order)."""
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, outline: bool = True) -> np.ndarray:
+    """The image with each mask tinted in its own colour (``PALETTE`` in order) and, with ``outline``,
+    its border pixels (those with a 4-neighbour outside the mask) painted black: a tint alone is
+    invisible on an object of the tint's own colour."""
     out = np.asarray(image, np.float32).copy()
     for i, m in enumerate(masks):
         out[m] = (1 - alpha) * out[m] + alpha * PALETTE[i % len(PALETTE)]
+    if outline:
+        for m in masks:
+            inner = np.pad(m, 1, constant_values=False)
+            inner = inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+            out[m & ~inner] = 0.0
     return out.round().astype(np.uint8)
