@@ -91,11 +91,7 @@ def build(args):
 
         def prompt_tokens(coords, valid, is_box):  # the sum of the box's location-token rows
             tokens = fixed[(coords.clamp(0, 1) * (bins - 1)).round().long()].sum(-2) * valid[..., None]
-            if config.slot_embeddings:
-                tokens = tokens + model.vp_slots
-            b = tokens.shape[0]
-            return torch.cat([model.start_vp.expand(b, -1, -1), tokens.to(model.start_vp.dtype),
-                              model.end_vp.expand(b, -1, -1)], 1)
+            return slot_block(model, tokens)
 
         model.prompt_tokens = prompt_tokens
     if args.token == "roi":
@@ -107,17 +103,23 @@ def build(args):
 
         def prompt_tokens(coords, valid, is_box):  # the mean image token inside each box
             tokens = roi_mean(seen["image"], coords) * valid[..., None]
-            if config.slot_embeddings:
-                tokens = tokens + model.vp_slots
-            b = tokens.shape[0]
-            return torch.cat([model.start_vp.expand(b, -1, -1), tokens.to(model.start_vp.dtype),
-                              model.end_vp.expand(b, -1, -1)], 1)
+            return slot_block(model, tokens)
 
         model.image_tokens, model.prompt_tokens = stash, prompt_tokens
     processor = VPProcessor(tok, hf.image_processor, config)
     if args.interleave:
         interleave(model, processor, numbers)
     return model, processor
+
+
+def slot_block(model, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, K, D) slot tokens -> the prompt block ``start_vp``, the tokens (+ the per-slot vectors
+    when the model has them), ``end_vp``, as ``VPMLLMForConditionalGeneration.prompt_tokens`` builds it."""
+    if model.config.slot_embeddings:
+        tokens = tokens + model.vp_slots
+    b = tokens.shape[0]
+    return torch.cat([model.start_vp.expand(b, -1, -1), tokens.to(model.start_vp.dtype),
+                      model.end_vp.expand(b, -1, -1)], 1)
 
 
 def interleave(model, processor, numbers: list[int]) -> None:
