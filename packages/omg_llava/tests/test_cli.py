@@ -97,22 +97,51 @@ def test_res_same_category_repeat_repeats_exactly_the_samples_whose_kind_is_shar
     from collections import Counter
     from pathlib import Path
 
-    from groundlab.omg_llava.data import refer_reader, same_category_refs
+    from groundlab.omg_llava.data import (
+        names_only_its_object,
+        refer_reader,
+        res_expression,
+        same_category_refs,
+    )
     from groundlab.omg_llava.train import RunConfig, prepare_data
     from groundlab.shared.recipe import Recipe
 
     config = Path(cli.__file__).resolve().parents[3] / "configs" / "tiny.yaml"
     data = {}
-    for n in (1, 3):
-        cfg = RunConfig.from_yaml(config, {"data": {"train_scenes": 12, "val_scenes": 2, "res_same_category_repeat": n}})
-        data[n] = prepare_data(Recipe("omg_llava", cfg.name), cfg)
-    assert data[1].root == data[3].root
-    hard = same_category_refs(refer_reader(data[1].root, **data[1].refer), "train")
+    for n, which in ((1, "all"), (3, "all"), (3, "attribute")):
+        cfg = RunConfig.from_yaml(config, {"data": {"train_scenes": 12, "val_scenes": 2, "res_same_category_repeat": n,
+                                                    "res_repeat_expressions": which}})
+        data[n, which] = prepare_data(Recipe("omg_llava", cfg.name), cfg)
+    assert data[1, "all"].root == data[3, "all"].root == data[3, "attribute"].root
+    hard = same_category_refs(refer_reader(data[1, "all"].root, **data[1, "all"].refer), "train")
     key = lambda s: (s.task, s.id)  # noqa: E731
-    extra = Counter(map(key, data[3].stage2))
-    extra.subtract(Counter(map(key, data[1].stage2)))
-    want = Counter()
-    for s in data[1].stage2:
-        if s.task == "res" and s.id.split("-")[0] in hard:
-            want[key(s)] += 2
-    assert sum(want.values()) > 0 and +extra == want and not -extra  # nothing else added or lost
+    for which in ("all", "attribute"):
+        extra = Counter(map(key, data[3, which].stage2))
+        extra.subtract(Counter(map(key, data[1, "all"].stage2)))
+        want = Counter()
+        for s in data[1, "all"].stage2:
+            if s.task == "res" and s.id.split("-")[0] in hard and (
+                    which == "all" or names_only_its_object(res_expression(s))):
+                want[key(s)] += 2
+        assert sum(want.values()) > 0 and +extra == want and not -extra  # nothing else added or lost
+    # "attribute" leaves out the hard expressions that name another object or a place
+    assert 0 < len(data[3, "attribute"].stage2) - len(data[1, "all"].stage2) < len(data[3, "all"].stage2) - len(
+        data[1, "all"].stage2)
+
+
+def test_names_only_its_object_tells_attribute_expressions_from_relations_and_places():
+    from pathlib import Path
+
+    from groundlab.omg_llava.data import Sample, names_only_its_object, res_expression
+    from groundlab.omg_llava.processing import RES_PROMPT
+
+    assert names_only_its_object("the yellow triangle") and names_only_its_object("the small red square")
+    assert not names_only_its_object("the triangle below the red triangle")
+    assert not names_only_its_object("the green circle left of the square")
+    assert not names_only_its_object("the leftmost circle")
+    sample = Sample("1-2", Path("x.jpg"), [{"from": "human", "value": "<image>\n" + RES_PROMPT.format(sent="the big one")},
+                                          {"from": "gpt", "value": "It is [SEG]."}], task="res")
+    assert res_expression(sample) == "the big one"
+    sample.conversation[0]["value"] = "<image>\nWhat is this?"
+    with pytest.raises(ValueError, match="RES sample 1-2: prompt 'What is this\\?' is not"):
+        res_expression(sample)

@@ -74,6 +74,14 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
     # a second run reuses every stage (nothing retrained) and scores the same
     again = json.loads(run(config(llm_dir)).read_text())
     assert "time/stage2_s" not in again and again["res/cIoU"] == m["res/cIoU"]
+    # another run name with the first run's stages linked in reuses them all: a stage's key names the
+    # stages it builds on, not the run directory they lie in
+    other = tmp_path / "omg_llava" / "t2"
+    other.mkdir()
+    for stage in [*run_dir.glob("data-*"), *run_dir.glob("segmenter-*"), *run_dir.glob("stage[12]-*")]:
+        (other / stage.name).symlink_to(stage)
+    renamed = json.loads(run(config(llm_dir, {"name": "t2"})).read_text())
+    assert not {"time/stage1_s", "time/stage2_s"} & set(renamed) and renamed["res/cIoU"] == m["res/cIoU"]
     # the saved model answers through the inference API
     model_dir = next((tmp_path / "omg_llava" / "t").glob("stage2-*/model"))
     pipe = OMGLlavaPipeline.from_pretrained(model_dir)

@@ -32,7 +32,7 @@ import numpy as np
 
 from groundlab.shared.config import read_json
 from groundlab.shared.inputs import check_xywh
-from groundlab.shared.world import Scene
+from groundlab.shared.world import RELATIONS, SUPERLATIVES, Scene
 from groundlab.shared.world_io import decode_rle, encode_rle, image_file_name
 
 from .processing import (
@@ -347,6 +347,23 @@ def same_category_refs(refer, split: str) -> set[str]:
         if own is not None and refer.instance_categories(r.image_id).count(own) > 1:
             out.add(str(r.ref_id))
     return out
+
+
+def res_expression(sample: Sample) -> str:
+    """The referring expression of a :func:`res_samples` sample (its prompt without the template)."""
+    head, tail = RES_PROMPT.split("{sent}")
+    text = sample.conversation[0]["value"].split("\n", 1)[-1]
+    if not (text.startswith(head) and text.endswith(tail)):
+        raise ValueError(f"RES sample {sample.id}: prompt {text!r} is not {RES_PROMPT!r}")
+    return text[len(head):len(text) - len(tail)]
+
+
+def names_only_its_object(expression: str) -> bool:
+    """Whether an expression of the world's grammar describes its object by the object's own
+    attributes alone: no relation to another object ("left of", "above", ...) and no superlative of
+    place ("leftmost", ...)."""
+    words = f" {expression.lower()} "
+    return not any(f" {w} " in words for w in (*RELATIONS, *SUPERLATIVES))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,14 @@ from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import check_refer
 
 from .configuration import OMGLlavaConfig
-from .data import export_world, load_world_export, refer_reader, same_category_refs
+from .data import (
+    export_world,
+    load_world_export,
+    names_only_its_object,
+    refer_reader,
+    res_expression,
+    same_category_refs,
+)
 from .dataset import OMGDataset, PerceptionCache, image_paths
 from .evaluation import (
     baseline_predictions,
@@ -71,6 +78,8 @@ TASKS = ("caption", "qa", "res", "gcg", "region", "point")
 EVAL_TASKS = ("res", "gcg", "region")
 
 
+REPEAT = ("res_same_category_repeat", "res_repeat_expressions")
+"""The mix's weighting of the RES samples: not part of the exported data's key."""
 REFER_EXPORT = {"refer_dataset": "refcoco", "refer_split_by": "unc", "refer_image_dir": None, "res_eval_split": "val"}
 """How the world export writes RES (and what the ``refer_*`` fields of :class:`DataConfig` default to)."""
 
@@ -102,9 +111,15 @@ class DataConfig:
     (:func:`~groundlab.omg_llava.data.same_category_refs`), this many times each in the stage-2 mix:
     the items where the category alone does not find the object (45% of the world's, nearly all of
     RefCOCO's). 1: as read."""
+    res_repeat_expressions: str = "all"
+    """Which of those samples the repeat takes: ``all``, or ``attribute``: only the expressions that
+    describe the object by its own attributes, naming no other object and no extreme position
+    (:func:`~groundlab.omg_llava.data.names_only_its_object`; "the yellow triangle", not "the triangle
+    below the red triangle" or "the leftmost triangle")."""
 
     def __post_init__(self) -> None:
         positive(self, "train_scenes", "val_scenes", "qa_per_scene", "max_length", "res_same_category_repeat")
+        one_of(self, "res_repeat_expressions", ("all", "attribute"))
         one_of(self, "stage1_tasks", TASKS)
         one_of(self, "stage2_tasks", TASKS)
         one_of(self, "eval_tasks", EVAL_TASKS)
@@ -322,8 +337,10 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     t0 = time.time()
     cache = PerceptionCache(model, image_paths(data.stage1 + data.stage2 + [s for v in data.eval.values() for s in v]))
     recipe.metrics["time/perception_s"] = time.time() - t0
-    stamp = content_hash(asdict(cfg.model), str(builder.llm_path), str(builder.seg_path), weights_hash(builder.seg_path),
-                         str(data.root), cfg.data.max_length)
+    # what the stages are built from, not where it lies: the run's own stage directories are named by
+    # their content (``<stage>-<hash>``), so another run name with the same inputs reuses stages 1-2
+    stamp = content_hash(asdict(cfg.model), str(builder.llm_path), builder.seg_path.name, weights_hash(builder.seg_path),
+                         str(data.root) if cfg.data.root else data.root.name, cfg.data.max_length)
     s1_dir = train_stage1(recipe, cfg, model, tok, cache, data, stamp)
     s2_dir = train_stage2(recipe, cfg, model, tok, cache, data, stamp, s1_dir)
     model = load_pretrained(OMGLlavaForCausalLM, s2_dir / "model", "OMG-LLaVA")
@@ -368,13 +385,14 @@ def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
         write_metrics(out / "counts.json", counts, config=asdict(cfg.data))
 
     # the export's key leaves out what only names the REFER files read back or weights what is read
-    key = {k: v for k, v in asdict(cfg.data).items() if k not in REFER_EXPORT and k != "res_same_category_repeat"}
+    key = {k: v for k, v in asdict(cfg.data).items() if k not in REFER_EXPORT and k not in REPEAT}
     root = Path(cfg.data.root) if cfg.data.root else recipe.stage("data", key, world.config.key(), build=export)
     d, refer = cfg.data, cfg.data.refer()
     stage2 = load_world_export(root, "train", d.stage2_tasks, refer)
     if d.res_same_category_repeat > 1 and "res" in d.stage2_tasks:
         hard = same_category_refs(refer_reader(root, **refer), "train")
-        stage2 += [s for s in stage2 if s.task == "res" and s.id.split("-")[0] in hard] * (d.res_same_category_repeat - 1)
+        stage2 += [s for s in stage2 if s.task == "res" and s.id.split("-")[0] in hard and (
+            d.res_repeat_expressions == "all" or names_only_its_object(res_expression(s)))] * (d.res_same_category_repeat - 1)
     data = Data(root, load_world_export(root, "train", d.stage1_tasks, refer), stage2,
                 {t: load_world_export(root, d.res_eval_split if t == "res" else "val", (t,), refer)
                  for t in d.eval_tasks}, refer)
@@ -474,9 +492,9 @@ def train_stage2(recipe: Recipe, cfg: RunConfig, model: OMGLlavaForCausalLM, tok
         wrapper.merged().save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
 
-    weighting = () if cfg.data.res_same_category_repeat == 1 else ({"res_same_category_repeat":
-                                                                   cfg.data.res_same_category_repeat},)
-    return recipe.stage("stage2", stamp, str(s1_dir), train_key(cfg.stage2), cfg.data.stage2_tasks, cfg.data.refer(),
+    weighting = () if cfg.data.res_same_category_repeat == 1 else (
+        {k: getattr(cfg.data, k) for k in REPEAT if k != "res_repeat_expressions" or cfg.data.res_repeat_expressions != "all"},)
+    return recipe.stage("stage2", stamp, s1_dir.name, train_key(cfg.stage2), cfg.data.stage2_tasks, cfg.data.refer(),
                         MASK_TARGETS, *weighting, build=fit)
 
 
