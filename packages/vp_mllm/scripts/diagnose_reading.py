@@ -14,11 +14,14 @@ samples each step from 3,000 training scenes; teacher-forced accuracy (every ans
 - ``roi``: the slot's token is the mean of the image tokens (as they enter the LLM) whose patch centre
   lies in the box (the patch under the box's centre when none does): the region's content itself, as
   region-feature MLLMs pool it, so ``<Region k>`` -> slot k is the only lookup left;
+- ``encoder_roi``: the prompt encoder's token (as ``encoder``) plus the ``roi`` mean: the paper's
+  token with the region's content added, as region-feature MLLMs add it;
 - ``text``: no prompt block; the box written as the base's location tokens in the question
   (``What is <loc..><loc..><loc..><loc..>?``): the design's upper bound, the base's own reading.
 
 ``--marked one`` marks only the asked object (slot 1); ``two`` the asked object and one other in a
 random order; ``all`` marks every object in a shuffled slot order and asks about a random one (the binding of ``<Region k>`` to slot k is then needed);
+``--train-one-share P`` marks that share of the training samples as ``one`` does (the held-out ones as ``--marked``);
 ``--slot-numbers X`` adds a learned per-slot vector started at X times the embedding of the number
 token `` k`` (the one the text reference uses). ``--answer box``: the answer is the asked region's
 box in location tokens instead of its label (reading the slot without looking at the image: with
@@ -94,8 +97,8 @@ def build(args):
             return slot_block(model, tokens)
 
         model.prompt_tokens = prompt_tokens
-    if args.token == "roi":
-        image_tokens, seen = model.image_tokens, {}
+    if args.token in ("roi", "encoder_roi"):
+        image_tokens, encoder_block, seen = model.image_tokens, model.prompt_tokens, {}
 
         def stash(pixel_values):
             seen["image"] = image_tokens(pixel_values)
@@ -103,7 +106,10 @@ def build(args):
 
         def prompt_tokens(coords, valid, is_box):  # the mean image token inside each box
             tokens = roi_mean(seen["image"], coords) * valid[..., None]
-            return slot_block(model, tokens)
+            if args.token == "roi":
+                return slot_block(model, tokens)
+            block = encoder_block(coords, valid, is_box)  # the prompt encoder's tokens, the content added
+            return torch.cat([block[:, :1], block[:, 1:-1] + tokens.to(block.dtype), block[:, -1:]], 1)
 
         model.image_tokens, model.prompt_tokens = stash, prompt_tokens
     processor = VPProcessor(tok, hf.image_processor, config)
@@ -200,9 +206,10 @@ def sample(processor, scene, rng, args, train: bool):
         question = f"What is {box_to_loc(boxes[k], scene.size, scene.size, order='xyxy')}?"
         return processor.encode(scene.image, [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
                                 None, use_prompts=False)
-    if args.marked == "one":
+    marked = "one" if train and args.train_one_share > 0 and rng.random() < args.train_one_share else args.marked
+    if marked == "one":
         boxes, k = [boxes[k]], 0
-    elif args.marked == "two":  # the asked object and one other, in a random order
+    elif marked == "two":  # the asked object and one other, in a random order
         other = int(rng.choice([i for i in range(len(boxes)) if i != k]))
         pair = [k, other] if rng.random() < 0.5 else [other, k]
         boxes, k = [boxes[i] for i in pair], pair.index(k)
@@ -234,9 +241,11 @@ def check(directories: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--token", choices=("encoder", "loc_sum", "roi", "text"), default="encoder")
+    ap.add_argument("--token", choices=("encoder", "loc_sum", "roi", "encoder_roi", "text"), default="encoder")
     ap.add_argument("--align", action="store_true")
     ap.add_argument("--marked", choices=("one", "two", "all"), default="one")
+    ap.add_argument("--train-one-share", type=float, default=0.0,
+                    help="the share of training samples marked as with --marked one (held-out ones as --marked)")
     ap.add_argument("--slot-numbers", type=float, default=0.0)
     ap.add_argument("--answer", choices=("label", "box"), default="label")
     ap.add_argument("--extra-layers", type=int, default=0)
