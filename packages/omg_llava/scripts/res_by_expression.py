@@ -8,7 +8,8 @@ shares the target's kind:
 - ``relation``: a relation to another object ("the triangle below the red triangle").
 
 Usage (after the run): ``GROUNDLAB_RUNS=runs .venv/bin/python packages/omg_llava/scripts/res_by_expression.py
---run tiny [--config packages/omg_llava/configs/tiny.yaml] [overrides of that run ...]``. The predictions
+--run tiny [--model DIR] [--config packages/omg_llava/configs/tiny.yaml] [overrides of that run ...]``
+(the model: the run's newest finished stage 2 unless ``--model`` names one). The predictions
 land in ``runs/omg_llava/<run>/predictions_res_all_sentences.jsonl``; the table is printed and written to
 ``res_by_expression.json`` beside them.
 """
@@ -22,9 +23,10 @@ from collections import defaultdict
 import numpy as np
 from transformers import AutoTokenizer
 
+from groundlab.omg_llava.cli import _model_dir
 from groundlab.omg_llava.data import names_only_its_object, res_expression
 from groundlab.omg_llava.dataset import PerceptionCache
-from groundlab.omg_llava.evaluation import predict, read_predictions
+from groundlab.omg_llava.evaluation import predict, read_predictions, target_shares_category
 from groundlab.omg_llava.modeling import OMGLlavaForCausalLM
 from groundlab.omg_llava.train import RunConfig, _dataset, _instances, prepare_data
 from groundlab.shared.config import parse_overrides
@@ -47,17 +49,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="tiny")
     ap.add_argument("--config", default="packages/omg_llava/configs/tiny.yaml")
+    ap.add_argument("--model", default=None, help="an OMG-LLaVA directory (default: the run's newest stage 2)")
     args, extra = ap.parse_known_args()
     cfg = RunConfig.from_yaml(args.config, parse_overrides(extra) | {"name": args.run,
                                                                       "eval.res_all_sentences": True})
     recipe = Recipe("omg_llava", args.run)
-    model_dirs = sorted(recipe.root.glob("stage2-*/model"))
-    if len(model_dirs) != 1:
-        raise SystemExit(f"{recipe.root}: expected one trained stage-2 model, found {[str(d) for d in model_dirs]}")
+    model_dir = _model_dir(args.run, args.model)
     data = prepare_data(recipe, cfg)
     samples = data.eval["res"]
-    model = load_pretrained(OMGLlavaForCausalLM, model_dirs[0], "OMG-LLaVA")
-    tok = AutoTokenizer.from_pretrained(model_dirs[0])
+    model = load_pretrained(OMGLlavaForCausalLM, model_dir, "OMG-LLaVA")
+    tok = AutoTokenizer.from_pretrained(model_dir)
     model.check_tokenizer(tok)
     cache = PerceptionCache(model, sorted({str(s.image) for s in samples}))
     path = predict(model, _dataset(cfg, samples, tok, model, cache), tok,
@@ -66,11 +67,8 @@ def main() -> None:
     instances, categories = _instances(data)
     groups = defaultdict(list)
     for p, s in zip(preds, samples):
-        image, target = str(s.image), s.seg_masks[0]
-        own = [i for i, m in enumerate(instances[image]) if np.array_equal(m, target)]
-        if len(own) != 1:
-            raise ValueError(f"RES sample {s.id}: its target is {len(own)} of the image's objects, not one")
-        shared = categories[image].count(categories[image][own[0]]) > 1
+        target = s.seg_masks[0]
+        shared = target_shares_category(s, instances, categories)
         pred = p["masks"][0] if p["masks"] else np.zeros_like(target)
         groups["kind shared" if shared else "kind alone", expression_form(res_expression(s))].append((pred, target))
     table = {}

@@ -131,6 +131,19 @@ def res_breakdown(predictions: list[dict], samples: list[Sample], instance_masks
     return {f"{k}_rate": v / max(1, len(samples)) for k, v in counts.items()}
 
 
+def target_shares_category(sample: Sample, instance_masks: dict, instance_categories: dict) -> bool:
+    """Whether another annotated object of a RES sample's image has its target's category (the
+    target found among the image's objects by its mask; not exactly one match is an error)."""
+    path = str(sample.image)
+    masks, cats = instance_masks[path], instance_categories[path]
+    if len(masks) != len(cats):
+        raise ValueError(f"{path}: {len(masks)} instance masks but {len(cats)} categories")
+    own = [i for i, m in enumerate(masks) if np.array_equal(m, sample.seg_masks[0])]
+    if len(own) != 1:
+        raise ValueError(f"RES sample {sample.id}: its target is {len(own)} of the image's annotated objects, not one")
+    return sum(c == cats[own[0]] for c in cats) > 1
+
+
 def res_by_distractor(predictions: list[dict], samples: list[Sample], instance_masks: dict,
                       instance_categories: dict) -> dict[str, float]:
     """RES split by whether another object of the image shares the target's category (RefCOCO's
@@ -140,15 +153,9 @@ def res_by_distractor(predictions: list[dict], samples: list[Sample], instance_m
     image path -> every object's category id, in ``instance_masks``' order."""
     groups: dict[str, list] = {"same_category": [], "unique_category": []}
     for p, s in zip(predictions, samples):
-        path, target = str(s.image), s.seg_masks[0]
-        masks, cats = instance_masks[path], instance_categories[path]
-        if len(masks) != len(cats):
-            raise ValueError(f"{path}: {len(masks)} instance masks but {len(cats)} categories")
-        own = [i for i, m in enumerate(masks) if np.array_equal(m, target)]
-        if len(own) != 1:
-            raise ValueError(f"RES sample {s.id}: its target is {len(own)} of the image's annotated objects, not one")
-        shared = sum(c == cats[own[0]] for c in cats) > 1
+        target = s.seg_masks[0]
         pred = p["masks"][0] if p["masks"] else np.zeros_like(target)
+        shared = target_shares_category(s, instance_masks, instance_categories)
         groups["same_category" if shared else "unique_category"].append((pred, target))
     out: dict[str, float] = {}
     for name, items in groups.items():
