@@ -62,6 +62,7 @@ from groundlab.vp_mllm.modeling import (
     load_sam_prompt_encoder,
     location_targets,
     random_boxes,
+    region_mean,
     sam_prompt_dim,
     set_trainable,
 )
@@ -105,7 +106,7 @@ def build(args):
             return seen["image"]
 
         def prompt_tokens(coords, valid, is_box):  # the mean image token inside each box
-            tokens = roi_mean(seen["image"], coords) * valid[..., None]
+            tokens = region_mean(seen["image"], coords, is_box) * valid[..., None]
             if args.token == "roi":
                 return slot_block(model, tokens)
             block = encoder_block(coords, valid, is_box)  # the prompt encoder's tokens, the content added
@@ -148,21 +149,6 @@ def interleave(model, processor, numbers: list[int]) -> None:
         return expand_token(sample, vp_id, n_vp) if use_prompts else sample
 
     model.prompt_tokens, processor._expand = prompt_tokens, expand
-
-
-def roi_mean(image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """(B, G * G, D) raster image tokens, (B, K, 4) normalised xyxy boxes -> (B, K, D): the mean token
-    of the patches whose centre lies in each box (the patch under the box's centre if none does)."""
-    g = math.isqrt(image.shape[1])
-    centre = (torch.arange(g, dtype=boxes.dtype) + 0.5) / g
-    cy, cx = (c.flatten() for c in torch.meshgrid(centre, centre, indexing="ij"))
-    x0, y0, x1, y1 = (v[..., None] for v in boxes.unbind(-1))
-    inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)  # (B, K, G * G)
-    col = ((x0 + x1) / 2 * g).long().clamp(0, g - 1)
-    row = ((y0 + y1) / 2 * g).long().clamp(0, g - 1)
-    under = torch.zeros_like(inside).scatter_(-1, row * g + col, True)
-    weights = torch.where(inside.any(-1, keepdim=True), inside, under).to(image.dtype)
-    return (weights / weights.sum(-1, keepdim=True)) @ image
 
 
 def add_blocks(model, n: int) -> None:

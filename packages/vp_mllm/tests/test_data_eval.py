@@ -14,7 +14,7 @@ from groundlab.vp_mllm.data import (
     parse_labels,
     read_mdvp,
 )
-from groundlab.vp_mllm.evaluation import constant_predictions, read_predictions, score
+from groundlab.vp_mllm.evaluation import constant_predictions, random_object_scores, read_predictions, score
 from groundlab.vp_mllm.judge import HTTPJudge, JudgeItem, OverlapJudge, judge, parse_scores
 from groundlab.vp_mllm.metrics import names_label, semantic_iou
 
@@ -64,6 +64,52 @@ def test_the_world_exports_as_mdvp_instruct_data(data):
         for n, rec in enumerate(alone, 1):
             assert rec["id"] == f"{stem}-single-{n}" and rec[key] == [full[key][n - 1]]
             assert parse_labels(rec["conversations"][1]["value"], full["kind"]) == {1: truth[n]}
+
+
+def test_a_set_share_of_training_records_marks_one_object(tmp_path):
+    """``one_marked``: that share of training records mark a single object, the rest two or more; the
+    evaluation records are not touched."""
+    world = World(WORLD, seed=0)
+    marked = {}
+    for share in (0.0, 0.5, 1.0):
+        out = tmp_path / str(share)
+        export_world(world, "train", 60, out, one_marked=share, files=("stage1", "stage2"))
+        for stage in ("stage1", "stage2"):
+            recs = json.loads((out / f"train_{stage}.json").read_text())
+            marked[share, stage] = [len(r.get("bbox", r.get("points"))) for r in recs]
+    for stage in ("stage1", "stage2"):
+        assert min(marked[0.0, stage]) == 2 and set(marked[1.0, stage]) == {1}
+        ones = marked[0.5, stage].count(1) / len(marked[0.5, stage])
+        assert 0.35 < ones < 0.65 and max(marked[0.5, stage]) >= 3
+    with pytest.raises(ValueError, match="one_marked"):
+        export_world(world, "train", 1, tmp_path / "bad", one_marked=1.5)
+
+
+def test_the_rest_can_mark_every_object_and_a_label_question_asks_one_region(tmp_path):
+    """``multi_marked="all"``: a record marks one object or every object of its scene;
+    ``label_question``: each stage-2 record asks ``What is <Region k>?`` of one marked region, whose
+    label is the answer."""
+    world = World(WORLD, seed=0)
+    export_world(world, "train", 30, tmp_path, one_marked=0.5, multi_marked="all", label_question=1.0,
+                 files=("stage1", "stage2"))
+    recs = json.loads((tmp_path / "train_stage2.json").read_text())
+    for rec in recs:
+        scene = world.scene("train", int(rec["id"].split("-")[0]) - 1)
+        kind = "box" if "bbox" in rec else "point"
+        prompts = rec["bbox" if kind == "box" else "points"]
+        assert len(prompts) in (1, len(scene.objects))
+        asked = [(q["value"].removeprefix("<image>\n"), a["value"])
+                 for q, a in zip(rec["conversations"][::2], rec["conversations"][1::2])
+                 if q["value"].removeprefix("<image>\n").startswith("What is <")]
+        assert len(asked) == 1
+        question, answer = asked[0]
+        n = int(question.split()[-1].rstrip(">?"))
+        if kind == "box":  # the answer is the label of the object in slot n
+            x, y, w, h = prompts[n - 1]
+            obj = next(o for o in scene.objects if o.bbox == (x, y, w, h))
+            assert answer == f"{obj.colour} {obj.kind}"
+    with pytest.raises(ValueError, match="multi_marked"):
+        export_world(world, "train", 1, tmp_path / "bad", one_marked=0.5, multi_marked="most")
 
 
 def test_reading_names_the_file_and_record_of_a_problem(data, tmp_path):
@@ -151,6 +197,30 @@ def test_scores_from_rows_per_kind_and_the_majority_baseline(data):
     hits = sum(t == majority for r in labels if r["kind"] == "box"
                for t in parse_labels(r["conversations"][1]["value"], "box").values())
     assert base["box/labels/accuracy"] == pytest.approx(hits / regions)
+
+
+def test_the_random_object_baseline_is_the_expectation_over_the_scene():
+    """Each region answered by a uniformly random object of its scene: in a scene of a red circle, a
+    second red circle and a blue square a red circle is named right 2/3 of the time, the square 1/3;
+    a one-marked record scores against the same scene; a record with no labels record is an error."""
+
+    class Exact:  # similarity 1 for the same text
+        def similarity(self, preds, truths):
+            return [float(p == t) for p, t in zip(preds, truths)]
+
+    def rec(rid, task, answer):
+        return {"id": rid, "task": task, "kind": "box", "conversations": [{"from": "human", "value": "q"},
+                                                                          {"from": "gpt", "value": answer}]}
+
+    three = "<Region 1>: red circle\n<Region 2>: red circle\n<Region 3>: blue square"
+    records = [rec("1-box-labels", "labels", three), rec("1-box-single-3", "single", "<Region 1>: blue square"),
+               rec("2-box-labels", "labels", "<Region 1>: green triangle\n<Region 2>: blue square")]
+    out = random_object_scores(records, Exact())
+    assert out["box/labels/accuracy"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3 + 1 / 2 + 1 / 2) / 5)
+    assert out["box/labels/semantic_similarity"] == pytest.approx(out["box/labels/accuracy"])
+    assert out["box/single/accuracy"] == pytest.approx(1 / 3) and out["box/single/regions"] == 1
+    with pytest.raises(ValueError, match="no labels record 3-box-labels"):
+        random_object_scores(records + [rec("3-box-single-1", "single", "<Region 1>: red circle")], Exact())
 
 
 def test_predictions_file_round_trip_and_errors(tmp_path):

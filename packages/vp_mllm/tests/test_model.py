@@ -17,6 +17,7 @@ from groundlab.vp_mllm.modeling import (
     align_to_locations,
     load_sam_prompt_encoder,
     random_boxes,
+    region_mean,
     set_trainable,
 )
 from groundlab.vp_mllm.processing import (
@@ -178,6 +179,42 @@ def test_multi_view_layout():
     s = processor.encode(_image(64, 48), [{"from": "human", "value": "What is <Mark 1>?"},
                                           {"from": "gpt", "value": "blue square"}], VisualPrompts("point", [(5, 5)]))
     assert torch.isfinite(model(**VPCollator(processor.tokenizer.pad_token_id)([s])).loss)
+
+
+def test_region_mean_pools_the_patches_of_a_box_or_under_a_point():
+    """A 4 x 4 grid whose token i is i: a box over the top-left 2 x 2 patches averages tokens 0, 1, 4,
+    5; a box too small to hold a patch centre and a point both take the patch under them."""
+    grid = torch.arange(16.0).view(1, 16, 1)
+    coords = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.55, 0.55, 0.6, 0.6]]])
+    torch.testing.assert_close(region_mean(grid, coords, torch.tensor([True]))[0, :, 0], torch.tensor([2.5, 10.0]))
+    points = torch.tensor([[[0.9, 0.1, -1.0, -1.0], [0.3, 0.8, -1.0, -1.0]]])
+    torch.testing.assert_close(region_mean(grid, points, torch.tensor([False]))[0, :, 0], torch.tensor([3.0, 13.0]))
+    with pytest.raises(ValueError, match="square grid"):
+        region_mean(torch.zeros(1, 15, 1), coords, torch.tensor([True]))
+
+
+@pytest.mark.parametrize("views", ["single", "multi"])
+def test_region_content_adds_the_regions_image_tokens_to_its_slot(views):
+    """``region_content``: slot k's token is the encoder's token plus the mean image token of box k
+    (of the global view in the multi-view layout); padded slots get nothing added."""
+    model, processor = tiny_vp_model(views=views, region_content=True)
+    plain, _ = tiny_vp_model(views=views)
+    plain.load_state_dict(model.state_dict())
+    s = processor.encode(_image(), [{"from": "human", "value": "What is <Region 1>?"},
+                                    {"from": "gpt", "value": "red circle"}], VisualPrompts("box", [(0, 0, 32, 32)]))
+    batch = VPCollator(processor.tokenizer.pad_token_id)([s])
+    image = model.image_tokens(batch["pixel_values"])
+    with_content = model.prompt_tokens(batch["vp_coords"], batch["vp_valid"], batch["vp_is_box"], image)
+    without = plain.prompt_tokens(batch["vp_coords"], batch["vp_valid"], batch["vp_is_box"])
+    grid = image[:, 1:65] if views == "multi" else image
+    expected = grid[0].view(8, 8, -1)[:4, :4].reshape(16, -1).mean(0)  # the top-left quarter's 16 patches
+    torch.testing.assert_close(with_content[0, 1] - without[0, 1], expected)
+    torch.testing.assert_close(with_content[0, 2:], without[0, 2:])  # padding slots and end_vp unchanged
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["vp_coords"], batch["vp_valid"],
+                         batch["vp_is_box"])
+    torch.testing.assert_close(embeds[0, batch["input_ids"][0] == model.config.vp_token_index], with_content[0])
+    with pytest.raises(ValueError, match="needs the image's tokens"):
+        model.prompt_tokens(batch["vp_coords"], batch["vp_valid"], batch["vp_is_box"])
 
 
 def test_every_attention_runs_through_the_shared_dispatch():

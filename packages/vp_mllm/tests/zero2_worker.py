@@ -15,8 +15,9 @@ from groundlab.vp_mllm.processing import VPCollator, VPProcessor, add_tokens
 GLOBAL_BATCH = 8
 
 
-def tiny_vp_model(views: str = "single", embed_dim: int = 16):
-    """A tiny random VP-LLaVA (seeded) on a tiny LLaVA, and its processor."""
+def tiny_vp_model(views: str = "single", embed_dim: int = 16, **config):
+    """A tiny random VP-LLaVA (seeded) on a tiny LLaVA, and its processor; ``config``: more
+    :class:`VPMLLMConfig` arguments."""
     seed_everything(0)
     tok = load_tokenizer()
     vlm = TinyVLMConfig(kind="llava", vision_hidden=32, vision_layers=1, vision_ffn=64, text_hidden=32, text_layers=2,
@@ -25,7 +26,7 @@ def tiny_vp_model(views: str = "single", embed_dim: int = 16):
     hf = build_processor(vlm, tok)
     vp_id = add_tokens(tok)
     cfg = VPMLLMConfig(vp_config={"embed_dim": embed_dim}, lmm_config=llava.config.to_dict(), views=views,
-                       vp_token_index=vp_id)
+                       vp_token_index=vp_id, **config)
     model = VPMLLMForConditionalGeneration(cfg)
     model.lmm.load_state_dict(llava.state_dict())
     return model, VPProcessor(tok, hf.image_processor, cfg)

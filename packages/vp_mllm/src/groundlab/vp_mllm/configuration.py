@@ -45,7 +45,7 @@ class VPMLLMConfig(PretrainedConfig):
 
     def __init__(self, vp_config: dict | VisualPromptEncoderConfig | None = None,
                  lmm_config: dict | PretrainedConfig | None = None, views: str = "single",
-                 vp_token_index: int = -1, slot_embeddings: bool = False, **kwargs):
+                 vp_token_index: int = -1, slot_embeddings: bool = False, region_content: bool = False, **kwargs):
         """
         Args:
             vp_config: the visual prompt encoder (:class:`VisualPromptEncoderConfig`).
@@ -55,6 +55,11 @@ class VPMLLMConfig(PretrainedConfig):
                 prompt tokens go (-1: not set yet; :func:`groundlab.vp_mllm.processing.add_tokens` sets it).
             slot_embeddings: add a learned embedding per slot to the K prompt tokens (not in the paper,
                 whose LLM tells its K ordered tokens apart by their order; see the README).
+            region_content: add to each prompt token the mean of the image tokens (as the LLM receives
+                them; the global view's in the multi-view layout) whose patch centre lies in the
+                prompt's box, or of the patch under a point (not in the paper, whose token carries the
+                geometry alone and whose 7-13B LLMs, pre-trained on grounding, go from a location to the
+                image there themselves; the tiny LLM does not: README).
         """
         if views not in VIEWS:
             raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
@@ -65,6 +70,7 @@ class VPMLLMConfig(PretrainedConfig):
             lmm_config = LlavaConfig(**lmm_config)
         self.lmm_config = lmm_config or LlavaConfig()
         self.views, self.vp_token_index, self.slot_embeddings = views, vp_token_index, slot_embeddings
+        self.region_content = region_content
         super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
     @property

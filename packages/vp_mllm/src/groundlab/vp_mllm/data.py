@@ -37,8 +37,10 @@ CAPTION_QUESTION = "Please give a brief description of {ref}."
 OCR_QUESTION = "What is the text in {ref}?"
 ATTRIBUTE_QUESTIONS = {"colour": "What colour is {ref}?", "shape": "What shape is {ref}?", "size": "What size is {ref}?"}
 RELATION_QUESTION = "Is {a} {relation} {b}?"
+LABEL_QUESTION = "What is {ref}?"
 LOCATE_QUESTION = "Please provide the bounding box of {ref}."  # the LLaVA base's grounding prompt
 TASKS = ("labels", "single", "caption", "ocr")
+MULTI_MARKED = ("subset", "all")
 EXPORT_VERSION = 2
 """The world export's layout (part of the data stage's key: a cached export of another version is
 remade). 2: the ``single`` evaluation records."""
@@ -160,11 +162,16 @@ def _record(rid: str, image: str, turns: list[tuple[str, str]], prompts: VisualP
 
 
 def _stage2_turns(scene, order: list, kind: str, rng: np.random.Generator, margin: float,
-                  locate: float = 0.0) -> list[tuple[str, str]]:
+                  locate: float = 0.0, label_question: float = 0.0) -> list[tuple[str, str]]:
     """A few instruction turns about the marked regions (the order of the turns shuffled); with
-    probability ``locate`` one asks for a marked region's box, in the LLaVA base's location tokens."""
+    probability ``locate`` one asks for a marked region's box, in the LLaVA base's location tokens;
+    with probability ``label_question`` one asks for one marked region's label (``What is <Region
+    k>?``)."""
     refs = [reference(kind, i + 1) for i in range(len(order))]
     turns = []
+    if label_question > 0 and rng.random() < label_question:
+        i = int(rng.integers(len(order)))
+        turns.append((LABEL_QUESTION.format(ref=refs[i]), label(order[i])))
     if locate > 0 and rng.random() < locate:
         i = int(rng.integers(len(order)))
         turns.append((LOCATE_QUESTION.format(ref=refs[i]), box_text(order[i], "llava", scene.size)))
@@ -189,15 +196,36 @@ def _stage2_turns(scene, order: list, kind: str, rng: np.random.Generator, margi
     return [turns[int(k)] for k in rng.permutation(len(turns))]
 
 
+def marked_count(n: int, rng: np.random.Generator, one_marked: float | None, rest: str = "subset") -> int:
+    """How many of a training scene's ``n`` objects a record marks: uniform in 1..n; or, with
+    ``one_marked``, 1 with that probability and otherwise uniform in 2..n (``rest="subset"``) or
+    all ``n`` (``rest="all"``)."""
+    if rest not in MULTI_MARKED:
+        raise ValueError(f"rest must be one of {MULTI_MARKED}, got {rest!r}")
+    if one_marked is None or n == 1:
+        return int(rng.integers(1, n + 1))
+    if rng.random() < one_marked:
+        return 1
+    return n if rest == "all" else int(rng.integers(2, n + 1))
+
+
 def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int = 0, locate: float = 0.0,
-                 files: tuple[str, ...] = ("stage1", "stage2", "eval")) -> dict[str, int]:
+                 files: tuple[str, ...] = ("stage1", "stage2", "eval"), one_marked: float | None = None,
+                 label_question: float = 0.0, multi_marked: str = "subset") -> dict[str, int]:
     """Scenes of ``split`` as MDVP files under ``out``: ``<split>_stage1.json`` (labels of every marked
     region), ``<split>_stage2.json`` (instruction turns) and ``<split>_eval.json`` (one record per
     held-out question, with ``task``, ``kind`` and the ``answer``: ``labels`` marks every object,
     ``single`` each object alone, with the same prompt). Each scene gives a box record and a
     point record of each, the regions in a shuffled slot order (seeded); training records mark a random
-    non-empty subset of the objects, evaluation records all of them. ``files``: which of the three to
-    write. Returns record counts."""
+    non-empty subset of the objects (its size uniform; ``one_marked``: that share of the records mark
+    one object, the others two or more, or all of them with ``multi_marked="all"``), evaluation
+    records all of them. ``files``: which of the
+    three to write. ``locate`` / ``label_question``: the stage-2 turns of :func:`_stage2_turns`.
+    Returns record counts."""
+    if one_marked is not None and not 0.0 <= one_marked <= 1.0:
+        raise ValueError(f"one_marked must be in [0, 1], got {one_marked}")
+    if multi_marked not in MULTI_MARKED:
+        raise ValueError(f"multi_marked must be one of {MULTI_MARKED}, got {multi_marked!r}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     margin = world.config.spatial_margin * world.config.image_size
     records = {"stage1": [], "stage2": [], "eval": []}
@@ -210,10 +238,10 @@ def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int =
             rid = f"{scene.image_id}-{kind}"
             answer = labels_answer(kind, [label(o) for o in order])
             for stage in ("stage1", "stage2"):  # training marks a random subset: the scene alone never tells
-                marked = order[: int(rng.integers(1, len(order) + 1))]  # which objects the answer is about
+                marked = order[: marked_count(len(order), rng, one_marked, multi_marked)]  # which objects the answer is about
                 some = prompts_for(marked, kind, rng)
                 turns = ([(LABELS_QUESTION, labels_answer(kind, [label(o) for o in marked]))] if stage == "stage1"
-                         else _stage2_turns(scene, marked, kind, rng, margin, locate))
+                         else _stage2_turns(scene, marked, kind, rng, margin, locate, label_question))
                 records[stage].append(_record(f"{rid}-{stage}", image, turns, some))
             records["eval"].append(_record(f"{rid}-labels", image, [(LABELS_QUESTION, answer)], prompts,
                                          task="labels", kind=kind))

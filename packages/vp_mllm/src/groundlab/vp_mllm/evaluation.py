@@ -94,6 +94,38 @@ def constant_predictions(records: list[dict], answer: str) -> list[dict]:
     return rows
 
 
+def random_object_scores(records: list[dict], embedder=None) -> dict[str, float]:
+    """The expected label scores of naming, for each region, a uniformly random object of its scene
+    (what a model that lists the scene without reading the prompts gets), per prompt kind, for the
+    ``labels`` and ``single`` records of the world export: a scene's objects are those of its
+    ``<scene>-<kind>-labels`` record (every object marked). Keys as :func:`score`'s."""
+    scenes = {r["id"].removesuffix("-labels"): list(parse_labels(r["conversations"][1]["value"], r["kind"]).values())
+              for r in records if r["task"] == "labels"}
+    out: dict[str, float] = {}
+    for kind in sorted({r["kind"] for r in records}):
+        for task in ("labels", "single"):
+            preds, truths, weights = [], [], []
+            for r in records:
+                if r["kind"] != kind or r["task"] != task:
+                    continue
+                stem = r["id"].removesuffix("-labels") if task == "labels" else r["id"].rsplit("-single-", 1)[0]
+                if stem not in scenes:
+                    raise ValueError(f"record {r['id']}: no labels record {stem}-labels lists its scene's objects")
+                for text in parse_labels(r["conversations"][1]["value"], kind).values():
+                    preds += scenes[stem]
+                    truths += [text] * len(scenes[stem])
+                    weights += [1 / len(scenes[stem])] * len(scenes[stem])
+            if not preds:
+                continue
+            n = sum(weights)
+            sims = (embedder or default_embedder()).similarity(preds, truths)
+            out |= {f"{kind}/{task}/accuracy": sum(w * names_label(p, *t.split()) for p, t, w in zip(preds, truths, weights)) / n,
+                    f"{kind}/{task}/semantic_similarity": sum(w * v for v, w in zip(sims, weights)) / n,
+                    f"{kind}/{task}/semantic_iou": sum(w * semantic_iou(p, t) for p, t, w in zip(preds, truths, weights)) / n,
+                    f"{kind}/{task}/regions": round(n)}
+    return out
+
+
 def score(rows: list[dict], embedder=None) -> dict[str, float]:
     """Every figure of the module docstring, per prompt kind, from prediction rows."""
     out: dict[str, float] = {}

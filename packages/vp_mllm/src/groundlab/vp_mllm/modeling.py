@@ -11,7 +11,9 @@ Parameter names follow the release (``pe_layer.positional_encoding_gaussian_matr
 :class:`VPMLLMForConditionalGeneration` wraps any ``LlavaForConditionalGeneration``: the image's
 tokens (one view, or SPHINX-V's five between ``start_img`` / ``end_img``) and the prompt block
 (``start_vp``, K tokens through ``vp_proj`` = Linear + LayerNorm, ``end_vp``) are spliced at their
-placeholders, and the language model runs on the result, padded or packed.
+placeholders, and the language model runs on the result, padded or packed. With
+``config.region_content`` (not in the paper) each prompt token also carries the mean image token of
+its region (:func:`region_mean`).
 """
 
 from __future__ import annotations
@@ -129,6 +131,25 @@ def load_sam_prompt_encoder(encoder: VisualPromptEncoder, checkpoint: str | Path
     return sorted(loaded)
 
 
+def region_mean(grid: torch.Tensor, coords: torch.Tensor, is_box: torch.Tensor) -> torch.Tensor:
+    """(B, G * G, D) raster image tokens of the square image, (B, K, 4) prompt slots in [0, 1] ->
+    (B, K, D): per slot the mean token of the patches whose centre lies in the box; for a point
+    (``[x, y, -1, -1]``), and for a box no patch centre falls in, the patch under the box's centre."""
+    g = math.isqrt(grid.shape[1])
+    if g * g != grid.shape[1]:
+        raise ValueError(f"region content needs a square grid of image tokens, got {grid.shape[1]}")
+    boxes = torch.where(is_box.view(-1, 1, 1), coords, coords[..., :2].repeat(1, 1, 2)).float().clamp(0, 1)
+    centre = (torch.arange(g, dtype=boxes.dtype, device=boxes.device) + 0.5) / g
+    cy, cx = (c.flatten() for c in torch.meshgrid(centre, centre, indexing="ij"))
+    x0, y0, x1, y1 = (v[..., None] for v in boxes.unbind(-1))
+    inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)  # (B, K, G * G)
+    col = ((x0 + x1) / 2 * g).long().clamp(0, g - 1)
+    row = ((y0 + y1) / 2 * g).long().clamp(0, g - 1)
+    under = torch.zeros_like(inside).scatter_(-1, row * g + col, True)
+    weights = torch.where(inside.any(-1, keepdim=True), inside, under).to(grid.dtype)
+    return (weights / weights.sum(-1, keepdim=True)) @ grid
+
+
 def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
     """(n, 4) boxes ``x0 y0 x1 y1`` with uniform corners in [0, 1]."""
     corners = torch.rand(n, 2, 2, generator=generator)
@@ -233,9 +254,25 @@ class VPMLLMForConditionalGeneration(PreTrainedModel):
                                self.end_img.expand(n, -1, -1).to(feats.dtype)], dim=1)
         return feats.reshape(b, -1, feats.shape[-1])
 
-    def prompt_tokens(self, vp_coords: torch.Tensor, vp_valid: torch.Tensor, vp_is_box: torch.Tensor) -> torch.Tensor:
-        """(B, K + 2, D): ``start_vp``, the K projected prompt tokens, ``end_vp``."""
+    def global_grid(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, n_image_tokens, D) -> (B, G * G, D): the patch tokens of the whole square image (the one
+        view, or the multi-view layout's global view without its tags and any CLS token)."""
+        start = 1 if self.config.views == "multi" else 0
+        if self.config.lmm_config.vision_feature_select_strategy == "full":
+            start += 1
+        v = self.config.lmm_config.vision_config
+        return image[:, start:start + (v.image_size // v.patch_size) ** 2]
+
+    def prompt_tokens(self, vp_coords: torch.Tensor, vp_valid: torch.Tensor, vp_is_box: torch.Tensor,
+                      image: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K + 2, D): ``start_vp``, the K projected prompt tokens, ``end_vp``. ``image``: the
+        image's tokens (:meth:`image_tokens`), needed by ``config.region_content``."""
         tokens = self.vp_proj(self.vp_encoder(vp_coords, vp_valid, vp_is_box).to(self.vp_proj[0].weight.dtype))
+        if self.config.region_content:
+            if image is None:
+                raise ValueError("config.region_content needs the image's tokens (prompt_tokens(..., image=))")
+            content = region_mean(self.global_grid(image), vp_coords, vp_is_box) * vp_valid[..., None]
+            tokens = tokens + content.to(tokens.dtype)
         if self.config.slot_embeddings:
             tokens = tokens + self.vp_slots
         b = tokens.shape[0]
@@ -247,11 +284,12 @@ class VPMLLMForConditionalGeneration(PreTrainedModel):
         image_id, vp_id = c.lmm_config.image_token_index, c.vp_token_index
         placeholders = (input_ids == image_id) | (input_ids == vp_id)
         embeds = self.lmm.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
-        embeds = splice_features(embeds, input_ids, self.image_tokens(pixel_values), image_id, "<image>")
+        image = self.image_tokens(pixel_values)
+        embeds = splice_features(embeds, input_ids, image, image_id, "<image>")
         if bool((input_ids == vp_id).any()):
             if vp_coords is None:
                 raise ValueError("input_ids hold <vp> placeholders but no prompts were given (vp_coords)")
-            embeds = splice_features(embeds, input_ids, self.prompt_tokens(vp_coords, vp_valid, vp_is_box),
+            embeds = splice_features(embeds, input_ids, self.prompt_tokens(vp_coords, vp_valid, vp_is_box, image),
                                      vp_id, "<vp>")
         return embeds
 

@@ -34,8 +34,17 @@ from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
 from .configuration import VPMLLMConfig
-from .data import EXPORT_VERSION, TASKS, MDVPDataset, eval_records, export_world, majority_label, read_mdvp
-from .evaluation import constant_predictions, predict, read_predictions, score
+from .data import (
+    EXPORT_VERSION,
+    MULTI_MARKED,
+    TASKS,
+    MDVPDataset,
+    eval_records,
+    export_world,
+    majority_label,
+    read_mdvp,
+)
+from .evaluation import constant_predictions, predict, random_object_scores, read_predictions, score
 from .modeling import (
     VPMLLMForConditionalGeneration,
     align_to_locations,
@@ -65,6 +74,16 @@ class DataConfig:
     locate_prob: float = 0.0
     """The share of stage-2 records with a turn asking for a marked region's box (the LLaVA base's
     grounding prompt and location tokens), the reverse of describing it."""
+    label_question_prob: float = 0.0
+    """The share of stage-2 records with a ``What is <Region k>?`` turn about one marked region (its
+    label): the question that ties ``<Region k>`` to slot k alone, without a list to infer it from."""
+    one_marked_share: float | None = None
+    """The share of training records that mark a single object (the rest mark two or more); None:
+    the number marked is uniform in 1..n (1 for about a third of records on 2-4 objects). A question
+    with one region marked teaches reading a slot's content; with several, which slot (README)."""
+    multi_marked: str = "subset"
+    """With ``one_marked_share``, what the other records mark: ``subset`` (uniform in 2..n objects) or
+    ``all`` (every object, as the held-out labels records do)."""
     stage1_json: str | None = None
     """Real data instead of the world: MDVP-Instruct-Data files and their image root."""
     stage2_json: str | None = None
@@ -75,6 +94,9 @@ class DataConfig:
         positive(self, "train_scenes", "eval_scenes", "image_size", "min_objects", "max_objects")
         within(self, "glyph_prob", 0.0, 1.0)
         within(self, "locate_prob", 0.0, 1.0)
+        within(self, "label_question_prob", 0.0, 1.0)
+        one_of(self, "multi_marked", MULTI_MARKED)
+        within(self, "one_marked_share", 0.0, 1.0)
 
 
 @dataclass
@@ -181,7 +203,9 @@ def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
 
     def export(out: Path) -> None:
         world = World(world_config(cfg), seed=d.world_seed)
-        counts = (export_world(world, "train", d.train_scenes, out, locate=d.locate_prob, files=("stage1", "stage2"))
+        counts = (export_world(world, "train", d.train_scenes, out, locate=d.locate_prob,
+                               files=("stage1", "stage2"), one_marked=d.one_marked_share,
+                               label_question=d.label_question_prob, multi_marked=d.multi_marked)
                   | export_world(world, "val", d.eval_scenes, out, files=("eval",)))
         (out / "counts.json").write_text(json.dumps(counts, indent=2))
 
@@ -263,7 +287,7 @@ def train_stage(recipe: Recipe, cfg: RunConfig, data: Data, start: Path, arm: st
 
     # the trainable set differs (set_trainable); without prompts the prompt side gets no gradient either way
     held = stage == "stage1" and cfg.model.align_locations and use_prompts
-    return recipe.stage(f"{arm}_{stage}", str(start), train_key(tc), asdict(cfg.data), arm,
+    return recipe.stage(f"{arm}_{stage}", start.name, train_key(tc), asdict(cfg.data), arm,
                         *(["aligned prompt side held"] if held else []), build=fit)
 
 
@@ -280,15 +304,18 @@ def evaluate_model(recipe: Recipe, cfg: RunConfig, data: Data, model_dir: Path, 
 
 
 def baselines(recipe: Recipe, cfg: RunConfig, data: Data) -> dict:
-    """The majority label of the training regions, as every region's answer."""
+    """The majority label of the training regions, as every region's answer; on the world's data also
+    a uniformly random object of the region's scene (expected scores)."""
     records = eval_records(json.loads(data.eval.read_text()), ("labels", "single"))
     answer = majority_label(json.loads(data.stage1.read_text()))
     if answer is None or not records:
         logger.info("no majority-label baseline: %s has no region labels or the held-out data no labels task",
                     data.stage1)
         return {}
-    scores = score(constant_predictions(records, answer))
-    return {f"baseline/majority/{k}": v for k, v in scores.items()}
+    out = {f"baseline/majority/{k}": v for k, v in score(constant_predictions(records, answer)).items()}
+    if cfg.data.stage1_json is None:  # the world's records: each scene's objects are its labels record's
+        out |= {f"baseline/random_object/{k}": v for k, v in random_object_scores(records).items()}
+    return out
 
 
 def score_predictions(cfg: RunConfig, path: Path) -> dict[str, float]:
@@ -302,7 +329,8 @@ def print_table(m: dict) -> None:
         return "  -  " if v is None else (f"{100 * v:5.1f}" if pct else f"{v:.3f}")
 
     rows = [("VP-LLaVA (stage 1 + 2)", "vp"), ("no prompt encoder (prompts dropped)", "no_prompts"),
-            ("untrained (start of stage 1)", "untrained"), ("majority label", "baseline/majority")]
+            ("untrained (start of stage 1)", "untrained"), ("majority label", "baseline/majority"),
+            ("a random object of the scene (expected)", "baseline/random_object")]
     print("\n| model | prompts | label acc. | Semantic Sim. | Semantic IoU | label acc., one marked | caption METEOR "
           "| CIDEr | OCR EM |")
     print("|---|---|---|---|---|---|---|---|---|")
