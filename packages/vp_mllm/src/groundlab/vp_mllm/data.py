@@ -219,9 +219,8 @@ def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int =
     point record of each, the regions in a shuffled slot order (seeded); training records mark a random
     non-empty subset of the objects (its size uniform; ``one_marked``: that share of the records mark
     one object, the others two or more, or all of them with ``multi_marked="all"``), evaluation
-    records all of them. ``files``: which of the
-    three to write. ``locate`` / ``label_question``: the stage-2 turns of :func:`_stage2_turns`.
-    Returns record counts."""
+    records all of them. ``files``: which of the three to write. ``locate`` / ``label_question``: the
+    stage-2 turns of :func:`_stage2_turns`. Returns record counts."""
     if one_marked is not None and not 0.0 <= one_marked <= 1.0:
         raise ValueError(f"one_marked must be in [0, 1], got {one_marked}")
     if multi_marked not in MULTI_MARKED:
