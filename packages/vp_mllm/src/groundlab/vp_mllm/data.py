@@ -199,9 +199,7 @@ def _stage2_turns(scene, order: list, kind: str, rng: np.random.Generator, margi
 def marked_count(n: int, rng: np.random.Generator, one_marked: float | None, rest: str = "subset") -> int:
     """How many of a training scene's ``n`` objects a record marks: uniform in 1..n; or, with
     ``one_marked``, 1 with that probability and otherwise uniform in 2..n (``rest="subset"``) or
-    all ``n`` (``rest="all"``)."""
-    if rest not in MULTI_MARKED:
-        raise ValueError(f"rest must be one of {MULTI_MARKED}, got {rest!r}")
+    all ``n`` (``rest="all"``; :func:`export_world` checks both arguments)."""
     if one_marked is None or n == 1:
         return int(rng.integers(1, n + 1))
     if rng.random() < one_marked:
