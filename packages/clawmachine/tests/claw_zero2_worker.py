@@ -19,8 +19,9 @@ SAM = dict(img_size=64, patch_size=4, embed_dim=32, depth=1, num_heads=2, window
            out_chans=32)
 
 
-def tiny_claw_model(hybrid: bool = False, codebook_size: int = 64, hybrid_mode: str = "replace"):
-    """A tiny random ClawMachine (seeded) over the world tokenizer, and its processor."""
+def tiny_claw_model(codebook_size: int = 64, **config):
+    """A tiny random ClawMachine (seeded) over the world tokenizer, and its processor; ``config``:
+    :class:`ClawMachineConfig` options (``hybrid``, ``scene_positions``, ...)."""
     seed_everything(0)
     tok = load_tokenizer()
     start, end, offset = add_tokens(tok)
@@ -30,10 +31,18 @@ def tiny_claw_model(hybrid: bool = False, codebook_size: int = 64, hybrid_mode: 
                        num_key_value_heads=2, vocab_size=offset + codebook_size, max_position_embeddings=1024,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = ClawMachineConfig(tokenizer_config=visual, text_config=text, image_start_token_id=start,
-                            image_end_token_id=end, code_offset=offset, hybrid=hybrid,
-                            hybrid_mode=hybrid_mode)
+                            image_end_token_id=end, code_offset=offset, **config)
     model = ClawMachineForCausalLM(cfg)
     return model, ClawProcessor(tok, cfg)
+
+
+def discrete_twin(model):
+    """The plain discrete model with ``model``'s LLM and tokenizer (what it computes without the
+    scene's extra inputs), and its processor."""
+    twin, processor = tiny_claw_model()
+    twin.load_state_dict({k: v for k, v in model.state_dict().items()
+                          if k.startswith(("language_model.", "visual_tokenizer."))})
+    return twin, processor
 
 
 def tokens_for(model, root, samples) -> dict:

@@ -84,6 +84,19 @@ def test_pipeline_end_to_end_on_a_micro_config_then_ground_and_refer(tmp_path, m
     cli.main(args)
     again = json.loads(path.read_text())
     assert not any(k.startswith("time/") and k != "time/total_s" for k in again)  # every stage reused
+    linked = path.parent.parent / "linked"  # another run with this one's stages linked in reuses them
+    linked.mkdir()
+    for stage in path.parent.iterdir():
+        if stage.is_dir():
+            (linked / stage.name).symlink_to(stage)
+    cli.main([*args, "--name", "linked"])
+    reused = json.loads((linked / "metrics.json").read_text())
+    assert not any(k.startswith("time/") and k != "time/total_s" for k in reused)
+    assert reused["clawmachine/rec/acc50"] == again["clawmachine/rec/acc50"]
+    cli.main([*args, "--name", "linked", "--data.rec_shortest", "0.5"])  # other conversations, the same images
+    redone = json.loads((linked / "metrics.json").read_text())
+    assert {"time/data_s", "time/stage1_s", "time/stage2_s"} <= redone.keys()
+    assert not {"time/tokenizer_s", "time/tokens_s", "time/start_s"} & redone.keys()
     scene = World(WorldConfig(), seed=0).scene("test", 0)
     Image.fromarray(scene.image).save(tmp_path / "scene.png")
     capsys.readouterr()

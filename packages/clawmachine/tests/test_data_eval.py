@@ -16,7 +16,7 @@ from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import Refer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from claw_zero2_worker import tiny_claw_model, tokens_for  # noqa: E402
+from claw_zero2_worker import discrete_twin, tiny_claw_model, tokens_for  # noqa: E402
 
 WORLD = WorldConfig()
 
@@ -53,6 +53,38 @@ def test_the_world_exports_in_the_release_format(data):
     evals = read_samples(out / "val_eval.json", out)
     assert {r["task"] for r in evals} == {"reg", "yesno"}
     assert all(r["conversations"][0]["value"].endswith(REFERRING) for r in evals if r["task"] == "reg")
+
+
+def test_same_kind_repeat_adds_attribute_grounding_of_kind_shared_objects(data, tmp_path):
+    out, _ = data
+    world = World(WORLD, seed=0)
+    counts = export_world(world, "train", 16, tmp_path, same_kind_repeat=3)
+    plain = json.loads((out / "train_stage2.json").read_text())
+    records = json.loads((tmp_path / "train_stage2.json").read_text())
+    assert [r for r in records if r["id"].endswith("-conv")] == plain  # the conversations as before
+    extra = [r for r in records if not r["id"].endswith("-conv")]
+    scenes = {s.image_id: s for s in world.scenes("train", 16)}
+
+    def told_by_look(scene):  # objects of a shared kind with an attribute expression
+        return [o for o in scene.objects if sum(p.kind == o.kind for p in scene.objects) > 1
+                and any(r.type == "attribute" for r in scene.refs_for(o.id))]
+
+    shared = [i for i, s in scenes.items() if told_by_look(s)]
+    assert shared and len(extra) == 2 * len(shared) and counts["train_stage2"] == 16 + len(extra)
+    for rec in extra:
+        scene = scenes[int(rec["id"].split("-")[0])]
+        questions = [t["value"].removeprefix("<image>\n") for t in rec["conversations"][::2]]
+        assert all(t["value"] == REGION_MARKER for t in rec["conversations"][1::2])
+        objects = told_by_look(scene)
+        assert len(questions) == len(rec["ref_list"]) == len(objects)
+        for question, region in zip(questions, rec["ref_list"]):
+            ref = next(r for r in scene.refs if f"Where is {r.text}?" == question)
+            obj = scene.objects[ref.target]
+            assert ref.type == "attribute" and obj in objects
+            x, y, w, h = obj.bbox
+            assert np.allclose(region[0], [x / 64, y / 64, (x + w) / 64, (y + h) / 64], atol=1e-6)
+    with pytest.raises(ValueError, match="same_kind_repeat must be >= 1"):
+        export_world(world, "train", 2, tmp_path, same_kind_repeat=0)
 
 
 def _write(tmp_path, samples):
@@ -109,11 +141,18 @@ def test_scores_from_a_predictions_file(tmp_path):
         read_predictions(path)
 
 
-def test_evaluation_is_the_same_in_batches_of_one(data):
+@pytest.mark.parametrize("config", [{}, {"hybrid": True, "hybrid_mode": "add"}, {"scene_positions": True}])
+def test_evaluation_is_the_same_in_batches_of_one(data, config):
+    """Also where the scene takes features or cells: they reach the model in evaluation (left-padded
+    batches) where they did in training."""
     from groundlab.clawmachine.evaluation import predict, record_items
 
     out, _ = data
-    model, processor = tiny_claw_model()
+    model, processor = tiny_claw_model(**config)
+    with torch.no_grad():  # the extra inputs start at zero; make them count
+        for name, p in model.named_parameters():
+            if name.startswith(("mm_projector.2", "scene_")):
+                torch.nn.init.normal_(p, std=0.5)
     records = read_samples(out / "val_eval.json", out)
     items = rec_items(Refer(out / "refer", out / "images"), "val", out)[:3]
     items += record_items(records, {r["image"]: (64, 64) for r in records})[:3]
@@ -121,6 +160,10 @@ def test_evaluation_is_the_same_in_batches_of_one(data):
     rows = [read_predictions(predict(model, processor, items, tokens, out / f"p{b}.jsonl", batch_size=b,
                                      max_new_tokens=6)) for b in (1, 3)]
     assert rows[0] == rows[1]
+    if config:  # the scene's inputs change what is generated
+        plain = read_predictions(predict(*discrete_twin(model), items, tokens, out / "plain.jsonl",
+                                         batch_size=3, max_new_tokens=6))
+        assert plain != rows[0]
 
 
 @pytest.mark.slow

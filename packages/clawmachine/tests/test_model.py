@@ -39,7 +39,7 @@ from groundlab.shared.testing import attention_outside_the_shared_dispatch
 from groundlab.shared.world import World, WorldConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from claw_zero2_worker import SAM, tiny_claw_model  # noqa: E402
+from claw_zero2_worker import SAM, discrete_twin, tiny_claw_model  # noqa: E402
 
 
 def _images(n=2, seed=0):
@@ -306,14 +306,23 @@ def _samples(model, processor):
     out = []
     for im, conv in zip(images, convs):
         enc = processor.encode(conv, im, [[[0.1, 0.1, 0.5, 0.6]]])
-        out.append({"input_ids": enc.input_ids, "labels": enc.labels, "scene": enc.scene, "scene_features": im.features})
+        out.append({"input_ids": enc.input_ids, "labels": enc.labels, **processor.scene_inputs(enc, im)})
     return out
 
 
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients():
-    model, processor = tiny_claw_model()
+def _ids_only(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+@pytest.mark.parametrize("config", [{}, {"scene_positions": True}])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(config):
+    model, processor = tiny_claw_model(**config)
     set_trainable(model, "stage2")
-    samples = [{k: s[k] for k in ("input_ids", "labels")} for s in _samples(model, processor)]
+    if config:
+        with torch.no_grad():
+            torch.nn.init.normal_(model.scene_rows.weight, std=0.1)
+            torch.nn.init.normal_(model.scene_cols.weight, std=0.1)
+    samples = _samples(model, processor)
     results = []
     for packed in (False, True):
         model.zero_grad()
@@ -333,8 +342,10 @@ def test_the_hybrid_path_puts_the_scenes_features_in_place_of_its_codes():
     batch = ClawCollator(processor.tokenizer.pad_token_id)(samples)
     assert int(batch["scene_mask"].sum()) == len(batch["scene_features"]) == sum(s["scene"][1] for s in samples)
     hybrid = model(**batch).loss
-    discrete = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    discrete = discrete_twin(model)[0](**_ids_only(batch)).loss
     assert torch.isfinite(hybrid) and not torch.isclose(hybrid, discrete)
+    with pytest.raises(ValueError, match="scene needs scene_mask and its scene_features"):
+        model(**_ids_only(batch))  # evaluated without its features, it would be another model
     left = ClawCollator(processor.tokenizer.pad_token_id, padding_side="left")(samples)
     assert torch.equal(left["input_ids"][left["scene_mask"]], batch["input_ids"][batch["scene_mask"]])
     plain, _ = tiny_claw_model()
@@ -345,9 +356,9 @@ def test_the_hybrid_path_puts_the_scenes_features_in_place_of_its_codes():
 def test_the_added_hybrid_path_keeps_the_codes_under_the_features():
     model, processor = tiny_claw_model(hybrid=True, hybrid_mode="add")
     batch = ClawCollator(processor.tokenizer.pad_token_id)(_samples(model, processor))
-    discrete = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    twin, discrete = discrete_twin(model)[0], _ids_only(batch)
     # the projector's last layer starts at zero: the model starts as the discrete one
-    torch.testing.assert_close(model(**batch).loss, model(**discrete).loss)
+    torch.testing.assert_close(model(**batch).loss, twin(**discrete).loss)
     with torch.no_grad():
         torch.nn.init.normal_(model.mm_projector[2].weight, std=0.1)
     ids = batch["input_ids"]
@@ -357,9 +368,36 @@ def test_the_added_hybrid_path_keeps_the_codes_under_the_features():
     assert projected.abs().max() > 0.01
     torch.testing.assert_close(embeds[batch["scene_mask"]], codes[batch["scene_mask"]] + projected)
     torch.testing.assert_close(embeds[~batch["scene_mask"]], codes[~batch["scene_mask"]])
-    assert not torch.isclose(model(**batch).loss, model(**discrete).loss)
+    assert not torch.isclose(model(**batch).loss, twin(**discrete).loss)
     with pytest.raises(ValueError, match="hybrid_mode"):
         ClawMachineConfig(hybrid=True, hybrid_mode="concat")
+
+
+def test_scene_positions_add_each_codes_row_and_column_and_start_as_the_discrete_model():
+    model, processor = tiny_claw_model(scene_positions=True)
+    samples = _samples(model, processor)
+    batch = ClawCollator(processor.tokenizer.pad_token_id)(samples)
+    assert "scene_features" not in batch and int(batch["scene_mask"].sum()) == len(batch["scene_cells"])
+    assert torch.equal(batch["scene_cells"], torch.cat([torch.as_tensor(s["scene_cells"]) for s in samples]))
+    twin, _ = discrete_twin(model)
+    torch.testing.assert_close(model(**batch).loss, twin(**_ids_only(batch)).loss)  # zero at the start
+    with torch.no_grad():
+        torch.nn.init.normal_(model.scene_rows.weight, std=0.1)
+        torch.nn.init.normal_(model.scene_cols.weight, std=0.1)
+    ids, mask, cells, g = batch["input_ids"], batch["scene_mask"], batch["scene_cells"], model.config.grid
+    codes = model.language_model.get_input_embeddings()(ids)
+    embeds = model.embed(ids, None, mask, cells)
+    torch.testing.assert_close(embeds[mask], codes[mask] + model.scene_rows.weight[cells // g]
+                               + model.scene_cols.weight[cells % g])
+    torch.testing.assert_close(embeds[~mask], codes[~mask])  # the regions and the text stay plain
+    assert not torch.isclose(model(**batch).loss, twin(**_ids_only(batch)).loss)
+    assert {"scene_rows.weight", "scene_cols.weight"} <= set(set_trainable(model, "stage2"))
+    with pytest.raises(ValueError, match="scene needs scene_mask and its scene_cells"):
+        model(**_ids_only(batch))
+    with pytest.raises(ValueError, match="scene_mask marks"):
+        model.embed(ids, None, mask, cells[:-1])
+    with pytest.raises(ValueError, match="scene_positions=True"):
+        twin(**batch)
 
 
 # ----------------------------------------------------------------------------------------------

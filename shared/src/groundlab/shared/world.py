@@ -314,6 +314,29 @@ def referring_expressions(objects: list[ShapeObject], margin: float) -> list[Ref
     return refs
 
 
+def shares_kind(scene: Scene, obj: ShapeObject) -> bool:
+    """Whether another object of ``scene`` has ``obj``'s kind (naming the kind alone is then ambiguous)."""
+    return sum(o.kind == obj.kind for o in scene.objects) > 1
+
+
+def draw_expression(scene: Scene, oid: int, rng: np.random.Generator, contrast: float = 0.0,
+                    shortest: float = 0.0, first: bool = False) -> Ref:
+    """A referring expression of object ``oid`` for a training turn: uniform over its expressions, or
+    (with probability ``contrast``) over its attribute expressions when another object of the scene
+    has its kind (each names the colour or size that tells the two apart); an object's ``first`` turn
+    asks for its shortest one (what a held-out item asks) with probability ``shortest``. At
+    ``contrast == shortest == 0`` it makes the one uniform draw, so exports made before are unchanged.
+    Why both: uniform draws need the colour or size about one draw in ten, and give ``the <kind>``
+    about one in ten; models trained on them missed exactly those held-out items (the LLaVA base's
+    REC, README)."""
+    refs = scene.refs_for(oid)
+    if first and shortest > 0 and rng.random() < shortest:
+        return refs[0]
+    if contrast > 0 and shares_kind(scene, scene.objects[oid]) and rng.random() < contrast:
+        refs = [r for r in refs if r.type == "attribute"] or refs
+    return refs[int(rng.integers(len(refs)))]
+
+
 # ----------------------------------------------------------------------------------------------
 # captions and questions
 

@@ -115,7 +115,7 @@ class ClawMachineConfig(PretrainedConfig):
     def __init__(self, tokenizer_config: dict | VisualTokenizerConfig | None = None,
                  text_config: dict | PretrainedConfig | None = None, image_start_token_id: int = -1,
                  image_end_token_id: int = -1, code_offset: int = -1, hybrid: bool = False,
-                 hybrid_mode: str = "replace", **kwargs):
+                 hybrid_mode: str = "replace", scene_positions: bool = False, **kwargs):
         """
         Args:
             tokenizer_config: the visual tokenizer (:class:`VisualTokenizerConfig`).
@@ -126,6 +126,10 @@ class ClawMachineConfig(PretrainedConfig):
                 through a 2-layer GELU projector); regions stay discrete (off in the release).
             hybrid_mode: how the features enter the scene's span: ``replace`` its code embeddings, or
                 ``add`` to them (the codes stay visible to the LLM, which must copy them when grounding).
+            scene_positions: each code of the scene's span also carries its cell's row and column
+                (learned embeddings added to its code embedding, zero at the start); off in the
+                release, whose LLM sees the scene as a plain 1-D sequence. Regions stay plain codes:
+                a generated code's cell is only known once it is decoded.
         The three ids are -1 until :func:`groundlab.clawmachine.processing.add_tokens` sets them.
         """
         if isinstance(tokenizer_config, dict):
@@ -143,6 +147,7 @@ class ClawMachineConfig(PretrainedConfig):
         if hybrid_mode not in HYBRID_MODES:
             raise ValueError(f"hybrid_mode must be one of {HYBRID_MODES}, got {hybrid_mode!r}")
         self.hybrid_mode = hybrid_mode
+        self.scene_positions = scene_positions
         if code_offset >= 0 and code_offset + self.codebook_size > self.text_config.vocab_size:
             raise ValueError(f"the LLM's vocabulary ({self.text_config.vocab_size}) cannot hold "
                              f"{self.codebook_size} codes from id {code_offset}")
@@ -159,6 +164,11 @@ class ClawMachineConfig(PretrainedConfig):
     @property
     def hidden_size(self) -> int:
         return self.text_config.hidden_size
+
+    @property
+    def scene_inputs(self) -> bool:
+        """Whether the model takes more than ids for the scene's span (features, cells or both)."""
+        return self.hybrid or self.scene_positions
 
     def is_code(self, token_id: int) -> bool:
         return self.code_offset <= token_id < self.code_offset + self.codebook_size

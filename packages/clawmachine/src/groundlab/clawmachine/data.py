@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from groundlab.shared.config import read_json
-from groundlab.shared.world import World
+from groundlab.shared.world import World, draw_expression, shares_kind
 from groundlab.shared.world_io import save_image, write_refer
 
 from .processing import IMAGE_MARKER, REGION_MARKER, ClawProcessor, check_region
@@ -98,11 +98,12 @@ def load_tokens(path: str | Path) -> dict[str, TokenizedImage]:
 
 class ClawDataset(Dataset):
     """Samples -> ``input_ids`` / ``labels`` over the images' cached tokens (the tokenizer is frozen
-    and deterministic, so each image is tokenized once). ``hybrid``: also the scene's features."""
+    and deterministic, so each image is tokenized once), with the scene's inputs the model takes
+    (:meth:`ClawProcessor.scene_inputs`)."""
 
     def __init__(self, samples: list[dict], tokens: dict[str, TokenizedImage], processor: ClawProcessor,
-                 source: str = "samples", hybrid: bool = False):
-        self.samples, self.tokens, self.processor, self.source, self.hybrid = samples, tokens, processor, source, hybrid
+                 source: str = "samples"):
+        self.samples, self.tokens, self.processor, self.source = samples, tokens, processor, source
         missing = sorted({s["image"] for s in samples if "image" in s} - set(tokens))
         if missing:
             raise ValueError(f"{source}: {len(missing)} images were never tokenized, e.g. {missing[0]}")
@@ -113,12 +114,9 @@ class ClawDataset(Dataset):
     def __getitem__(self, idx: int) -> dict:
         rec = self.samples[idx]
         image = self.tokens.get(rec.get("image"))
-        enc = self.processor.encode(rec["conversations"], image, rec.get("ref_list", []), f"{self.source}: sample {idx}")
-        out = {"input_ids": enc.input_ids, "labels": enc.labels}
-        if self.hybrid:
-            out["scene"] = enc.scene
-            out["scene_features"] = image.features if enc.scene is not None else None
-        return out
+        where = f"{self.source}: sample {idx}"
+        enc = self.processor.encode(rec["conversations"], image, rec.get("ref_list", []), where)
+        return {"input_ids": enc.input_ids, "labels": enc.labels, **self.processor.scene_inputs(enc, image, where)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,26 +151,50 @@ def yes_no_turns(scene, world: World, rng: np.random.Generator) -> list[tuple[st
     return [(YES_NO.format(colour=yes[0], kind=yes[1]), "yes", []), (YES_NO.format(colour=no[0], kind=no[1]), "no", [])]
 
 
-def stage2_turns(scene, world: World, rng: np.random.Generator) -> list[tuple[str, str, list]]:
+def stage2_turns(scene, world: World, rng: np.random.Generator, rec_contrast: float = 0.0,
+                 rec_shortest: float = 0.0) -> list[tuple[str, str, list]]:
     """Grounding and referring turns for every object that has an expression, and the yes / no pair,
-    in a shuffled order."""
+    in a shuffled order. The grounding turn's expression:
+    :func:`groundlab.shared.world.draw_expression` (uniform unless ``rec_contrast`` / ``rec_shortest``)."""
     turns = []
     for obj in scene.objects:
         refs = scene.refs_for(obj.id)
         if not refs:
             continue
         region = [normalised_box(obj, scene.size)]
-        expression = refs[int(rng.integers(len(refs)))].text
+        expression = draw_expression(scene, obj.id, rng, rec_contrast, rec_shortest, first=True).text
         turns.append((GROUNDING.format(expression=expression), REGION_MARKER, [region]))
         turns.append((REFERRING, refs[0].text, [region]))
     turns += yes_no_turns(scene, world, rng)
     return [turns[int(k)] for k in rng.permutation(len(turns))]
 
 
-def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int = 0) -> dict[str, int]:
+def same_kind_turns(scene, rng: np.random.Generator) -> list[tuple[str, str, list]]:
+    """A grounding turn for every object whose kind another object of the scene shares, each with
+    one of its attribute expressions drawn at random (``the red circle``, ``the small circle``: the
+    object told apart by what it looks like, not by where it is); none when no object shares a kind."""
+    turns = []
+    for obj in scene.objects:
+        refs = [r for r in scene.refs_for(obj.id) if r.type == "attribute"]
+        if refs and shares_kind(scene, obj):
+            expression = refs[int(rng.integers(len(refs)))].text
+            turns.append((GROUNDING.format(expression=expression), REGION_MARKER, [[normalised_box(obj, scene.size)]]))
+    return [turns[int(k)] for k in rng.permutation(len(turns))]
+
+
+def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int = 0, same_kind_repeat: int = 1,
+                 rec_contrast: float = 0.0, rec_shortest: float = 0.0) -> dict[str, int]:
     """Scenes of ``split`` under ``out``: ``images/``; for training, ``<split>_stage1.json`` (grounded
-    captions) and ``<split>_stage2.json`` (conversations); for held-out splits, the REFER layout under
-    ``refer/`` and ``<split>_eval.json`` (``reg`` and ``yesno`` records). Returns counts."""
+    captions) and ``<split>_stage2.json`` (conversations, :func:`stage2_turns` with ``rec_contrast`` /
+    ``rec_shortest``; ``same_kind_repeat`` N > 1 adds N - 1 conversations of :func:`same_kind_turns` a
+    scene that has such objects); for held-out splits, the
+    REFER layout under ``refer/`` and ``<split>_eval.json`` (``reg`` and ``yesno`` records). Returns
+    counts."""
+    if same_kind_repeat < 1:
+        raise ValueError(f"same_kind_repeat must be >= 1, got {same_kind_repeat}")
+    for name, p in (("rec_contrast", rec_contrast), ("rec_shortest", rec_shortest)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} is a probability in [0, 1], got {p}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     scenes = world.scenes(split, n_scenes)
     files: dict[str, list[dict]] = {}
@@ -184,7 +206,12 @@ def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int =
             files.setdefault("stage1", []).append(_turns_record(f"{scene.image_id}-caption", image,
                                                                 [(GROUNDED_CAPTION, caption, regions)]))
             files.setdefault("stage2", []).append(_turns_record(f"{scene.image_id}-conv", image,
-                                                                stage2_turns(scene, world, rng)))
+                                                                stage2_turns(scene, world, rng, rec_contrast,
+                                                                             rec_shortest)))
+            for k in range(1, same_kind_repeat):
+                turns = same_kind_turns(scene, rng)
+                if turns:
+                    files["stage2"].append(_turns_record(f"{scene.image_id}-kind{k}", image, turns))
             continue
         for obj in scene.objects:
             refs = scene.refs_for(obj.id)

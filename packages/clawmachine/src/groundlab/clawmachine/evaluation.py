@@ -96,10 +96,11 @@ def predict(model, processor: ClawProcessor, items: list[Item], tokens: dict[str
     for start in range(0, len(mine), batch_size):
         chunk = [items[i] for i in mine[start:start + batch_size]]
         images = [tokens[it.image] for it in chunk]
-        batch = collate([{"input_ids": processor.prompt(it.question, im, it.ref_list, where=it.id)}
+        batch = collate([processor.prompt_inputs(it.question, im, it.ref_list, where=it.id)
                          for it, im in zip(chunk, images)])
-        gen = model.generate(batch["input_ids"], batch["attention_mask"], images, max_new_tokens=max_new_tokens,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, constrained=constrained)
+        gen = model.generate(batch.pop("input_ids"), batch.pop("attention_mask"), images, max_new_tokens=max_new_tokens,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, constrained=constrained,
+                             **batch)
         for it, im, ids in zip(chunk, images, gen.tolist()):
             text, regions = processor.split_answer(ids)
             row = {"id": it.id, "task": it.task, "question": it.question, "prediction": text,

@@ -73,10 +73,10 @@ class ClawAssistant:
         tokenized = self.model.tokenize(pad_to_square(image).to(device))[0]
         tok = self.processor.tokenizer
         batch = ClawCollator(tok.pad_token_id, padding_side="left")(
-            [{"input_ids": self.processor.prompt(question, tokenized, ref_list)}])
-        ids = self.model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), [tokenized],
+            [self.processor.prompt_inputs(question, tokenized, ref_list)])
+        ids = self.model.generate(batch.pop("input_ids"), batch.pop("attention_mask"), [tokenized],
                                   max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)[0].tolist()
+                                  pad_token_id=tok.pad_token_id, **batch)[0].tolist()
         return tokenized, *self.processor.split_answer(ids)
 
     def ground(self, image, expression: str) -> tuple[tuple[float, float, float, float] | None, str]:

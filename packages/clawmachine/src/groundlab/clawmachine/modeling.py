@@ -5,8 +5,10 @@ embedding table (``code_offset + code``), so a region can be read (its ids in a 
 (its ids generated as an answer) like text. ``tokenize(pixel_values)`` runs the tokenizer
 (:class:`groundlab.clawmachine.visual_tokenizer.DynamicVisualTokenizer`); the processor lays the ids
 out (:mod:`groundlab.clawmachine.processing`). With ``config.hybrid`` the scene's span carries the kept
-tokens' merged features through a 2-layer GELU projector instead of its code embeddings (regions stay
-discrete), so ``forward`` then also takes ``scene_features`` and the positions they fill.
+tokens' merged features through a 2-layer GELU projector instead of (or added to) its code embeddings
+(regions stay discrete), and with ``config.scene_positions`` each scene code also carries its cell's row
+and column embeddings; ``forward`` and ``generate`` then also take the scene's inputs and the
+positions they fill (``ClawProcessor.scene_inputs``, gathered by ``ClawCollator``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class ClawMachineForCausalLM(PreTrainedModel):
             if config.hybrid_mode == "add":  # starts as the discrete model: the features enter as they are learned
                 nn.init.zeros_(self.mm_projector[2].weight)
                 nn.init.zeros_(self.mm_projector[2].bias)
+        if config.scene_positions:  # zero at the start: the model starts as the plain discrete one
+            self.scene_rows = nn.Embedding(config.grid, config.hidden_size)
+            self.scene_cols = nn.Embedding(config.grid, config.hidden_size)
+            nn.init.zeros_(self.scene_rows.weight)
+            nn.init.zeros_(self.scene_cols.weight)
         self.post_init()
 
     def _init_weights(self, module):  # the parts initialise themselves (and load pretrained weights)
@@ -56,29 +63,45 @@ class ClawMachineForCausalLM(PreTrainedModel):
                                               sample=not self.config.tokenizer_config.deterministic)
 
     def embed(self, input_ids: torch.Tensor, scene_features: torch.Tensor | None = None,
-              scene_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The LM's input embeddings; in the hybrid layout ``scene_features`` (n, width), projected, take
-        the place of (``hybrid_mode`` ``replace``) or are added to (``add``) the embeddings at the
-        positions of ``scene_mask`` (B, T), in order."""
+              scene_mask: torch.Tensor | None = None, scene_cells: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM's input embeddings. ``scene_mask`` (B, T) marks the scene's codes, in order. There, in
+        the hybrid layout, ``scene_features`` (n, width), projected, take the place of (``hybrid_mode``
+        ``replace``) or are added to (``add``) the code embeddings; with ``scene_positions`` each code
+        also gets the row and column embeddings of its cell, ``scene_cells`` (n,) raster indices."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        if scene_features is None:
+        needs = {"scene_features": ("hybrid", self.config.hybrid, scene_features),
+                 "scene_cells": ("scene_positions", self.config.scene_positions, scene_cells)}
+        for name, (flag, needed, value) in needs.items():
+            if value is not None and not needed:
+                raise ValueError(f"{name} given to a model built without {flag}=True")
+        if scene_mask is None:
+            if self.config.scene_inputs and bool((input_ids == self.config.image_start_token_id).any()):
+                raise ValueError("this model's scene needs scene_mask and its "
+                                 f"{' and '.join(n for n, (_, needed, _) in needs.items() if needed)} "
+                                 "(ClawProcessor.scene_inputs gives them)")
             return embeds
-        if not self.config.hybrid:
-            raise ValueError("scene_features given to a model built without hybrid=True")
-        if scene_mask is None or int(scene_mask.sum()) != len(scene_features):
-            raise ValueError(f"scene_mask marks {0 if scene_mask is None else int(scene_mask.sum())} positions for "
-                             f"{len(scene_features)} scene features")
+        n = int(scene_mask.sum())
+        for name, (_, needed, value) in needs.items():
+            if needed and (value is None or len(value) != n):
+                raise ValueError(f"scene_mask marks {n} positions for {0 if value is None else len(value)} {name}")
         embeds = embeds.clone()
-        projected = self.mm_projector(scene_features.to(embeds.dtype))
-        embeds[scene_mask] = projected + embeds[scene_mask] if self.config.hybrid_mode == "add" else projected
+        scene = embeds[scene_mask]
+        if self.config.hybrid:
+            projected = self.mm_projector(scene_features.to(embeds.dtype))
+            scene = projected + scene if self.config.hybrid_mode == "add" else projected
+        if self.config.scene_positions:
+            cells = scene_cells.to(embeds.device).long()
+            scene = scene + self.scene_rows(cells // self.config.grid) + self.scene_cols(cells % self.config.grid)
+        embeds[scene_mask] = scene.to(embeds.dtype)
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, scene_features: torch.Tensor | None = None,
-                scene_mask: torch.Tensor | None = None, packed: bool = False, **kwargs) -> CausalLMOutputWithPast:
+                scene_mask: torch.Tensor | None = None, scene_cells: torch.Tensor | None = None,
+                packed: bool = False, **kwargs) -> CausalLMOutputWithPast:
         """The causal LM loss over ``labels``. ``packed``: the LM runs on the batch's real tokens laid
         end to end in one padding-free row (same loss and gradients)."""
-        embeds = self.embed(input_ids, scene_features, scene_mask)
+        embeds = self.embed(input_ids, scene_features, scene_mask, scene_cells)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return causal_lm_forward(self.language_model, embeds, attention_mask, labels, packed, **kwargs)
@@ -95,21 +118,22 @@ class ClawMachineForCausalLM(PreTrainedModel):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: list[TokenizedImage | None],
                  max_new_tokens: int = 64, eos_token_id: int | None = None, pad_token_id: int | None = None,
                  constrained: bool = True, scene_features: torch.Tensor | None = None,
-                 scene_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 scene_mask: torch.Tensor | None = None, scene_cells: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy answers (B, new tokens) for a left-padded batch of prompts. ``constrained``: inside
-        ``[IMG] ... [/IMG]`` only the codes of the sample's own image (see ``RegionConstraint``)."""
+        ``[IMG] ... [/IMG]`` only the codes of the sample's own image (see ``RegionConstraint``). The
+        scene's inputs as :meth:`embed` takes them (what :class:`ClawCollator` gives)."""
         # the inputs may be made on the CPU while the model sits on a GPU
-        input_ids, attention_mask, scene_features, scene_mask = to_device(
-            (input_ids, attention_mask, scene_features, scene_mask), self.device)
+        input_ids, attention_mask, scene_features, scene_mask, scene_cells = to_device(
+            (input_ids, attention_mask, scene_features, scene_mask, scene_cells), self.device)
         common = dict(attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         # with inputs_embeds, HF hands the processors the new tokens only
-        prompt_length = 0 if scene_features is not None else input_ids.shape[1]
+        embeds = self.embed(input_ids, scene_features, scene_mask, scene_cells)  # checks what the scene needs
+        prompt_length = 0 if scene_mask is not None else input_ids.shape[1]
         processors = LogitsProcessorList()
         if constrained:
             processors.append(RegionConstraint(self.config, self.allowed_codes(images), prompt_length))
-        if scene_features is not None:
-            embeds = self.embed(input_ids, scene_features, scene_mask)
+        if scene_mask is not None:
             return self.language_model.generate(inputs_embeds=embeds, logits_processor=processors, **common)
         out = self.language_model.generate(input_ids=input_ids, logits_processor=processors, **common)
         return out[:, input_ids.shape[1]:]
@@ -124,11 +148,15 @@ STAGES = ("stage1", "stage2")
 
 def set_trainable(model: ClawMachineForCausalLM, stage: str) -> list[str]:
     """Both stages fine-tune the whole LM (the paper: full fine-tuning), embeddings and head included,
-    and the hybrid projector; the visual tokenizer stays frozen. Returns the trainable names."""
+    the hybrid projector and the scene position embeddings; the visual tokenizer stays frozen. Returns
+    the trainable names."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     model.requires_grad_(False)
     model.language_model.requires_grad_(True)
     if model.config.hybrid:
         model.mm_projector.requires_grad_(True)
+    if model.config.scene_positions:
+        model.scene_rows.requires_grad_(True)
+        model.scene_cols.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -227,7 +227,8 @@ def decode_region(region_codes: Sequence[int], image: TokenizedImage, grid: int,
 @dataclass
 class Encoded:
     """A sample's ids and labels; ``scene``: (position of the first code, number of codes) of the whole
-    image's span, where the hybrid layout puts the scene's features (None: no image)."""
+    image's span, where the hybrid layout puts the scene's features and ``scene_positions`` its cells
+    (None: no image)."""
 
     input_ids: list[int]
     labels: list[int]
@@ -296,9 +297,32 @@ class ClawProcessor:
     def prompt(self, question: str, image: TokenizedImage | None, ref_list=None, where: str = "prompt") -> list[int]:
         """Ids of a generation prompt: ``question`` as the user turn (with the image first when it has
         no ``<image>`` of its own), then the assistant prefix."""
+        return self.prompt_inputs(question, image, ref_list, where)["input_ids"]
+
+    def prompt_inputs(self, question: str, image: TokenizedImage | None, ref_list=None,
+                      where: str = "prompt") -> dict:
+        """A :class:`ClawCollator` sample of a generation prompt (:meth:`prompt`): its ids and the
+        scene's inputs the model takes (:meth:`scene_inputs`)."""
         if image is not None and IMAGE_MARKER not in question:
             question = f"{IMAGE_MARKER}\n{question}"
-        return self.encode([{"from": "human", "value": question}], image, ref_list, where, generation=True).input_ids
+        enc = self.encode([{"from": "human", "value": question}], image, ref_list, where, generation=True)
+        return {"input_ids": enc.input_ids, **self.scene_inputs(enc, image, where)}
+
+    def scene_inputs(self, enc: Encoded, image: TokenizedImage | None, where: str = "sample") -> dict:
+        """What the model takes for the scene beside the ids (none unless ``config.scene_inputs``): its
+        span (``scene``), the kept tokens' merged features (``hybrid``) and cells (``scene_positions``);
+        None for a sample without an image."""
+        if not self.config.scene_inputs:
+            return {}
+        seen = enc.scene is not None
+        out = {"scene": enc.scene}
+        if self.config.hybrid:
+            if seen and image.features is None:
+                raise ValueError(f"{where}: a hybrid model needs the image tokenized with its features")
+            out["scene_features"] = image.features if seen else None
+        if self.config.scene_positions:
+            out["scene_cells"] = image.remained_map if seen else None
+        return out
 
     def split_answer(self, ids: Sequence[int]) -> tuple[str, list[list[int]]]:
         """Generated ids -> (the text, with ``<ref_patch>`` where a region was; the regions' codes)."""
@@ -355,16 +379,18 @@ class ClawCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = pad_batch(samples, self.pad_token_id, self.padding_side)
-        if "scene" in samples[0]:  # the hybrid layout: the scenes' features and where they go
+        if "scene" in samples[0]:  # the scene's inputs (ClawProcessor.scene_inputs) and where they go
             mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-            feats, width = [], batch["input_ids"].shape[1]
+            width = batch["input_ids"].shape[1]
             for b, s in enumerate(samples):
-                if s["scene"] is None:
-                    continue
-                first = s["scene"][0] + (width - len(s["input_ids"]) if self.padding_side == "left" else 0)
-                mask[b, first:first + s["scene"][1]] = True
-                feats.append(s["scene_features"].float())
-            batch["scene_mask"], batch["scene_features"] = mask, torch.cat(feats) if feats else None
+                if s["scene"] is not None:
+                    first = s["scene"][0] + (width - len(s["input_ids"]) if self.padding_side == "left" else 0)
+                    mask[b, first:first + s["scene"][1]] = True
+            batch["scene_mask"] = mask
+            for key, cast in (("scene_features", torch.Tensor.float), ("scene_cells", torch.Tensor.long)):
+                if key in samples[0]:
+                    parts = [cast(s[key]) for s in samples if s["scene"] is not None]
+                    batch[key] = torch.cat(parts) if parts else None
         if self.packed:
             batch["packed"] = True
         return batch

@@ -65,6 +65,11 @@ TOKENIZER_DIR = "text_tokenizer"
 model's ``config.json``, which ``AutoTokenizer`` would otherwise read and warn about."""
 
 
+EXPORT_OFF = {("same_kind_repeat", 1), ("rec_contrast", 0.0), ("rec_shortest", 0.0)}
+WORLD_IMAGES = ("train_scenes", "eval_scenes", "image_size", "min_objects", "max_objects", "world_seed")
+"""The data options that decide the exported images (the others change only the conversations)."""
+
+
 @dataclass
 class DataConfig:
     train_scenes: int = 1500
@@ -73,6 +78,17 @@ class DataConfig:
     min_objects: int = 1
     max_objects: int = 3
     world_seed: int = 0
+    rec_contrast: float = 0.0
+    """The probability that a grounding turn asks for an object whose kind another object of its scene
+    shares by one of its attribute expressions (``the red circle`` where two circles are), not by
+    any of its expressions (:func:`groundlab.shared.world.draw_expression`; the LLaVA base: 0.75)."""
+    rec_shortest: float = 0.0
+    """The probability that a grounding turn asks for its object's shortest expression, the one the
+    held-out REC asks (the LLaVA base: 0.5). 0 and 0: uniform draws, as the exports made before."""
+    same_kind_repeat: int = 1
+    """Stage 2 also holds N - 1 more conversations a training scene with objects of a shared kind,
+    each only their grounding turns by attribute expressions (``the red circle`` where two circles
+    are): the items where the kind alone does not find the object. 1: off."""
     stage1_json: str | None = None
     """Real data instead of the world: sample files, their image root, and a REFER dataset."""
     stage2_json: str | None = None
@@ -84,7 +100,9 @@ class DataConfig:
     refer_split: str = "val"
 
     def __post_init__(self) -> None:
-        positive(self, "train_scenes", "eval_scenes", "image_size", "min_objects", "max_objects")
+        positive(self, "train_scenes", "eval_scenes", "image_size", "min_objects", "max_objects", "same_kind_repeat")
+        within(self, "rec_contrast", 0, 1)
+        within(self, "rec_shortest", 0, 1)
 
 
 def _tokenizer_train() -> TrainConfig:
@@ -210,6 +228,9 @@ class Data:
     refer_dataset: str = "refcoco"
     refer_split_by: str = "unc"
     refer_split: str = "val"
+    images_key: object = None
+    """What decides the run's images (the tokenizer and the tokens depend on them alone, not on the
+    conversations): the world's settings, or the real files' paths."""
 
     def refer(self) -> Refer:
         return Refer(self.refer_root, self.root / "images", self.refer_dataset, self.refer_split_by)
@@ -223,6 +244,13 @@ class Data:
         return sorted(names)
 
 
+def stage_ref(recipe: Recipe, path: Path) -> str:
+    """How a stage's key names the directory it builds on: a stage directory of this run by its name
+    (``tokens-<hash>``: the hash stands for what made it, so a stage linked in from another run is
+    reused), any other path (real data, a converted tokenizer) as it is."""
+    return path.name if path.parent == recipe.root else str(path)
+
+
 def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
     """1. The world in the release's format (train / held-out), or real files."""
     d = cfg.data
@@ -230,18 +258,24 @@ def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
         if not (d.stage2_json and d.eval_json and d.image_root and d.refer_root):
             raise ValueError("data.stage1_json needs data.stage2_json, data.eval_json, data.image_root and "
                              "data.refer_root too")
-        return Data(Path(d.image_root), Path(d.stage1_json), Path(d.stage2_json), Path(d.eval_json),
-                    Path(d.refer_root), d.refer_dataset, d.refer_split_by, d.refer_split)
+        files = (d.image_root, d.stage1_json, d.stage2_json, d.eval_json, d.refer_root)
+        return Data(*map(Path, files), d.refer_dataset, d.refer_split_by, d.refer_split,
+                    images_key=[str(Path(f).resolve()) for f in files])
 
     def export(out: Path) -> None:
         world = World(WorldConfig(image_size=d.image_size, min_objects=d.min_objects, max_objects=d.max_objects),
                       seed=d.world_seed)
-        counts = export_world(world, "train", d.train_scenes, out) | export_world(world, "val", d.eval_scenes, out)
+        counts = (export_world(world, "train", d.train_scenes, out, same_kind_repeat=d.same_kind_repeat,
+                               rec_contrast=d.rec_contrast, rec_shortest=d.rec_shortest)
+                  | export_world(world, "val", d.eval_scenes, out))
         (out / "counts.json").write_text(json.dumps(counts, indent=2))
 
-    root = recipe.stage("data", asdict(d), build=export)
+    # options at their off values leave the key of the exports made before them
+    key = {k: v for k, v in asdict(d).items() if (k, v) not in EXPORT_OFF}
+    root = recipe.stage("data", key, build=export)
     recipe.metrics |= {f"data/{k}": v for k, v in json.loads((root / "counts.json").read_text()).items()}
-    return Data(root, root / "train_stage1.json", root / "train_stage2.json", root / "val_eval.json", root / "refer")
+    return Data(root, root / "train_stage1.json", root / "train_stage2.json", root / "val_eval.json", root / "refer",
+                images_key={k: getattr(d, k) for k in WORLD_IMAGES})
 
 
 def _sam(cfg: RunConfig) -> tuple[Path, TinySamConfig]:
@@ -332,7 +366,7 @@ def pretrain_tokenizer(recipe: Recipe, cfg: RunConfig, data: Data) -> Path:
         (out / "tokenizer_config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (out / "figures.json").write_text(json.dumps(figures, indent=2))
 
-    out = recipe.stage("tokenizer", asdict(cfg.tokenizer), train_key(tc), str(sam_path), str(data.root), build=build)
+    out = recipe.stage("tokenizer", asdict(cfg.tokenizer), train_key(tc), str(sam_path), data.images_key, build=build)
     recipe.metrics |= {f"tokenizer/{k}": v for k, v in json.loads((out / "figures.json").read_text()).items()}
     return out
 
@@ -378,7 +412,7 @@ def tokenize_images(recipe: Recipe, cfg: RunConfig, data: Data, tokenizer_dir: P
                 tokens[name] = item + ((t.features.half(),) if hybrid else ())
         torch.save(tokens, out / "tokens.pt")
 
-    out = recipe.stage("tokens", str(tokenizer_dir), str(data.root), hybrid, build=build)
+    out = recipe.stage("tokens", stage_ref(recipe, tokenizer_dir), data.images_key, hybrid, build=build)
     return out / "tokens.pt"
 
 
@@ -412,7 +446,8 @@ def build_start(recipe: Recipe, cfg: RunConfig, tokenizer_dir: Path) -> Path:
         model.save_pretrained(out / "model")
         text_tokenizer.save_pretrained(out / "model" / TOKENIZER_DIR)
 
-    return recipe.stage("start", asdict(cfg.model), str(llava), str(tokenizer_dir), cfg.stage1.seed, build=build)
+    return recipe.stage("start", asdict(cfg.model), str(llava), stage_ref(recipe, tokenizer_dir), cfg.stage1.seed,
+                        build=build)
 
 
 @torch.no_grad()
@@ -440,6 +475,7 @@ def load_model(model_dir: Path) -> tuple[ClawMachineForCausalLM, ClawProcessor]:
 def train_stage(recipe: Recipe, cfg: RunConfig, data: Data, tokens_path: Path, start: Path, stage: str) -> Path:
     """5. One training stage from the model in ``start``; returns its directory."""
     tc: TrainConfig = getattr(cfg, stage)
+    source = data.stage1 if stage == "stage1" else data.stage2
 
     def fit(out: Path) -> None:
         seed_everything(tc.seed)
@@ -447,14 +483,14 @@ def train_stage(recipe: Recipe, cfg: RunConfig, data: Data, tokens_path: Path, s
         opened = set_trainable(model, stage)
         logger.info("%s: %d trainable tensors, %d parameters", stage, len(opened),
                     sum(p.numel() for p in model.parameters() if p.requires_grad))
-        source = data.stage1 if stage == "stage1" else data.stage2
         samples = read_samples(source, data.root)
-        dataset = ClawDataset(samples, load_tokens(tokens_path), processor, str(source), model.config.hybrid)
+        dataset = ClawDataset(samples, load_tokens(tokens_path), processor, str(source))
         train(model, dataset, ClawCollator(processor.tokenizer.pad_token_id, packed=tc.packed), tc, out / "checkpoints")
         model.save_pretrained(out / "model")
         processor.tokenizer.save_pretrained(out / "model" / TOKENIZER_DIR)
 
-    return recipe.stage(stage, str(start), str(tokens_path), train_key(tc), build=fit)
+    return recipe.stage(stage, stage_ref(recipe, start), stage_ref(recipe, tokens_path.parent),
+                        stage_ref(recipe, source.parent), source.name, train_key(tc), build=fit)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ from ..multimodal import (
     tokenize_prompt,
 )
 from ..tokenizer import IMAGE_TOKEN
-from ..world import Scene, World
+from ..world import Scene, World, draw_expression, shares_kind
 
 VLM_KINDS = ("llava", "paligemma")
 BOX_ORDER = {"llava": "xyxy", "paligemma": "yxyx"}
@@ -413,24 +413,10 @@ def detect_answer(scene: Scene, phrase: str, objects: list) -> str:
     return " ; ".join(f"{box_text(o, 'paligemma', scene.size)} {phrase}" for o in objects)
 
 
-def shares_kind(scene: Scene, obj) -> bool:
-    """Whether another object of ``scene`` has ``obj``'s kind (naming the kind alone is then ambiguous)."""
-    return sum(o.kind == obj.kind for o in scene.objects) > 1
-
-
 def rec_expression(scene: Scene, oid: int, rng: np.random.Generator, mix: MixConfig, first: bool = False):
-    """The referring expression a training REC turn asks for object ``oid``: uniform over its
-    expressions, or (``mix.rec_contrast``) over its attribute expressions when another object of the
-    scene has its kind; the object's ``first`` turn asks for its shortest one with probability
-    ``mix.rec_shortest``. No extra random draw at ``rec_contrast == 0`` and ``rec_shortest == 0``, so
-    older mixes are unchanged."""
-    refs = scene.refs_for(oid)
-    if first and mix.rec_shortest > 0 and rng.random() < mix.rec_shortest:
-        return refs[0]
-    if mix.rec_contrast > 0:
-        if shares_kind(scene, scene.objects[oid]) and rng.random() < mix.rec_contrast:
-            refs = [r for r in refs if r.type == "attribute"] or refs
-    return refs[int(rng.integers(len(refs)))]
+    """The referring expression a training REC turn asks for object ``oid``
+    (:func:`groundlab.shared.world.draw_expression` with ``mix.rec_contrast`` and ``mix.rec_shortest``)."""
+    return draw_expression(scene, oid, rng, mix.rec_contrast, mix.rec_shortest, first)
 
 
 def region_list_question(scene: Scene, rng: np.random.Generator) -> tuple[str, object]:
