@@ -113,13 +113,16 @@ def test_bad_samples_are_errors_naming_file_and_sample(data, tmp_path, sample, m
     assert message in str(err.value) and "sample 0 (id ok)" in str(err.value)
 
 
-def test_text_only_samples_train(data):
-    out, _ = data
-    model, processor = tiny_claw_model()
+@pytest.mark.parametrize("config", [{}, {"hybrid": True}, {"scene_positions": True}])
+def test_text_only_samples_train(data, config):
+    """Also a batch of text-only samples to a model whose scene takes features or cells."""
+    from groundlab.clawmachine.processing import ClawCollator
+
+    model, processor = tiny_claw_model(**config)
     samples = [{"conversations": [{"from": "human", "value": "Is the sky blue?"}, {"from": "gpt", "value": "yes"}]}]
     item = ClawDataset(samples, {}, processor)[0]
     assert processor.start_id not in item["input_ids"]
-    loss = model(input_ids=torch.tensor([item["input_ids"]]), labels=torch.tensor([item["labels"]])).loss
+    loss = model(**ClawCollator(processor.tokenizer.pad_token_id)([item])).loss
     assert torch.isfinite(loss)
 
 

@@ -81,6 +81,8 @@ class ClawMachineForCausalLM(PreTrainedModel):
                                  "(ClawProcessor.scene_inputs gives them)")
             return embeds
         n = int(scene_mask.sum())
+        if n == 0:  # text only
+            return embeds
         for name, (_, needed, value) in needs.items():
             if needed and (value is None or len(value) != n):
                 raise ValueError(f"scene_mask marks {n} positions for {0 if value is None else len(value)} {name}")
