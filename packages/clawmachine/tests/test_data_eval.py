@@ -87,6 +87,33 @@ def test_same_kind_repeat_adds_attribute_grounding_of_kind_shared_objects(data, 
         export_world(world, "train", 2, tmp_path, same_kind_repeat=0)
 
 
+def test_copy_turns_write_each_objects_region_back(data, tmp_path):
+    from groundlab.clawmachine.data import COPY
+
+    out, _ = data
+    world = World(WORLD, seed=0)
+    export_world(world, "train", 16, tmp_path, copy_turns=True)
+    plain = {r["id"]: r for r in json.loads((out / "train_stage2.json").read_text())}
+    for rec in json.loads((tmp_path / "train_stage2.json").read_text()):
+        scene = world.scene("train", int(rec["id"].split("-")[0]) - 1)
+        turns, regions, k = [], iter(rec["ref_list"]), 0
+        for q, a in zip(rec["conversations"][::2], rec["conversations"][1::2]):
+            question = q["value"].removeprefix("<image>\n")
+            taken = [next(regions) for _ in range(question.count(REGION_MARKER) + a["value"].count(REGION_MARKER))]
+            if question == COPY:
+                assert a["value"] == REGION_MARKER and taken[0] == taken[1]
+                k += 1
+            else:
+                turns.append((question, a["value"], taken))
+        assert k == sum(bool(scene.refs_for(o.id)) for o in scene.objects)
+        base = plain[rec["id"]]
+        regions = iter(base["ref_list"])
+        expected = [(q["value"].removeprefix("<image>\n"), a["value"],
+                     [next(regions) for _ in range(q["value"].count(REGION_MARKER) + a["value"].count(REGION_MARKER))])
+                    for q, a in zip(base["conversations"][::2], base["conversations"][1::2])]
+        assert sorted(map(str, turns)) == sorted(map(str, expected))  # the other turns as without copies
+
+
 def _write(tmp_path, samples):
     path = tmp_path / "s.json"
     path.write_text(json.dumps(samples))

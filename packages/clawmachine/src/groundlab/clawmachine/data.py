@@ -44,6 +44,7 @@ from .visual_tokenizer import TokenizedImage
 GROUNDED_CAPTION = "Describe the image and ground every object."
 GROUNDING = "Where is {expression}?"
 REFERRING = f"What is {REGION_MARKER}?"
+COPY = f"Repeat {REGION_MARKER}."
 YES_NO = "Is there a {colour} {kind} in the image?"
 EVAL_TASKS = ("reg", "yesno")
 
@@ -152,10 +153,12 @@ def yes_no_turns(scene, world: World, rng: np.random.Generator) -> list[tuple[st
 
 
 def stage2_turns(scene, world: World, rng: np.random.Generator, rec_contrast: float = 0.0,
-                 rec_shortest: float = 0.0) -> list[tuple[str, str, list]]:
+                 rec_shortest: float = 0.0, copy_turns: bool = False) -> list[tuple[str, str, list]]:
     """Grounding and referring turns for every object that has an expression, and the yes / no pair,
     in a shuffled order. The grounding turn's expression:
-    :func:`groundlab.shared.world.draw_expression` (uniform unless ``rec_contrast`` / ``rec_shortest``)."""
+    :func:`groundlab.shared.world.draw_expression` (uniform unless ``rec_contrast`` / ``rec_shortest``).
+    ``copy_turns``: each object also gets ``Repeat <ref_patch>.`` -> the same region written back (the
+    copy a grounding answer makes, without finding the object)."""
     turns = []
     for obj in scene.objects:
         refs = scene.refs_for(obj.id)
@@ -165,6 +168,8 @@ def stage2_turns(scene, world: World, rng: np.random.Generator, rec_contrast: fl
         expression = draw_expression(scene, obj.id, rng, rec_contrast, rec_shortest, first=True).text
         turns.append((GROUNDING.format(expression=expression), REGION_MARKER, [region]))
         turns.append((REFERRING, refs[0].text, [region]))
+        if copy_turns:
+            turns.append((COPY, REGION_MARKER, [region, region]))
     turns += yes_no_turns(scene, world, rng)
     return [turns[int(k)] for k in rng.permutation(len(turns))]
 
@@ -183,10 +188,10 @@ def same_kind_turns(scene, rng: np.random.Generator) -> list[tuple[str, str, lis
 
 
 def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int = 0, same_kind_repeat: int = 1,
-                 rec_contrast: float = 0.0, rec_shortest: float = 0.0) -> dict[str, int]:
+                 rec_contrast: float = 0.0, rec_shortest: float = 0.0, copy_turns: bool = False) -> dict[str, int]:
     """Scenes of ``split`` under ``out``: ``images/``; for training, ``<split>_stage1.json`` (grounded
     captions) and ``<split>_stage2.json`` (conversations, :func:`stage2_turns` with ``rec_contrast`` /
-    ``rec_shortest``; ``same_kind_repeat`` N > 1 adds N - 1 conversations of :func:`same_kind_turns` a
+    ``rec_shortest`` / ``copy_turns``; ``same_kind_repeat`` N > 1 adds N - 1 conversations of :func:`same_kind_turns` a
     scene that has such objects); for held-out splits, the
     REFER layout under ``refer/`` and ``<split>_eval.json`` (``reg`` and ``yesno`` records). Returns
     counts."""
@@ -207,7 +212,7 @@ def export_world(world: World, split: str, n_scenes: int, out: Path, seed: int =
                                                                 [(GROUNDED_CAPTION, caption, regions)]))
             files.setdefault("stage2", []).append(_turns_record(f"{scene.image_id}-conv", image,
                                                                 stage2_turns(scene, world, rng, rec_contrast,
-                                                                             rec_shortest)))
+                                                                             rec_shortest, copy_turns)))
             for k in range(1, same_kind_repeat):
                 turns = same_kind_turns(scene, rng)
                 if turns:

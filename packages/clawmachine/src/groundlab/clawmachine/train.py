@@ -65,7 +65,7 @@ TOKENIZER_DIR = "text_tokenizer"
 model's ``config.json``, which ``AutoTokenizer`` would otherwise read and warn about."""
 
 
-EXPORT_OFF = {("same_kind_repeat", 1), ("rec_contrast", 0.0), ("rec_shortest", 0.0)}
+EXPORT_OFF = {("same_kind_repeat", 1), ("rec_contrast", 0.0), ("rec_shortest", 0.0), ("copy_turns", False)}
 WORLD_IMAGES = ("train_scenes", "eval_scenes", "image_size", "min_objects", "max_objects", "world_seed")
 """The data options that decide the exported images (the others change only the conversations)."""
 
@@ -85,6 +85,9 @@ class DataConfig:
     rec_shortest: float = 0.0
     """The probability that a grounding turn asks for its object's shortest expression, the one the
     held-out REC asks (the LLaVA base: 0.5). 0 and 0: uniform draws, as the exports made before."""
+    copy_turns: bool = False
+    """Stage 2's conversations also ask for each object's region to be written back (``Repeat
+    <ref_patch>.`` -> the region): the copy a grounding answer makes, taught without the search."""
     same_kind_repeat: int = 1
     """Stage 2 also holds N - 1 more conversations a training scene with objects of a shared kind,
     each only their grounding turns by attribute expressions (``the red circle`` where two circles
@@ -266,7 +269,7 @@ def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
         world = World(WorldConfig(image_size=d.image_size, min_objects=d.min_objects, max_objects=d.max_objects),
                       seed=d.world_seed)
         counts = (export_world(world, "train", d.train_scenes, out, same_kind_repeat=d.same_kind_repeat,
-                               rec_contrast=d.rec_contrast, rec_shortest=d.rec_shortest)
+                               rec_contrast=d.rec_contrast, rec_shortest=d.rec_shortest, copy_turns=d.copy_turns)
                   | export_world(world, "val", d.eval_scenes, out))
         (out / "counts.json").write_text(json.dumps(counts, indent=2))
 
