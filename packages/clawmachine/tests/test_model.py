@@ -400,6 +400,33 @@ def test_scene_positions_add_each_codes_row_and_column_and_start_as_the_discrete
         twin(**batch)
 
 
+def test_first_code_weight_weighs_each_answered_regions_first_code_only():
+    model, processor = tiny_claw_model(first_code_weight=5.0)
+    twin, _ = discrete_twin(model)  # the same weights, the plain loss
+    samples = _samples(model, processor)
+    for packed in (False, True):
+        batch = ClawCollator(processor.tokenizer.pad_token_id, packed=packed)(samples)
+        ids, labels = batch["input_ids"], batch["labels"]
+        first = model.first_codes(ids, labels)
+        # one grounding answer: its region's first code; the referring question's region is no target
+        assert first.sum(1).tolist() == [1, 0]
+        p = int(first[0].nonzero())
+        assert ids[0, p - 1] == model.config.image_start_token_id and model.config.is_code(int(labels[0, p]))
+        assert int((ids[0, :p] == model.config.image_start_token_id).sum()) == 2  # the scene's [IMG] came first
+        out = model(**batch)
+        logits = out.logits[:, :-1].float()
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                   reduction="none").view_as(targets)
+        n = int((targets != -100).sum())
+        torch.testing.assert_close(twin(**batch).loss, losses.sum() / n)  # the plain loss from the same logits
+        torch.testing.assert_close(out.loss, (losses.sum() + 4.0 * losses[0, p - 1]) / n)
+    model.config.first_code_weight = 1.0
+    torch.testing.assert_close(model(**batch).loss, twin(**batch).loss)
+    with pytest.raises(ValueError, match="first_code_weight must be > 0"):
+        ClawMachineConfig(first_code_weight=0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # the release's weights
 

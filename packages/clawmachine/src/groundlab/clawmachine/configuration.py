@@ -115,7 +115,8 @@ class ClawMachineConfig(PretrainedConfig):
     def __init__(self, tokenizer_config: dict | VisualTokenizerConfig | None = None,
                  text_config: dict | PretrainedConfig | None = None, image_start_token_id: int = -1,
                  image_end_token_id: int = -1, code_offset: int = -1, hybrid: bool = False,
-                 hybrid_mode: str = "replace", scene_positions: bool = False, **kwargs):
+                 hybrid_mode: str = "replace", scene_positions: bool = False, first_code_weight: float = 1.0,
+                 **kwargs):
         """
         Args:
             tokenizer_config: the visual tokenizer (:class:`VisualTokenizerConfig`).
@@ -130,6 +131,9 @@ class ClawMachineConfig(PretrainedConfig):
                 (learned embeddings added to its code embedding, zero at the start); off in the
                 release, whose LLM sees the scene as a plain 1-D sequence. Regions stay plain codes:
                 a generated code's cell is only known once it is decoded.
+            first_code_weight: the training loss's weight on the first code of each region in an
+                answer (the code that says where the object is; the rest continue from it), every
+                other answer token weighing 1. 1: the plain causal-LM loss (the release's).
         The three ids are -1 until :func:`groundlab.clawmachine.processing.add_tokens` sets them.
         """
         if isinstance(tokenizer_config, dict):
@@ -148,6 +152,9 @@ class ClawMachineConfig(PretrainedConfig):
             raise ValueError(f"hybrid_mode must be one of {HYBRID_MODES}, got {hybrid_mode!r}")
         self.hybrid_mode = hybrid_mode
         self.scene_positions = scene_positions
+        if not first_code_weight > 0:
+            raise ValueError(f"first_code_weight must be > 0, got {first_code_weight}")
+        self.first_code_weight = float(first_code_weight)
         if code_offset >= 0 and code_offset + self.codebook_size > self.text_config.vocab_size:
             raise ValueError(f"the LLM's vocabulary ({self.text_config.vocab_size}) cannot hold "
                              f"{self.codebook_size} codes from id {code_offset}")

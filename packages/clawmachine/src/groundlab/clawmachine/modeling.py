@@ -106,7 +106,33 @@ class ClawMachineForCausalLM(PreTrainedModel):
         embeds = self.embed(input_ids, scene_features, scene_mask, scene_cells)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return causal_lm_forward(self.language_model, embeds, attention_mask, labels, packed, **kwargs)
+        if labels is None or self.config.first_code_weight == 1.0:
+            return causal_lm_forward(self.language_model, embeds, attention_mask, labels, packed, **kwargs)
+        items = kwargs.pop("num_items_in_batch", None)
+        out = causal_lm_forward(self.language_model, embeds, attention_mask, None, packed, **kwargs)
+        return CausalLMOutputWithPast(loss=self.weighted_loss(out.logits, input_ids, labels, items), logits=out.logits)
+
+    def first_codes(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the answer positions that hold a region's first code (a code target right after
+        ``[IMG]``; the scene's ``[IMG]`` opens no target)."""
+        first = torch.zeros_like(labels, dtype=torch.bool)
+        offset, n = self.config.code_offset, self.config.codebook_size
+        first[:, 1:] = ((input_ids[:, :-1] == self.config.image_start_token_id)
+                        & (labels[:, 1:] >= offset) & (labels[:, 1:] < offset + n))
+        return first
+
+    def weighted_loss(self, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                      num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The causal-LM loss with ``config.first_code_weight`` on each region's first code: the sum of
+        the weighted token losses over the number of target tokens (``num_items``, the Trainer's count
+        across accumulated batches, when given), so a weight of 1 gives the plain loss."""
+        weights = torch.where(self.first_codes(input_ids, labels), self.config.first_code_weight, 1.0)[:, 1:]
+        targets = labels[:, 1:]
+        losses = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                             ignore_index=-100, reduction="none").view_as(targets)
+        weights = weights.to(losses.device) * (targets != -100)
+        count = (targets != -100).sum() if num_items is None else num_items
+        return (losses * weights).sum() / count
 
     def allowed_codes(self, images: list[TokenizedImage | None]) -> torch.Tensor:
         """(B, codebook) bool: the codes each sample's image holds (none for a text-only sample)."""
