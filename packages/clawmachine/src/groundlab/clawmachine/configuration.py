@@ -177,8 +177,9 @@ class ClawMachineConfig(PretrainedConfig):
         """Whether the model takes more than ids for the scene's span (features, cells or both)."""
         return self.hybrid or self.scene_positions
 
-    def is_code(self, token_id: int) -> bool:
-        return self.code_offset <= token_id < self.code_offset + self.codebook_size
+    def is_code(self, token_id):
+        """Whether an id (or, elementwise, a tensor of ids) is a code."""
+        return (token_id >= self.code_offset) & (token_id < self.code_offset + self.codebook_size)
 
     def to_dict(self) -> dict:
         out = super().to_dict()

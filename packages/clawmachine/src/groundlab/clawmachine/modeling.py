@@ -116,9 +116,7 @@ class ClawMachineForCausalLM(PreTrainedModel):
         """(B, T) bool: the answer positions that hold a region's first code (a code target right after
         ``[IMG]``; the scene's ``[IMG]`` opens no target)."""
         first = torch.zeros_like(labels, dtype=torch.bool)
-        offset, n = self.config.code_offset, self.config.codebook_size
-        first[:, 1:] = ((input_ids[:, :-1] == self.config.image_start_token_id)
-                        & (labels[:, 1:] >= offset) & (labels[:, 1:] < offset + n))
+        first[:, 1:] = (input_ids[:, :-1] == self.config.image_start_token_id) & self.config.is_code(labels[:, 1:])
         return first
 
     def weighted_loss(self, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
