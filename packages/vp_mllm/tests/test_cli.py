@@ -73,7 +73,8 @@ def test_pipeline_end_to_end_on_a_micro_config_then_ask(tmp_path, monkeypatch, c
     llava, sam = ensure_base(smoke_spec("llava")), ensure_base(smoke_spec("sam"))
     args = ["train", "--config", str(CONFIG), "--model.llava", str(llava), "--model.sam", str(sam),
             "--data.train_scenes", "8", "--data.eval_scenes", "2", "--stage1.max_steps", "3", "--stage2.max_steps",
-            "3", "--stage1.batch_size", "4", "--stage2.batch_size", "4", "--eval.max_new_tokens", "6"]
+            "3", "--stage1.batch_size", "4", "--stage2.batch_size", "4", "--eval.max_new_tokens", "6",
+            "--stage2.compile_layers", "false"]  # compiling 3 steps would cost more than they take
     cli.main(args)
     path = tmp_path / "runs" / "vp_mllm" / "tiny" / "metrics.json"
     m = json.loads(path.read_text())

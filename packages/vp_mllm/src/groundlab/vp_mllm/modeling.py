@@ -237,6 +237,10 @@ class VPMLLMForConditionalGeneration(PreTrainedModel):
     def _init_weights(self, module):  # the parts above initialise themselves; the LLaVA its own way
         pass
 
+    def get_decoder(self):
+        """The language model's decoder (its ``layers`` are what ``TrainConfig.compile_layers`` compiles)."""
+        return self.lmm.get_decoder()
+
     # -- the visual side ------------------------------------------------------------------------
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, views, 3, S, S) -> (B, n_image_tokens, D): each view's projected tower tokens, between
