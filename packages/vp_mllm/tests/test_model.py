@@ -225,15 +225,14 @@ def test_every_attention_runs_through_the_shared_dispatch():
 def test_compile_layers_finds_the_language_models_layers():
     """``TrainConfig.compile_layers`` compiles ``get_decoder().layers``: the LLaVA's language-model
     blocks (compiled lazily, at their first call; the shared test checks the losses it trains)."""
-    from groundlab.shared.training import compile_decoder_layers
+    from groundlab.shared.training import compile_decoder_layers, uncompile_layers
 
     model, _ = tiny_vp_model()
     layers = compile_decoder_layers(model)
     try:
         assert layers == list(model.lmm.model.language_model.layers) and len(layers) > 0
     finally:
-        for layer in layers:
-            layer._compiled_call_impl = None
+        uncompile_layers(layers)
 
 
 def test_trainable_sets_of_the_two_stages():

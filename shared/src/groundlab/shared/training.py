@@ -207,8 +207,7 @@ def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str
     finally:
         if key_warnings:
             trainer_logger.removeFilter(key_warnings)
-        for layer in compiled:
-            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager call
+        uncompile_layers(compiled)
     # With bf16, accelerate leaves model.forward wrapped in autocast after training; unwrap it so that
     # what follows (evaluation, saving) sees the model as it will be loaded: in fp32.
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -221,7 +220,7 @@ def train(model, train_dataset, data_collator, cfg: TrainConfig, output_dir: str
 def compile_decoder_layers(model) -> list:
     """``torch.compile`` each layer of a transformers model's language model in place
     (``nn.Module.compile``: the parameters and state-dict keys stay as they are); returns the layers.
-    Undo with ``layer._compiled_call_impl = None``, as :func:`train` does when its stage ends."""
+    Undo with :func:`uncompile_layers`, as :func:`train` does when its stage ends."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
@@ -230,6 +229,12 @@ def compile_decoder_layers(model) -> list:
     for layer in layers:
         layer.compile(dynamic=True)
     return list(layers)
+
+
+def uncompile_layers(layers) -> None:
+    """Undo :func:`compile_decoder_layers`: each layer runs its eager call again."""
+    for layer in layers:
+        layer._compiled_call_impl = None  # what nn.Module.compile set
 
 
 def _is_pretrained(model) -> bool:
