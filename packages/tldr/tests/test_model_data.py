@@ -32,7 +32,8 @@ def _tiny(head="token"):
 
 def test_configs_parse_and_reject_unknown_keys(tmp_path):
     tiny = RunConfig.from_yaml(CONFIGS / "tiny.yaml")
-    assert tiny.train.lr == 4e-3 and tiny.train.max_steps == 1200 and tiny.model.config["lora_alpha"] / tiny.model.config["lora_r"] == 0.25
+    assert tiny.train.lr == 4e-3 and tiny.train.max_steps == 3000 and tiny.model.config["lora_alpha"] / tiny.model.config["lora_r"] == 0.25
+    assert (tiny.model.config["lora_r"], tiny.model.config["lora_dropout"]) == (32, 0.0)
     assert tiny.data.tasks == ("description", "caption", "vqa")
     paper = RunConfig.from_yaml(CONFIGS / "paligemma_3b.yaml")
     release = TldrConfig(**paper.model.config)  # the paper's LoRA, TldrConfig's defaults
@@ -230,6 +231,10 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     assert m["baseline/all_good/A_R"] == pytest.approx(sum(all(p["labels"]) for p in preds) / len(preds))
     assert m["baseline/all_good/A_T"] == pytest.approx(sum(sum(p["labels"]) / len(p["labels"]) for p in preds) / len(preds))
     assert m["baseline/all_good/A_T"] > 0.5  # most tokens are good
+    # the generator's own token probabilities: scored from their file like TLDR's
+    gen_preds = read_predictions(run_dir / "predictions_generator.jsonl")
+    assert [p["id"] for p in gen_preds] == [p["id"] for p in preds]
+    assert {k: m[f"baseline/generator/{k}"] for k in score_tldr(gen_preds)} == score_tldr(gen_preds)
     for key in ("captioner_weak/token", "captioner_strong/true_error"):  # four captions each: any rate is possible
         assert 0.0 <= m[key] <= 1.0, key
     # Table 6's stage: tau = 0 is the base generator itself, caption for caption
@@ -436,6 +441,37 @@ def test_predictions_do_not_depend_on_the_batch_size(tmp_path):
     assert max(abs(p - 0.5) for r in one for p in r["probs"]) > 0.01
     for a, b in zip(one, eight):
         torch.testing.assert_close(torch.tensor(a["probs"]), torch.tensor(b["probs"]), atol=1e-5, rtol=1e-5)
+
+
+def test_generator_baseline_scores_each_token_by_the_generators_own_probability(tmp_path):
+    """The untrained baseline: P(good) of a response token is the generator's probability of it given
+    what precedes it, batched with padding as for TLDR and equal to one record run alone."""
+    from groundlab.tldr.data import TldrDataset
+    from groundlab.tldr.evaluation import predict_generator, read_predictions
+    from groundlab.tldr.processing import collator_for, layout_for
+
+    tok = load_tokenizer()
+    cfg = TinyVLMConfig(kind="paligemma", text_kv_heads=1)
+    torch.manual_seed(0)
+    generator, processor = build_model(cfg, tok).eval(), build_processor(cfg, tok)
+    path, _ = export_world(World(WorldConfig(), seed=0), "val", 2, tmp_path, tok)
+    records = read_jsonl(path, tok)[:7]
+    ds = TldrDataset(records, tmp_path, tok, layout_for(processor))
+    preds = read_predictions(predict_generator(generator, ds, processor, tmp_path / "gen.jsonl", batch_size=4))
+    assert [p["id"] for p in preds] == [r["id"] for r in records]
+    for i in (0, 6):  # the first and the last record, each alone and unpadded
+        batch = collator_for(processor, ds.layout)([ds[i]])
+        batch.pop("labels")
+        with torch.no_grad():
+            probs = generator(**batch).logits[0].float().softmax(-1)
+        enc = ds.encoded[i]
+        s, n = enc["response_start"], enc["response_len"]
+        expected = [float(probs[s - 1 + k, enc["input_ids"][s + k]]) for k in range(n)]
+        assert len(preds[i]["probs"]) == len(records[i]["labels"]) == n
+        torch.testing.assert_close(torch.tensor(preds[i]["probs"]), torch.tensor(expected), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="'token' layout"):
+        predict_generator(generator, TldrDataset(records, tmp_path, tok, layout_for(processor, "last")), processor,
+                          tmp_path / "x.jsonl")
 
 
 @pytest.mark.slow

@@ -45,6 +45,34 @@ def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_
     return write_jsonl(gather_shards(rows), out_path)
 
 
+@torch.no_grad()
+def predict_generator(generator, dataset: TldrDataset, processor, out_path: str | Path, batch_size: int = 32) -> Path:
+    """A baseline detector with nothing trained: each response token scored by the generator's own
+    probability of it after what precedes it (``P(token k is good) := P_gen(token k | image, prompt,
+    tokens < k)``), written as a predictions JSONL that :func:`score_tldr` reads like TLDR's. A word the
+    generator would not have said is called bad; its mAP(neg) is what a reward model must beat to have
+    learned more than the generator's surprise."""
+    if dataset.layout.head != "token":
+        raise ValueError("the generator baseline scores every response token: give it a 'token' layout")
+    generator.eval()
+    collate = collator_for(processor, dataset.layout)
+    mine, rows = shard(len(dataset)), []
+    for start in range(mine.start, mine.stop, batch_size):
+        idx = list(range(start, min(start + batch_size, mine.stop)))
+        batch = collate([dataset[i] for i in idx])
+        batch.pop("labels")
+        batch = to_device(batch, model_device(generator))
+        log_probs = generator(**batch).logits.float().log_softmax(-1)  # (B, T, V): position t predicts t + 1
+        for row, i in enumerate(idx):
+            rec, enc = dataset.records[i], dataset.encoded[i]
+            s, n = enc["response_start"], enc["response_len"]
+            ids = torch.tensor(enc["input_ids"][s : s + n], device=log_probs.device)
+            p = log_probs[row, s - 1 : s - 1 + n].gather(1, ids[:, None])[:, 0].exp()
+            rows.append({"id": rec["id"], "taxonomy": rec["taxonomy"], "task": rec.get("task", ""),
+                         "tokens": rec["tokens"], "labels": rec["labels"], "probs": p.tolist()})
+    return write_jsonl(gather_shards(rows), out_path)
+
+
 def read_predictions(path: str | Path) -> list[dict]:
     return [rec for _, rec in iter_jsonl(path, "predictions")]
 

@@ -5,7 +5,8 @@ Stages (each reused on a second run with the same config, recomputed with ``forc
 1. data: the synthetic world exported as TLDR JSONL (train / eval), negatives of all 8 taxonomies;
 2. reward models: TLDR (token head) and the naive binary RM (last-token head), same backbone (the
    tiny PaliGemma base), same LoRA, same data and steps;
-3. evaluation: predictions JSONL then scores, next to the all-good baseline (Table 1's shape);
+3. evaluation: predictions JSONL then scores, next to the all-good baseline (Table 1's shape) and the
+   generator's own probability of each token (a detector with nothing trained);
 4. downstream: two captioners of different quality (the tiny LLaVA base trained for two lengths)
    caption the eval scenes; TLDR's token / sentence / response hallucination rates of their captions
    are set beside the true error rate of each (checked against the scene) (Table 3's shape);
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoProcessor
 
+from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.bases import default_spec, ensure_base, smoke_spec
-from groundlab.shared.config import RunConfigFile, model_overrides, one_of, positive, within
+from groundlab.shared.config import RunConfigFile, model_overrides, one_of, positive, read_json, within
 from groundlab.shared.distributed import seed_everything, setup_logging
+from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
 from groundlab.shared.recipe import Recipe, train_key
 from groundlab.shared.runs import write_metrics
@@ -36,9 +39,16 @@ from groundlab.shared.world import World, WorldConfig
 
 from .configuration import TldrConfig
 from .data import TldrDataset, export_world, read_jsonl
-from .evaluation import all_good_baseline, predict, read_predictions, score_naive, score_tldr
+from .evaluation import (
+    all_good_baseline,
+    predict,
+    predict_generator,
+    read_predictions,
+    score_naive,
+    score_tldr,
+)
 from .metrics import rate_correlation
-from .modeling import TldrRewardModel, with_lora
+from .modeling import GENERATORS, TldrRewardModel, with_lora
 from .processing import collator_for, layout_for
 
 logger = logging.getLogger("groundlab")
@@ -160,6 +170,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     (recipe.root / MODEL_POINTER).write_text(models["tldr"].name + "\n")
     scored = {tag: evaluate_reward_model(recipe, cfg, pali, processor, data, models[tag], tag, head)
               for tag, head in heads.items()}
+    generator_baseline(recipe, pali, processor, data)
     if data.real:  # the downstream tables need the world's truth
         return recipe.finish(cfg.to_dict(), print_table)
     reward_model = scored["tldr"]
@@ -257,6 +268,19 @@ def evaluate_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor,
     if head == "token":
         recipe.metrics |= {f"baseline/all_good/{k}": v for k, v in all_good_baseline(preds).items()}
     return model
+
+
+def generator_baseline(recipe: Recipe, pali: Path, processor, data: Data) -> None:
+    """3b. The baseline with nothing trained: the backbone's own generator scores each response token by
+    its probability of it (:func:`groundlab.tldr.evaluation.predict_generator`), on the same records."""
+    kind = read_json(Path(pali) / "config.json", "backbone config").get("model_type")
+    if kind not in GENERATORS:
+        raise ValueError(f"{pali}: model_type {kind!r} is not a TLDR backbone ({sorted(GENERATORS)})")
+    generator = load_pretrained(GENERATORS[kind], pali, f"the {kind} generator", attn_implementation=HF_ATTENTION)
+    eval_ds = TldrDataset(data.eval_records, data.root, processor.tokenizer, layout_for(processor, "token"))
+    preds = read_predictions(predict_generator(generator, eval_ds, processor,
+                                               recipe.root / "predictions_generator.jsonl"))
+    recipe.metrics |= {f"baseline/generator/{k}": v for k, v in score_tldr(preds).items()}
 
 
 def _score_model(cfg: RunConfig, pali: Path, processor, data: Data, model_dir: Path, head: str, path: Path):
@@ -395,9 +419,6 @@ def correct_captions(recipe: Recipe, cfg: RunConfig, pali: Path, processor, rewa
     mark sets (none, TLDR's flags, the oracle's); the true caption error before and after each."""
     from transformers import PaliGemmaForConditionalGeneration
 
-    from groundlab.shared.attention import HF_ATTENTION
-    from groundlab.shared.loading import load_pretrained
-
     from .correction import REWRITE_TARGETS, rewrite_items, self_correction, train_rewriter
     from .downstream import CAPTION_PROMPT, generator_config, score_texts, tiny_captions
 
@@ -442,6 +463,10 @@ def print_table(m: dict) -> None:
     print(f"| all good (baseline) | {f('baseline/all_good/A_T')} | {f('baseline/all_good/A_S')} | "
           f"{f('baseline/all_good/A_R')} | {f('baseline/all_good/A_R_balanced')} | {f('baseline/all_good/mAP_neg')} | "
           f"{f('baseline/all_good/mAP_pos')} |")
+    if "baseline/generator/mAP_neg" in m:
+        print(f"| the generator's own P(token) (baseline) | {f('baseline/generator/A_T')} | {f('baseline/generator/A_S')} | "
+              f"{f('baseline/generator/A_R')} | {f('baseline/generator/A_R_balanced')} | "
+              f"{f('baseline/generator/mAP_neg')} | {f('baseline/generator/mAP_pos')} |")
     print("\n| taxonomy | TLDR A_T | TLDR A_R | TLDR mAP(neg) | naive A_R |\n|---|---|---|---|---|")
     for t in ("original", *TAXONOMIES):
         print(f"| {t} | {f(f'tldr/{t}/A_T')} | {f(f'tldr/{t}/A_R')} | {f(f'tldr/{t}/mAP_neg')} | {f(f'naive/{t}/A_R')} |")
