@@ -427,6 +427,29 @@ def test_first_code_weight_weighs_each_answered_regions_first_code_only():
         ClawMachineConfig(first_code_weight=0.0)
 
 
+def test_tied_code_rows_score_codes_with_the_input_embedding_rows():
+    model, processor = tiny_claw_model(tie_code_rows=True)
+    twin, _ = discrete_twin(model)  # the same weights, the untied head
+    batch = ClawCollator(processor.tokenizer.pad_token_id)(_samples(model, processor))
+    off, n = model.config.code_offset, model.config.codebook_size
+    out, plain = model(**batch), twin(**batch)
+    hidden = model.language_model.model(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).last_hidden_state
+    rows = model.language_model.get_input_embeddings().weight[off:off + n]
+    torch.testing.assert_close(out.logits[..., off:off + n], hidden @ rows.t())  # the input rows score codes
+    torch.testing.assert_close(out.logits[..., :off], plain.logits[..., :off])  # text is the untied head's
+    torch.testing.assert_close(out.logits[..., off + n:], plain.logits[..., off + n:])
+    assert not torch.allclose(out.logits[..., off:off + n], plain.logits[..., off:off + n])
+    out.loss.backward()  # the input rows learn from the codes written too, the head's code rows from nothing
+    plain.loss.backward()
+    tied_grad = model.language_model.get_input_embeddings().weight.grad[off:off + n]
+    assert not torch.allclose(tied_grad, twin.language_model.get_input_embeddings().weight.grad[off:off + n])
+    assert model.language_model.lm_head.weight.grad[off:off + n].abs().sum() == 0
+    with torch.no_grad():  # the head's own code rows are unused
+        model.language_model.lm_head.weight[off:off + n] = 0
+        torch.testing.assert_close(model(**batch).logits, out.logits.detach())
+
+
 # ----------------------------------------------------------------------------------------------
 # the release's weights
 

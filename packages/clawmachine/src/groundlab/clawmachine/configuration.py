@@ -116,7 +116,7 @@ class ClawMachineConfig(PretrainedConfig):
                  text_config: dict | PretrainedConfig | None = None, image_start_token_id: int = -1,
                  image_end_token_id: int = -1, code_offset: int = -1, hybrid: bool = False,
                  hybrid_mode: str = "replace", scene_positions: bool = False, first_code_weight: float = 1.0,
-                 **kwargs):
+                 tie_code_rows: bool = False, **kwargs):
         """
         Args:
             tokenizer_config: the visual tokenizer (:class:`VisualTokenizerConfig`).
@@ -134,6 +134,9 @@ class ClawMachineConfig(PretrainedConfig):
             first_code_weight: the training loss's weight on the first code of each region in an
                 answer (the code that says where the object is; the rest continue from it), every
                 other answer token weighing 1. 1: the plain causal-LM loss (the release's).
+            tie_code_rows: the LM head scores the codes with the input embedding's code rows (its own
+                code rows go unused), so writing a code the model has read is an identity map; text
+                rows stay untied. Off in the release (Llama-2's head is untied).
         The three ids are -1 until :func:`groundlab.clawmachine.processing.add_tokens` sets them.
         """
         if isinstance(tokenizer_config, dict):
@@ -155,6 +158,7 @@ class ClawMachineConfig(PretrainedConfig):
         if not first_code_weight > 0:
             raise ValueError(f"first_code_weight must be > 0, got {first_code_weight}")
         self.first_code_weight = float(first_code_weight)
+        self.tie_code_rows = bool(tie_code_rows)
         if code_offset >= 0 and code_offset + self.codebook_size > self.text_config.vocab_size:
             raise ValueError(f"the LLM's vocabulary ({self.text_config.vocab_size}) cannot hold "
                              f"{self.codebook_size} codes from id {code_offset}")

@@ -51,7 +51,17 @@ class ClawMachineForCausalLM(PreTrainedModel):
             self.scene_cols = nn.Embedding(config.grid, config.hidden_size)
             nn.init.zeros_(self.scene_rows.weight)
             nn.init.zeros_(self.scene_cols.weight)
+        if config.tie_code_rows:
+            self.language_model.lm_head.register_forward_hook(self._tied_code_logits)
         self.post_init()
+
+    def _tied_code_logits(self, head: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        """``config.tie_code_rows``: the head's output with the codes' logits recomputed from the input
+        embedding's code rows (a forward hook on the LM head; the state dict is unchanged)."""
+        hidden, off, n = args[0], self.config.code_offset, self.config.codebook_size
+        rows = self.language_model.get_input_embeddings().weight[off:off + n]
+        codes = (hidden @ rows.t().to(hidden.dtype)).to(logits.dtype)
+        return torch.cat([logits[..., :off], codes, logits[..., off + n:]], dim=-1)
 
     def _init_weights(self, module):  # the parts initialise themselves (and load pretrained weights)
         pass
