@@ -22,10 +22,10 @@ from .metrics import ScoredResponse, sentence_ids_from_text, tldr_metrics
 from .processing import collator_for
 
 
-@torch.no_grad()
-def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_size: int = 32) -> Path:
-    """Score every record of ``dataset`` and write the predictions JSONL. Under torchrun each process
-    scores its share and the first writes the whole file (the same file)."""
+def _predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_size: int, token_probs) -> Path:
+    """The batched pass both predictors share: ``token_probs(batch) -> (B, T)`` per-position probabilities,
+    each record's response span written as its ``probs``. Under torchrun each process scores its share
+    and the first writes the whole file (the same file)."""
     model.eval()
     collate = collator_for(processor, dataset.layout)
     head = dataset.layout.head
@@ -34,8 +34,7 @@ def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_
         idx = list(range(start, min(start + batch_size, mine.stop)))
         batch = collate([dataset[i] for i in idx])
         batch.pop("labels")
-        batch = to_device(batch, model_device(model))  # the model may be on a GPU
-        probs = torch.sigmoid(model(**batch).logits.float())  # (B, T)
+        probs = token_probs(to_device(batch, model_device(model)))  # the model may be on a GPU
         for row, i in enumerate(idx):
             rec, enc = dataset.records[i], dataset.encoded[i]
             s, n = enc["response_start"], enc["response_len"]
@@ -43,6 +42,13 @@ def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_
             rows.append({"id": rec["id"], "taxonomy": rec["taxonomy"], "task": rec.get("task", ""),
                          "tokens": rec["tokens"], "labels": rec["labels"], "probs": p if head == "token" else [p[-1]]})
     return write_jsonl(gather_shards(rows), out_path)
+
+
+@torch.no_grad()
+def predict(model, dataset: TldrDataset, processor, out_path: str | Path, batch_size: int = 32) -> Path:
+    """Score every record of ``dataset`` with a reward model and write the predictions JSONL."""
+    return _predict(model, dataset, processor, out_path, batch_size,
+                    lambda batch: torch.sigmoid(model(**batch).logits.float()))
 
 
 @torch.no_grad()
@@ -54,23 +60,15 @@ def predict_generator(generator, dataset: TldrDataset, processor, out_path: str 
     learned more than the generator's surprise."""
     if dataset.layout.head != "token":
         raise ValueError("the generator baseline scores every response token: give it a 'token' layout")
-    generator.eval()
-    collate = collator_for(processor, dataset.layout)
-    mine, rows = shard(len(dataset)), []
-    for start in range(mine.start, mine.stop, batch_size):
-        idx = list(range(start, min(start + batch_size, mine.stop)))
-        batch = collate([dataset[i] for i in idx])
-        batch.pop("labels")
-        batch = to_device(batch, model_device(generator))
-        log_probs = generator(**batch).logits.float().log_softmax(-1)  # (B, T, V): position t predicts t + 1
-        for row, i in enumerate(idx):
-            rec, enc = dataset.records[i], dataset.encoded[i]
-            s, n = enc["response_start"], enc["response_len"]
-            ids = torch.tensor(enc["input_ids"][s : s + n], device=log_probs.device)
-            p = log_probs[row, s - 1 : s - 1 + n].gather(1, ids[:, None])[:, 0].exp()
-            rows.append({"id": rec["id"], "taxonomy": rec["taxonomy"], "task": rec.get("task", ""),
-                         "tokens": rec["tokens"], "labels": rec["labels"], "probs": p.tolist()})
-    return write_jsonl(gather_shards(rows), out_path)
+
+    def token_probs(batch):
+        log_probs = generator(**batch).logits.float().log_softmax(-1)  # position t predicts token t + 1
+        ids = batch["input_ids"][:, 1:, None]
+        out = torch.zeros(ids.shape[0], ids.shape[1] + 1, device=log_probs.device)
+        out[:, 1:] = log_probs[:, :-1].gather(2, ids)[..., 0].exp()  # at each token: P(it | what precedes)
+        return out
+
+    return _predict(generator, dataset, processor, out_path, batch_size, token_probs)
 
 
 def read_predictions(path: str | Path) -> list[dict]:

@@ -38,6 +38,19 @@ BACKBONES = {"paligemma": PaliGemmaModel, "mllama": MllamaModel}
 GENERATORS = {"paligemma": PaliGemmaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}
 
 
+def backbone_kind(path: str | Path) -> str:
+    """The ``model_type`` of a pretrained VLM directory (``from_pretrained`` layout), checked to be a
+    TLDR backbone (a key of :data:`GENERATORS`)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no pretrained VLM at {path} (expected a from_pretrained directory with config.json)")
+    raw = read_json(config_file, "backbone config")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in GENERATORS:
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not a TLDR backbone ({sorted(GENERATORS)})")
+    return model_type
+
+
 class TldrRewardModel(PreTrainedModel):
     config_class = TldrConfig
     base_model_prefix = "tldr"
@@ -62,13 +75,7 @@ class TldrRewardModel(PreTrainedModel):
     def from_backbone(cls, path: str, **config_kwargs) -> TldrRewardModel:
         """Build from a pretrained PaliGemma or Mllama directory (``from_pretrained`` layout), dropping
         its LM head (kept on disk: :func:`groundlab.tldr.downstream.restore_generator` puts it back)."""
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no pretrained VLM at {path} (expected a from_pretrained directory with config.json)")
-        raw = read_json(config_file, "backbone config")
-        model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        if model_type not in GENERATORS:
-            raise ValueError(f"{config_file}: model_type {model_type!r} is not a TLDR backbone ({sorted(GENERATORS)})")
+        model_type = backbone_kind(path)
         vlm = load_pretrained(GENERATORS[model_type], path, f"the {model_type} backbone")
         config = TldrConfig(backbone_type=model_type, backbone_config=vlm.config.to_dict(), **config_kwargs)
         model = cls(config)

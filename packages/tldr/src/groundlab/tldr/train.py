@@ -28,7 +28,7 @@ from transformers import AutoProcessor
 
 from groundlab.shared.attention import HF_ATTENTION
 from groundlab.shared.bases import default_spec, ensure_base, smoke_spec
-from groundlab.shared.config import RunConfigFile, model_overrides, one_of, positive, read_json, within
+from groundlab.shared.config import RunConfigFile, model_overrides, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
@@ -48,7 +48,7 @@ from .evaluation import (
     score_tldr,
 )
 from .metrics import rate_correlation
-from .modeling import GENERATORS, TldrRewardModel, with_lora
+from .modeling import GENERATORS, TldrRewardModel, backbone_kind, with_lora
 from .processing import collator_for, layout_for
 
 logger = logging.getLogger("groundlab")
@@ -273,9 +273,7 @@ def evaluate_reward_model(recipe: Recipe, cfg: RunConfig, pali: Path, processor,
 def generator_baseline(recipe: Recipe, pali: Path, processor, data: Data) -> None:
     """3b. The baseline with nothing trained: the backbone's own generator scores each response token by
     its probability of it (:func:`groundlab.tldr.evaluation.predict_generator`), on the same records."""
-    kind = read_json(Path(pali) / "config.json", "backbone config").get("model_type")
-    if kind not in GENERATORS:
-        raise ValueError(f"{pali}: model_type {kind!r} is not a TLDR backbone ({sorted(GENERATORS)})")
+    kind = backbone_kind(pali)
     generator = load_pretrained(GENERATORS[kind], pali, f"the {kind} generator", attn_implementation=HF_ATTENTION)
     eval_ds = TldrDataset(data.eval_records, data.root, processor.tokenizer, layout_for(processor, "token"))
     preds = read_predictions(predict_generator(generator, eval_ds, processor,
