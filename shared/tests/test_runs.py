@@ -9,8 +9,10 @@ from groundlab.shared.runs import (
     content_hash,
     mark_complete,
     newest_complete,
+    point_to_model,
     require_complete,
     reuse_or_reset,
+    run_model,
     run_stage,
     weights_hash,
 )
@@ -158,3 +160,23 @@ def test_recipe_stages_are_reused_rebuilt_when_damaged_and_timed(tmp_path, capsy
     assert path == tmp_path / "pkg" / "tiny" / "metrics.json" and "table" in capsys.readouterr().out
     cfg = TrainConfig(max_steps=1, batch_size=1, lr=1.0, bf16="auto")
     assert train_key(cfg)["progress_bar"] is None and train_key(cfg)["bf16"] in (True, False)
+
+
+def test_run_model_follows_the_pointer_not_the_newest_stage(tmp_path):
+    def stage(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "w.bin").write_bytes(name.encode())
+        mark_complete(d)
+        return d
+
+    first = stage("stage2-aaaa")
+    with pytest.raises(FileNotFoundError, match="nothing trained"):
+        run_model(tmp_path / "other", "stage2-*", "train it")
+    assert run_model(tmp_path, "stage2-*", "train it") == first  # no pointer: the newest complete stage
+    point_to_model(tmp_path, first)
+    newer = stage("stage2-bbbb")  # e.g. an ablation's arm, written after the run's own model
+    assert newest_complete(tmp_path, "stage2-*") == newer and run_model(tmp_path, "stage2-*", "x") == first
+    (first / "w.bin").write_bytes(b"damaged")
+    with pytest.raises(FileNotFoundError, match=r"names .*stage2-aaaa, which is not a finished stage .*: retrain"):
+        run_model(tmp_path, "stage2-*", "retrain")

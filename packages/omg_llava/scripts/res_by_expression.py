@@ -9,7 +9,7 @@ shares the target's kind:
 
 Usage (after the run): ``GROUNDLAB_RUNS=runs .venv/bin/python packages/omg_llava/scripts/res_by_expression.py
 --run tiny [--model DIR] [--config packages/omg_llava/configs/tiny.yaml] [overrides of that run ...]``
-(the model: the run's newest finished stage 2 unless ``--model`` names one). The predictions
+(the model: the run's own, unless ``--model`` names one). The predictions
 land in ``runs/omg_llava/<run>/predictions_res_all_sentences.jsonl``; the table is printed and written to
 ``res_by_expression.json`` beside them.
 """
@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="tiny")
     ap.add_argument("--config", default="packages/omg_llava/configs/tiny.yaml")
-    ap.add_argument("--model", default=None, help="an OMG-LLaVA directory (default: the run's newest stage 2)")
+    ap.add_argument("--model", default=None, help="an OMG-LLaVA directory (default: the run's own model)")
     args, extra = ap.parse_known_args()
     cfg = RunConfig.from_yaml(args.config, parse_overrides(extra) | {"name": args.run,
                                                                       "eval.res_all_sentences": True})

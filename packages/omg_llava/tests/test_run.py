@@ -124,3 +124,37 @@ def test_model_llm_may_be_a_saved_llava_whose_language_model_is_taken(tmp_path, 
     llm = llm_from_llava(tmp_path / "llava")
     assert torch.equal(llm.lm_head.weight, llava.lm_head.weight)
     assert torch.equal(llm.get_input_embeddings().weight, llava.get_input_embeddings().weight)
+
+
+def test_ablation_reseeds_stages_and_reports_each_arm(tmp_path, monkeypatch, llm_dir):
+    """Table 5 over two seeds: the full arm's seed 0 is the run's own model (reused, scored the same);
+    every other arm and seed trains its own stages 1-2 on the run's data and frozen segmenter."""
+    from groundlab.omg_llava.cli import _model_dir
+    from groundlab.omg_llava.train import ABLATION_FIGURES, ablation
+
+    monkeypatch.setenv("GROUNDLAB_RUNS", str(tmp_path))
+    m = json.loads(run(config(llm_dir)).read_text())
+    run_dir = tmp_path / "omg_llava" / "t"
+    own = _model_dir("t", None)
+    segmenters = sorted(run_dir.glob("segmenter-*"))
+    ab = json.loads(ablation(config(llm_dir), seeds=(0, 1), arms=("full", "no_prior")).read_text())
+    # seed 0 of the full arm is the run's model: nothing retrained, the same score
+    full0 = json.loads((run_dir / "ablation" / "full_seed0" / "metrics.json").read_text())
+    assert "time/stage2_s" not in full0 and ab["full/seed_0/res/cIoU"] == m["res/cIoU"]
+    assert "time/stage2_s" in json.loads((run_dir / "ablation" / "no_prior_seed1" / "metrics.json").read_text())
+    # 1 + 3 stage-2 models (full seed 1, no_prior seeds 0 and 1), one segmenter shared by all
+    assert len(list(run_dir.glob("stage2-*"))) == 4 and sorted(run_dir.glob("segmenter-*")) == segmenters
+    arm_model = json.loads((run_dir / "ablation" / "no_prior_seed0" / "metrics.json").read_text())["config"]["model"]
+    assert arm_model["config"]["use_prior"] is False
+    for arm in ("full", "no_prior"):
+        for k in ABLATION_FIGURES:
+            values = [ab[f"{arm}/seed_{s}/{k}"] for s in (0, 1)]
+            assert ab[f"{arm}/mean/{k}"] == pytest.approx(np.mean(values))
+            assert ab[f"{arm}/std/{k}"] == pytest.approx(np.std(values, ddof=1))
+    assert ab["seeds"] == 2 and not any(k.startswith("no_object_tokens/") for k in ab)
+    # `segment` / `chat` still load the run's own model, not the newest of the ablation's stages
+    assert _model_dir("t", None) == own
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        ablation(config(llm_dir), seeds=(0,))
+    with pytest.raises(ValueError, match="subset of"):
+        ablation(config(llm_dir), seeds=(0, 1), arms=("no_llm",))

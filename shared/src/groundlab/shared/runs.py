@@ -172,6 +172,29 @@ def require_complete(parent: str | Path, pattern: str, hint: str) -> Path:
     raise FileNotFoundError(f"no complete {pattern} under {parent} ({check_complete(candidates[-1])[1]}): {hint}")
 
 
+MODEL_POINTER = "MODEL"
+"""A run directory's file naming the stage directory of the run's own model, so that other stages
+written beside it (an ablation's arms and seeds) are never taken for it."""
+
+
+def point_to_model(run_root: str | Path, stage_dir: str | Path) -> None:
+    """Record ``stage_dir`` (a stage directory inside ``run_root``) as the run's model."""
+    (Path(run_root) / MODEL_POINTER).write_text(Path(stage_dir).name + "\n")
+
+
+def run_model(run_root: str | Path, pattern: str, hint: str) -> Path:
+    """The run's model: the stage directory its :data:`MODEL_POINTER` names (which must verify), else
+    :func:`require_complete` of ``pattern`` (runs written before the pointer)."""
+    pointer = Path(run_root) / MODEL_POINTER
+    if not pointer.is_file():
+        return require_complete(run_root, pattern, hint)
+    directory = Path(run_root) / pointer.read_text().strip()
+    ok, why = check_complete(directory)
+    if not ok:
+        raise FileNotFoundError(f"{pointer} names {directory}, which is not a finished stage ({why}): {hint}")
+    return directory
+
+
 def run_stage(directory: str | Path, build, force: bool = False, keep: tuple[str, ...] = ("checkpoints",)) -> Path:
     """One cached stage: reuse ``directory`` when its marker verifies, otherwise clear what a half-written
     attempt left (but ``keep``, e.g. the Trainer checkpoints to resume from), call ``build(directory)``

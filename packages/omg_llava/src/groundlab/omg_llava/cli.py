@@ -1,16 +1,20 @@
-"""``groundlab-omg-llava``: train | eval | chat | segment.
+"""``groundlab-omg-llava``: train | eval | ablate | chat | segment | convert-seg.
 
     groundlab-omg-llava train --config packages/omg_llava/configs/tiny.yaml [--force] [--key.sub value ...]
+    groundlab-omg-llava ablate --config packages/omg_llava/configs/tiny.yaml [--seeds 0 1 2] [--arms ARM ...]
     groundlab-omg-llava chat --image X.png --prompt "Could you please give me a detailed description ..."
     groundlab-omg-llava segment --image X.png --prompt "the small red circle" [--out answer.png]
     groundlab-omg-llava convert-seg --checkpoint omg_seg_convl.pth \
         --class-embeddings convnext_large_d_320_CocoPanopticOVDataset.pth --out checkpoints/omg_seg
 
 ``eval`` runs the same pipeline as ``train``; finished stages are reused, so it only re-scores.
+``ablate`` is the paper's Table 5 over seeds (``train.ablation``: the full model, no perception prior,
+no object-centric tokens; stages 1-2 reseeded on the run's data and frozen segmenter).
 ``chat`` and ``segment`` (which asks the RES question for an expression) print the answer and, when it
 has ``[SEG]`` masks, write an overlay PNG next to the image (or at ``--out``) and each mask as
-``<out>.mask<i>.png``. The model is the newest complete stage-2 model of ``runs/omg_llava/<run>/``
-unless ``--model`` names a directory. ``--region x0,y0,x1,y1`` (a box region, repeatable) and
+``<out>.mask<i>.png``. The model is the run's own stage-2 model (the one its ``MODEL`` file names;
+for runs written before that file, the newest complete stage 2 of ``runs/omg_llava/<run>/``) unless
+``--model`` names a directory. ``--region x0,y0,x1,y1`` (a box region, repeatable) and
 ``--point x,y`` (repeatable) fill the prompt's ``<region>`` / ``<mark>`` placeholders. ``convert-seg``
 writes the release's OMG-Seg as an ``OMGSegModel`` directory (see ``convert.load_omg_seg``).
 """
@@ -27,13 +31,14 @@ from groundlab.shared.inputs import check_box, check_point, check_text, parse_nu
 
 
 def _model_dir(run: str, model: str | None) -> Path:
-    from groundlab.shared.runs import require_complete, runs_root
+    from groundlab.shared.runs import run_model, runs_root
 
     if model:
         if not (Path(model) / "config.json").is_file():
             raise FileNotFoundError(f"--model {model}: no saved OMG-LLaVA there (config.json missing)")
         return Path(model)
-    return require_complete(runs_root() / "omg_llava" / run, "stage2-*", "run `make train-omg` first") / "model"
+    # the run's own model (an ablation's arms and seeds sit beside it)
+    return run_model(runs_root() / "omg_llava" / run, "stage2-*", "run `make train-omg` first") / "model"
 
 
 def box_mask(box: tuple[float, float, float, float], shape: tuple[int, int]) -> np.ndarray:
@@ -47,10 +52,26 @@ def box_mask(box: tuple[float, float, float, float], shape: tuple[int, int]) -> 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     package_cli("groundlab-omg-llava", "groundlab.omg_llava.train", argv, _add_commands,
-                {"chat": chat, "segment": chat, "convert-seg": convert_seg})
+                {"chat": chat, "segment": chat, "convert-seg": convert_seg, "ablate": ablate})
+
+
+def ablate(args) -> None:
+    """Table 5 over seeds (``train.ablation``)."""
+    from .train import RunConfig, ablation
+
+    if not args.config.is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    ablation(RunConfig.from_yaml(args.config), tuple(args.seeds), arms=tuple(args.arms) if args.arms else None,
+             force=args.force)
 
 
 def _add_commands(sub) -> None:
+    a = sub.add_parser("ablate", help="the paper's Table 5 (perception prior, object-centric tokens) over seeds")
+    a.add_argument("--config", required=True, type=Path)
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help="a subset of full, no_prior, no_object_tokens (default: all)")
+    a.add_argument("--force", action="store_true")
     for name, help_text in (("chat", "answer a prompt about an image"),
                             ("segment", "segment what an expression refers to")):
         c = sub.add_parser(name, help=help_text)

@@ -25,9 +25,10 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -38,7 +39,7 @@ from groundlab.shared.distributed import get_world_size, seed_everything, setup_
 from groundlab.shared.loading import load_pretrained, load_state, torch_load
 from groundlab.shared.lora import apply_lora, linear_names
 from groundlab.shared.recipe import Recipe, train_key
-from groundlab.shared.runs import content_hash, weights_hash, write_metrics
+from groundlab.shared.runs import content_hash, point_to_model, weights_hash, write_metrics
 from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 from groundlab.shared.world_io import check_refer
@@ -333,6 +334,17 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     recipe = Recipe("omg_llava", cfg.name, force)
     data = prepare_data(recipe, cfg)
     builder = ModelBuilder(cfg, pretrain_segmenter(recipe, cfg))
+    model, tok, cache, s2_dir = train_and_load(recipe, cfg, data, builder)
+    point_to_model(recipe.root, s2_dir)  # what `chat` / `segment` load (an ablation's stages sit beside it)
+    evaluate_run(recipe, cfg, data, model, tok, builder.fresh(cfg.stage1.seed + 1)[0], cache)
+    return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.data.eval_tasks))
+
+
+def train_and_load(recipe: Recipe, cfg: RunConfig, data: Data, builder: ModelBuilder
+                   ) -> tuple[OMGLlavaForCausalLM, object, PerceptionCache, Path]:
+    """Stages 1 and 2 of ``cfg`` (stages of ``recipe``, reused when complete), then the trained model
+    loaded back from its directory, its tokenizer, the perception cache of every image and the
+    stage-2 directory."""
     model, tok = builder.fresh(cfg.stage1.seed)
     t0 = time.time()
     cache = PerceptionCache(model, image_paths(data.stage1 + data.stage2 + [s for v in data.eval.values() for s in v]))
@@ -347,8 +359,69 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     tok = AutoTokenizer.from_pretrained(s2_dir / "model")
     model.check_tokenizer(tok)
     cache.model = model
-    evaluate_run(recipe, cfg, data, model, tok, builder.fresh(cfg.stage1.seed + 1)[0], cache)
-    return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.data.eval_tasks))
+    return model, tok, cache, s2_dir
+
+
+ABLATION_ARMS = {"full": {}, "no_prior": {"use_prior": False}, "no_object_tokens": {"use_object_tokens": False}}
+"""Table 5 at toy scale: the whole model, and each of its two parts taken out alone (the perception
+prior zeroed; no object-centric tokens). The paper adds them cumulatively to a baseline without both."""
+ABLATION_FIGURES = ("res/cIoU", "res/gIoU", "gcg/METEOR", "gcg/CIDEr", "gcg/AP50", "gcg/mIoU", "gcg/recall",
+                    "region/METEOR", "region/CIDEr")
+
+
+def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str, ...] | None = None,
+             force: bool = False) -> Path:
+    """Table 5 over seeds: each arm of :data:`ABLATION_ARMS` (default: all) trains stages 1 and 2 with
+    every seed in ``seeds`` (the new parts' initialisation and the data order) on the run's data and
+    frozen segmenter, and is scored on the run's held-out samples; per seed, mean and standard
+    deviation (ddof 1). The stages are the run ``cfg.name``'s (``make train-omg``'s seed-0 model is
+    the full arm's seed 0, reused); each arm and seed's predictions and figures land in
+    ``runs/omg_llava/<name>/ablation/<arm>_seed<k>/``, the table in ``.../ablation/metrics.json``."""
+    setup_logging()
+    if len(seeds) < 2:
+        raise ValueError(f"an ablation needs at least 2 seeds for a spread, got {list(seeds)}")
+    arms = tuple(ABLATION_ARMS) if arms is None else tuple(arms)
+    if not arms or any(a not in ABLATION_ARMS for a in arms):
+        raise ValueError(f"arms must be a non-empty subset of {list(ABLATION_ARMS)}, got {list(arms)}")
+    stages = Recipe("omg_llava", cfg.name, force)
+    data = prepare_data(stages, cfg)
+    seg_path = pretrain_segmenter(stages, cfg)
+    out = Recipe("omg_llava", f"{cfg.name}/ablation")
+    for arm in arms:
+        per_seed = []
+        for seed in seeds:
+            c = replace(cfg, model=replace(cfg.model, config={**cfg.model.config, **ABLATION_ARMS[arm]}),
+                        stage1=replace(cfg.stage1, seed=seed), stage2=replace(cfg.stage2, seed=seed))
+            seed_everything(seed)
+            one = Recipe("omg_llava", f"{cfg.name}/ablation/{arm}_seed{seed}")
+            stages.metrics = one.metrics  # the stages' build times land with the arm that built them
+            model, tok, cache, _ = train_and_load(stages, c, data, ModelBuilder(c, seg_path))
+            evaluate_run(one, c, data, model, tok, None, cache, extras=False)
+            one.finish(c.to_dict())
+            per_seed.append(one.metrics)
+            out.metrics |= {f"{arm}/seed_{seed}/{k}": one.metrics[k] for k in ABLATION_FIGURES if k in one.metrics}
+        for k in ABLATION_FIGURES:
+            values = [m[k] for m in per_seed if k in m]
+            if len(values) == len(seeds):
+                out.metrics |= {f"{arm}/mean/{k}": float(np.mean(values)), f"{arm}/std/{k}": float(np.std(values, ddof=1))}
+    out.metrics["seeds"] = len(seeds)
+    return out.finish(cfg.to_dict() | {"ablation_seeds": list(seeds), "ablation_arms": list(arms)}, print_ablation)
+
+
+def print_ablation(m: dict) -> None:
+    names = {"full": "full model", "no_prior": "without the perception prior",
+             "no_object_tokens": "without object-centric tokens"}
+    shown = [arm for arm in names if f"{arm}/mean/res/cIoU" in m]
+    print(f"\nTable 5 (mean ± std over {m['seeds']} seeds of stages 1-2; the same data and frozen segmenter)\n"
+          "| | " + " | ".join(ABLATION_FIGURES) + " |\n|---|" + "---|" * len(ABLATION_FIGURES))
+    for arm in shown:
+        print(f"| {names[arm]} | " + " | ".join(
+            "-" if f"{arm}/mean/{k}" not in m else f"{m[f'{arm}/mean/{k}']:.3f} ± {m[f'{arm}/std/{k}']:.3f}"
+            for k in ABLATION_FIGURES) + " |")
+    for arm in shown:
+        per_seed = sorted((int(k.split("/")[1].removeprefix("seed_")), v) for k, v in m.items()
+                          if k.startswith(f"{arm}/seed_") and k.endswith("/res/cIoU"))
+        print(f"RES cIoU per seed, {names[arm]}: " + " / ".join(f"{v:.3f}" for _, v in per_seed))
 
 
 def score_predictions(cfg: RunConfig, path: Path) -> dict[str, float]:
@@ -511,16 +584,18 @@ def _instances(data: Data) -> tuple[dict[str, list], dict[str, list]]:
             {i: refer.instance_categories(ids[Path(i)]) for i in images})
 
 
-def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrained, cache) -> None:
+def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrained, cache, extras: bool = True) -> None:
     """5. Predictions JSONL, then scores from the file, for every eval task, the trained and the
-    untrained model, beside the trivial baselines (whole image / random object / every object for RES,
-    the most frequent training answer for the others)."""
+    untrained model (``untrained`` None: the trained one only), beside the trivial baselines (whole
+    image / random object / every object for RES, the most frequent training answer for the others),
+    the oracles and the object-token coverage (``extras``; the ablation's arms skip them)."""
     instances, categories = _instances(data)
     m, root = recipe.metrics, recipe.root
     t0 = time.time()
     for task, samples in data.eval.items():
         ds = _dataset(cfg, samples, tok, model, cache)
-        for name, net in (("", model), ("baseline/untrained/", untrained)):
+        nets = [("", model)] + ([("baseline/untrained/", untrained)] if untrained is not None else [])
+        for name, net in nets:
             path = predict(net, ds, tok, root / f"predictions_{name.replace('/', '_')}{task}.jsonl",
                            cfg.eval.batch_size, cfg.eval.max_new_tokens.get(task, 48))
             m |= {f"{name}{task}/{k}": v for k, v in score(task, path, samples).items()}
@@ -530,6 +605,8 @@ def evaluate_run(recipe: Recipe, cfg: RunConfig, data: Data, model, tok, untrain
                 if all(c is not None for cats in categories.values() for c in cats):
                     m |= {f"{name}res/{k}": v
                           for k, v in res_by_distractor(preds, samples, instances, categories).items()}
+        if not extras:
+            continue
         if task == "res":
             for kind in ("whole", "random_object", "largest_object", "union"):
                 path = baseline_predictions(samples, kind, root / f"predictions_baseline_{kind}_res.jsonl",

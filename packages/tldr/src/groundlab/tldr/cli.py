@@ -22,23 +22,17 @@ from groundlab.shared.inputs import check_text
 
 
 def _find_model(name: str, model: str | None) -> Path:
-    from groundlab.shared.runs import require_complete, runs_root
+    from groundlab.shared.runs import run_model, runs_root
 
     if model:
         if not (Path(model) / "model.json").is_file():
             raise FileNotFoundError(f"--model {model}: no TLDR model there (model.json missing)")
         return Path(model)
-    from .train import MODEL_POINTER
-
-    root = runs_root() / "tldr" / name
-    pointer = root / MODEL_POINTER
-    if pointer.is_file():  # the run's own model (the ablation's seeds and arms sit beside it)
-        model_dir = root / pointer.read_text().strip()
-        if not (model_dir / "COMPLETE").is_file() or not (model_dir / "model.json").is_file():
-            raise FileNotFoundError(f"{pointer} names {model_dir}, which is not a finished TLDR model; "
-                                    "run `make train-tldr` again")
-        return model_dir
-    return require_complete(root, "tldr-*", "run `make train-tldr` first")
+    # the run's own model (the ablation's seeds and arms sit beside it)
+    model_dir = run_model(runs_root() / "tldr" / name, "tldr-*", "run `make train-tldr` first")
+    if not (model_dir / "model.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a TLDR model (model.json missing); run `make train-tldr` again")
+    return model_dir
 
 
 def _load(model_dir: Path):

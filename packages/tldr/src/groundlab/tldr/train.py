@@ -33,7 +33,7 @@ from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
 from groundlab.shared.recipe import Recipe, train_key
-from groundlab.shared.runs import write_metrics
+from groundlab.shared.runs import point_to_model, write_metrics
 from groundlab.shared.training import TrainConfig, train
 from groundlab.shared.world import World, WorldConfig
 
@@ -167,7 +167,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     heads = {"tldr": "token"} | ({"naive": "last"} if cfg.naive else {})
     models = {tag: train_reward_model(recipe, cfg, pali, processor, data, tag, head) for tag, head in heads.items()}
     # the run's TLDR model, by name: the ablation adds more tldr-* stages to the same directory
-    (recipe.root / MODEL_POINTER).write_text(models["tldr"].name + "\n")
+    point_to_model(recipe.root, models["tldr"])
     scored = {tag: evaluate_reward_model(recipe, cfg, pali, processor, data, models[tag], tag, head)
               for tag, head in heads.items()}
     generator_baseline(recipe, pali, processor, data)
@@ -290,8 +290,6 @@ def _score_model(cfg: RunConfig, pali: Path, processor, data: Data, model_dir: P
     return model, score_tldr(preds) if head == "token" else score_naive(preds), preds
 
 
-MODEL_POINTER = "MODEL"
-"""A run's file naming its TLDR model's stage directory (what ``score`` loads)."""
 ABLATION_ARMS = {"projector_decoder": {}, "projector": {"lora_decoder": False}, "decoder": {"lora_projector": False}}
 """Table 2: where TLDR's LoRA goes (the paper's default is both); ``naive`` is the naive RM beside them."""
 ABLATION_FIGURES = ("A_T", "A_S", "A_R", "A_R_balanced", "mAP_neg", "mAP_pos")
