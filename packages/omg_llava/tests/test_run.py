@@ -158,3 +158,13 @@ def test_ablation_reseeds_stages_and_reports_each_arm(tmp_path, monkeypatch, llm
         ablation(config(llm_dir), seeds=(0,))
     with pytest.raises(ValueError, match="subset of"):
         ablation(config(llm_dir), seeds=(0, 1), arms=("no_llm",))
+
+
+def test_ablate_command_offers_the_recipes_arms_and_checks_its_config(tmp_path):
+    from groundlab.omg_llava.cli import ABLATE, main
+    from groundlab.omg_llava.train import ABLATION_ARMS
+
+    assert ABLATE[1] == tuple(ABLATION_ARMS)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2

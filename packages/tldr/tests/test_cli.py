@@ -33,6 +33,8 @@ def files(tmp_path, monkeypatch):
     (["score-jsonl", "--input", "{d}/keys.jsonl", "--image-root", "{d}", "--out", "{d}/o.jsonl"], "keys.jsonl:1: missing keys ['response']"),
     (["score-jsonl", "--input", "{d}/img.jsonl", "--image-root", "{d}", "--out", "{d}/o.jsonl"], "image not found"),
     (["score-jsonl", "--input", "{d}/ok.jsonl", "--image-root", "{d}/nowhere", "--out", "{d}/o.jsonl"], "is not a directory"),
+    (["ablate", "--config", "{d}/none.yaml"], "--config {d}/none.yaml: no such file"),
+    (["ablate", "--config", "{d}/none.yaml", "--seeds", "0", "1", "--unknown"], "unexpected arguments ['--unknown']"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, capsys, args, message):
     good = '{"image": "a.png", "prompt": "caption en", "response": "a red circle."}\n'
@@ -45,7 +47,13 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, args, message):
         cli.main([a.replace("{d}", str(files)) for a in args])
     assert err.value.code == 2
     out = capsys.readouterr().err.strip()
-    assert out.startswith("error: ") and message in out and "\n" not in out
+    assert out.startswith("error: ") and message.replace("{d}", str(files)) in out and "\n" not in out
+
+
+def test_ablate_offers_the_recipes_arms():
+    from groundlab.tldr.train import ABLATION_ARMS
+
+    assert set(cli.ABLATE[1]) == {*ABLATION_ARMS, "naive"}
 
 
 def test_eval_scores_a_predictions_file_without_a_model(files, capsys):

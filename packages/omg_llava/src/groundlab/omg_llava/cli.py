@@ -49,29 +49,19 @@ def box_mask(box: tuple[float, float, float, float], shape: tuple[int, int]) -> 
     return m
 
 
+ABLATE = ("the paper's Table 5 (perception prior, object-centric tokens) over seeds",
+          ("full", "no_prior", "no_object_tokens"))
+"""The ``ablate`` command's help and arms (``train.ablation``'s; imported only when it runs)."""
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     package_cli("groundlab-omg-llava", "groundlab.omg_llava.train", argv, _add_commands,
-                {"chat": chat, "segment": chat, "convert-seg": convert_seg, "ablate": ablate})
-
-
-def ablate(args) -> None:
-    """Table 5 over seeds (``train.ablation``)."""
-    from .train import RunConfig, ablation
-
-    if not args.config.is_file():
-        raise FileNotFoundError(f"--config {args.config}: no such file")
-    ablation(RunConfig.from_yaml(args.config), tuple(args.seeds), arms=tuple(args.arms) if args.arms else None,
-             force=args.force)
+                {"chat": chat, "segment": chat, "convert-seg": convert_seg},
+                ablation=ABLATE)
 
 
 def _add_commands(sub) -> None:
-    a = sub.add_parser("ablate", help="the paper's Table 5 (perception prior, object-centric tokens) over seeds")
-    a.add_argument("--config", required=True, type=Path)
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    a.add_argument("--arms", nargs="+", default=None, metavar="ARM",
-                   help="a subset of full, no_prior, no_object_tokens (default: all)")
-    a.add_argument("--force", action="store_true")
     for name, help_text in (("chat", "answer a prompt about an image"),
                             ("segment", "segment what an expression refers to")):
         c = sub.add_parser(name, help=help_text)

@@ -58,29 +58,19 @@ def _load(model_dir: Path):
     return model, processor, layout_for(processor)
 
 
+ABLATE = ("Table 2 (where the LoRA goes) and the naive RM, over seeds",
+          ("projector_decoder", "naive", "projector", "decoder"))
+"""The ``ablate`` command's help and arms (``train.ablation``'s; imported only when it runs)."""
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     package_cli("groundlab-tldr", "groundlab.tldr.train", argv, _add_commands,
-                {"score": score, "score-jsonl": score, "ablate": ablate})
-
-
-def ablate(args) -> None:
-    """Table 2 and the naive RM over seeds (``train.ablation``)."""
-    from .train import RunConfig, ablation
-
-    if not args.config.is_file():
-        raise FileNotFoundError(f"--config {args.config}: no such file")
-    ablation(RunConfig.from_yaml(args.config), tuple(args.seeds), force=args.force,
-             arms=tuple(args.arms) if args.arms else None)
+                {"score": score, "score-jsonl": score},
+                ablation=ABLATE)
 
 
 def _add_commands(sub) -> None:
-    a = sub.add_parser("ablate", help="Table 2 (where the LoRA goes) and the naive RM, over seeds")
-    a.add_argument("--config", required=True, type=Path)
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    a.add_argument("--arms", nargs="+", default=None, metavar="ARM",
-                   help="a subset of projector_decoder, naive, projector, decoder (default: all)")
-    a.add_argument("--force", action="store_true")
     s = sub.add_parser("score", help="per-token probabilities of one response, flagged tokens highlighted")
     s.add_argument("--image", required=True, type=Path)
     s.add_argument("--text", required=True)
