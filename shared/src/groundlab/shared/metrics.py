@@ -263,3 +263,14 @@ def average_precision(labels, scores) -> float:
     precision = tp / (last_of_tie + 1)
     recall = tp / n_pos
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def seed_summary(arm: str, per_seed: Sequence[Mapping[str, float]], figures: Sequence[str]) -> dict[str, float]:
+    """``<arm>/mean/<figure>`` and ``<arm>/std/<figure>`` (ddof 1) over the seeds' metrics, for each
+    figure that every seed reported."""
+    out = {}
+    for k in figures:
+        values = [m[k] for m in per_seed if k in m]
+        if len(values) == len(per_seed):
+            out |= {f"{arm}/mean/{k}": float(np.mean(values)), f"{arm}/std/{k}": float(np.std(values, ddof=1))}
+    return out

@@ -28,7 +28,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -38,6 +37,7 @@ from groundlab.shared.config import RunConfigFile, iter_jsonl, model_overrides, 
 from groundlab.shared.distributed import get_world_size, seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, load_state, torch_load
 from groundlab.shared.lora import apply_lora, linear_names
+from groundlab.shared.metrics import seed_summary
 from groundlab.shared.recipe import Recipe, train_key
 from groundlab.shared.runs import content_hash, point_to_model, weights_hash, write_metrics
 from groundlab.shared.training import TrainConfig, train
@@ -400,10 +400,7 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
             one.finish(c.to_dict())
             per_seed.append(one.metrics)
             out.metrics |= {f"{arm}/seed_{seed}/{k}": one.metrics[k] for k in ABLATION_FIGURES if k in one.metrics}
-        for k in ABLATION_FIGURES:
-            values = [m[k] for m in per_seed if k in m]
-            if len(values) == len(seeds):
-                out.metrics |= {f"{arm}/mean/{k}": float(np.mean(values)), f"{arm}/std/{k}": float(np.std(values, ddof=1))}
+        out.metrics |= seed_summary(arm, per_seed, ABLATION_FIGURES)
     out.metrics["seeds"] = len(seeds)
     return out.finish(cfg.to_dict() | {"ablation_seeds": list(seeds), "ablation_arms": list(arms)}, print_ablation)
 

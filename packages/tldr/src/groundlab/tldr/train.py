@@ -23,7 +23,6 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 from transformers import AutoProcessor
 
 from groundlab.shared.attention import HF_ATTENTION
@@ -32,6 +31,7 @@ from groundlab.shared.config import RunConfigFile, model_overrides, one_of, posi
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained
 from groundlab.shared.lora import load_adapter, save_adapter, trainable_report
+from groundlab.shared.metrics import seed_summary
 from groundlab.shared.recipe import Recipe, train_key
 from groundlab.shared.runs import point_to_model, write_metrics
 from groundlab.shared.training import TrainConfig, train
@@ -329,10 +329,7 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), force: bool = F
                                         out.root / f"predictions_{arm}_seed{seed}.jsonl")
             per_seed.append(scores)
             out.metrics |= {f"{arm}/seed_{seed}/{k}": scores[k] for k in ABLATION_FIGURES if k in scores}
-        for k in ABLATION_FIGURES:
-            values = [s[k] for s in per_seed if k in s]
-            if len(values) == len(seeds):
-                out.metrics |= {f"{arm}/mean/{k}": float(np.mean(values)), f"{arm}/std/{k}": float(np.std(values, ddof=1))}
+        out.metrics |= seed_summary(arm, per_seed, ABLATION_FIGURES)
     out.metrics["seeds"] = len(seeds)
     return out.finish(cfg.to_dict() | {"ablation_seeds": list(seeds)}, print_ablation)
 
