@@ -22,6 +22,7 @@ help:
 	@echo "make eval-<pkg>       evaluate the package's default run"
 	@echo "make bases            train the tiny pretrained bases"
 	@echo "make ablate-tldr      TLDR's Table 2 ablation and the naive RM over three seeds (its own budget)"
+	@echo "make ablate-ivm       IVM's DWSL comparison over three seeds (its own budget, after make train-ivm)"
 	@echo "make ablate-omg       OMG-LLaVA's Table 5 ablation over three seeds (after make train-omg)"
 	@echo "make bench            benchmarks (JSON + table under runs/bench/)"
 	@echo "make lint             ruff"
@@ -72,6 +73,10 @@ bases: setup
 .PHONY: ablate-omg
 ablate-omg: setup
 	$(PY) -m groundlab.omg_llava.cli ablate --config packages/omg_llava/configs/tiny.yaml
+
+.PHONY: ablate-ivm
+ablate-ivm: setup
+	$(PY) -m groundlab.ivm.cli ablate --config packages/ivm/configs/tiny.yaml
 
 .PHONY: ablate-tldr
 ablate-tldr: setup

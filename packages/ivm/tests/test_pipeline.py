@@ -6,11 +6,31 @@ import pytest
 from PIL import Image
 
 from groundlab.ivm.configuration import IVMConfig
-from groundlab.ivm.data import HUMAN_SPLITS
-from groundlab.ivm.train import ARMS, RunConfig
+from groundlab.ivm.data import HUMAN_SPLITS, Item
+from groundlab.ivm.train import ARMS, Data, RunConfig, arm_items, oracle_weights
 from groundlab.shared.bases import ensure_base, smoke_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_diagnostic_arms_read_the_corruption_tags():
+    def item(name, human, corruption=None):
+        extra = {} if corruption is None else {"corruption": corruption}
+        return Item(name, Path("i.jpg"), Path("m.jpg"), ["x"], human, "HumanLabelData" if human else "VQAMachineData", extra)
+
+    human = [item("h0", True), item("h1", True)]
+    machine = [item("m0", False, "none"), item("m1", False, "wrong_object"), item("m2", False, "shifted"),
+               item("m3", False, "none")]
+    data = Data(Path("."), human, machine)
+    assert [it.uuid for it in arm_items(data, "human_only")] == ["h0", "h1"]
+    assert [it.uuid for it in arm_items(data, "mixed_uniform")] == ["h0", "h1", "m0", "m1", "m2", "m3"]
+    assert [it.uuid for it in arm_items(data, "mixed_clean")] == ["h0", "h1", "m0", "m3"]
+    assert oracle_weights(data.mixed).tolist() == pytest.approx([0.9, 0.9, 0.9, 0.1, 0.1, 0.9])
+    untagged = Data(Path("."), human, [item("real0", False)])  # real data: no tags, the diagnostics refuse it
+    with pytest.raises(ValueError, match="real0: the diagnostic arms need"):
+        arm_items(untagged, "mixed_clean")
+    with pytest.raises(ValueError, match="real0: the diagnostic arms need"):
+        oracle_weights(untagged.mixed)
 
 
 def test_config_parses_and_rejects_unknown_keys_and_arms(tmp_path):
@@ -102,6 +122,28 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
     alone = json.loads(Path(run(oracle_only)).read_text())
     assert alone["mixed_oracle/mIoU"] == pytest.approx(m["mixed_oracle/mIoU"], abs=1e-6)
     assert not any(k.startswith("vqa/") for k in alone)
+
+    # the DWSL comparison over two seeds: seed 0 is the run's own models (scored the same), seed 1 trains
+    # its own discriminator and arms; the table's mean and spread are the seeds' figures
+    from groundlab.ivm.cli import ABLATE
+    from groundlab.ivm.train import ablation
+
+    assert ABLATE[1] == ARMS
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        ablation(cfg, (0,))
+    arms = ("human_only", "mixed_dwsl")
+    table = json.loads(Path(ablation(cfg, (0, 1), arms=arms)).read_text())
+    assert table["seeds"] == 2 and table["config"]["ablation_arms"] == list(arms)
+    for arm in arms:
+        assert table[f"{arm}/seed_0/mIoU"] == pytest.approx(m[f"{arm}/mIoU"], abs=1e-6)
+        seed1 = json.loads((run_dir / "ablation" / "seed1" / "metrics.json").read_text())[f"{arm}/mIoU"]
+        assert table[f"{arm}/seed_1/mIoU"] == seed1
+        assert table[f"{arm}/mean/mIoU"] == pytest.approx((m[f"{arm}/mIoU"] + seed1) / 2)
+        assert table[f"{arm}/std/mIoU"] == pytest.approx(abs(m[f"{arm}/mIoU"] - seed1) / np.sqrt(2))
+    assert table["discriminator/mean/dwsl/mean_weight_human"] == pytest.approx(
+        (m["dwsl/mean_weight_human"] + json.loads((run_dir / "ablation" / "seed1" / "metrics.json").read_text())[
+            "dwsl/mean_weight_human"]) / 2)
+    assert len(list(run_dir.glob("discriminator-*"))) == 2  # one per seed
 
     # the CLI masks an image with a trained arm
     from groundlab.ivm.cli import main as cli

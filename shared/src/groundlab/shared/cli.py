@@ -103,7 +103,7 @@ def add_ablate_command(subparsers, help_text: str, arms: tuple[str, ...]) -> Non
     a.add_argument("--config", required=True, type=Path)
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--arms", nargs="+", default=None, metavar="ARM",
-                   help=f"a subset of {', '.join(arms)} (default: all)")
+                   help=f"a subset of {', '.join(arms)} (default: the package's own set)")
     a.add_argument("--force", action="store_true")
 
 

@@ -28,9 +28,14 @@ def _checkpoint(run: str, arm: str, checkpoint: str | None) -> Path:
     return require_complete(runs_root() / "ivm" / run, f"{arm}-*", "run `make train-ivm` first") / "ivm.pth"
 
 
+ABLATE = ("the DWSL comparison over seeds (default: the config's arms)",
+          ("human_only", "mixed_uniform", "mixed_label", "mixed_dwsl", "mixed_oracle", "mixed_clean"))
+"""The ``ablate`` command's help and arms (``train.ablation``'s; imported only when it runs)."""
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    package_cli("groundlab-ivm", "groundlab.ivm.train", argv, _add_commands, {"mask": mask})
+    package_cli("groundlab-ivm", "groundlab.ivm.train", argv, _add_commands, {"mask": mask}, ablation=ABLATE)
 
 
 def _add_commands(sub) -> None:

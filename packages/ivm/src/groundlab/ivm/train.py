@@ -9,8 +9,9 @@ Stages (each reused on a second run with the same config, recomputed with ``forc
 3. generator arms (stage II), same seed, steps and initialisation: ``human_only`` (uniform weights),
    ``mixed_uniform`` (human + machine, no weighting), ``mixed_label`` (``0.2 + 0.8 * is_human``), and
    ``mixed_dwsl`` (``clip(sigmoid(D), 0.1, 0.9)`` from stage I, computed once per item on its label),
-   and the diagnostic ``mixed_oracle`` (the world only: 0.9 for every correct label, 0.1 for every
-   corrupted one, i.e. DWSL with a perfect discriminator);
+   and two diagnostics the world's corruption tags allow: ``mixed_oracle`` (0.9 for every correct
+   label, 0.1 for every corrupted one, i.e. DWSL with a perfect discriminator) and ``mixed_clean``
+   (the corrupted machine items dropped, the rest uniform: what a perfect filter keeps);
 4. evaluation on clean held-out scenes: heatmap mIoU / pixel AP / REC accuracy of each arm, beside the
    whole-image and untrained baselines; downstream VQA of the tiny LLaVA base on cluttered scenes
    without IVM, with the best arm's masks, and with the true masks (oracle).
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from groundlab.shared.bases.vlm import TinyVLMConfig
 from groundlab.shared.config import RunConfigFile, model_overrides, non_negative, one_of, positive, within
 from groundlab.shared.distributed import seed_everything, setup_logging
 from groundlab.shared.loading import load_pretrained, torch_load
-from groundlab.shared.metrics import auroc
+from groundlab.shared.metrics import auroc, seed_summary
 from groundlab.shared.recipe import Recipe, train_key
 from groundlab.shared.runs import content_hash, write_metrics
 from groundlab.shared.training import TrainConfig, train
@@ -66,7 +67,12 @@ from .processing import IVMCollator
 
 logger = logging.getLogger("groundlab")
 
-ARMS = ("human_only", "mixed_uniform", "mixed_label", "mixed_dwsl", "mixed_oracle")
+ARMS = ("human_only", "mixed_uniform", "mixed_label", "mixed_dwsl", "mixed_oracle", "mixed_clean")
+DIAGNOSTIC_ARMS = ("mixed_oracle", "mixed_clean")  # they read the world's corruption tags
+ARM_LABELS = {"human_only": "human only", "mixed_uniform": "human + machine, no DWSL",
+              "mixed_label": "human + machine, label weights 0.2 + 0.8 h", "mixed_dwsl": "human + machine, DWSL",
+              "mixed_oracle": "human + machine, DWSL with a perfect discriminator (diagnostic)",
+              "mixed_clean": "human + the clean machine items only, a perfect filter (diagnostic)"}
 
 
 @dataclass
@@ -196,12 +202,20 @@ class GeneratorForTraining(nn.Module):
         return {"loss": out.loss, "logits": out.logits}
 
 
+def corruption_tag(item) -> str:
+    """The world export's corruption of an item's label (``"none"`` for a human or clean one); an error
+    on real data, which has no tags, since only the diagnostic arms read them."""
+    if item.is_human:
+        return "none"
+    if "corruption" not in item.extra:
+        raise ValueError(f"{item.uuid}: the diagnostic arms need the world export's 'corruption' tags on machine items")
+    return item.extra["corruption"]
+
+
 def oracle_weights(items: list, low: float = 0.1, high: float = 0.9) -> torch.Tensor:
     """DWSL's weights from a perfect discriminator: ``high`` for a correct label (human, or a machine
     label the world export left uncorrupted), ``low`` for a corrupted one."""
-    if any(not it.is_human and "corruption" not in it.extra for it in items):
-        raise ValueError("the oracle arm needs the world export's 'corruption' tags on machine items")
-    return torch.tensor([high if it.is_human or it.extra["corruption"] == "none" else low for it in items])
+    return torch.tensor([high if corruption_tag(it) == "none" else low for it in items])
 
 
 @torch.no_grad()
@@ -238,6 +252,85 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         arm_models[arm] = evaluate_arm(recipe, cfg, bases, samples, arm, arm_dir)
     downstream_vqa(recipe, cfg, bases, arm_models)
     return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.arms))
+
+
+ABLATION_FIGURES = ("mIoU", "pixel_AP", "rec_acc", "mIoU_3_objects", "condition_cosine")
+DISCRIMINATOR_FIGURES = ("dwsl/mean_weight_human", "dwsl/mean_weight_machine_clean", "dwsl/mean_weight_machine_corrupted",
+                         "discriminator/heldout_auroc_clean_vs_corrupted")
+
+
+def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), force: bool = False,
+             arms: tuple[str, ...] | None = None) -> Path:
+    """The DWSL comparison over seeds: every arm of ``arms`` (default: the config's) trained with each
+    seed in ``seeds`` (the generator's initialisation and data order, and the discriminator's, so
+    DWSL's spread includes its discriminator's), on the same data and steps; each scored on the same
+    held-out scenes. The models are stages of the run ``cfg.name`` (seed 0 is the run's own, reused);
+    each seed's figures and predictions land in ``runs/ivm/<name>/ablation/seed<k>/``, the table
+    (mean and standard deviation, ddof 1) in ``runs/ivm/<name>/ablation/metrics.json``."""
+    setup_logging()
+    if len(seeds) < 2:
+        raise ValueError(f"an ablation needs at least 2 seeds for a spread, got {list(seeds)}")
+    arms = tuple(arms) if arms is not None else tuple(cfg.arms)
+    if not arms or any(a not in ARMS for a in arms):
+        raise ValueError(f"arms must be a non-empty subset of {list(ARMS)}, got {list(arms)}")
+    stages, out = Recipe("ivm", cfg.name, force), Recipe("ivm", f"{cfg.name}/ablation")
+    bases = Bases.resolve(cfg)
+    data = prepare_data(stages, cfg)
+    samples = eval_samples(cfg)
+    per_seed: dict[str, list] = {a: [] for a in (*arms, "discriminator")}
+    for seed in seeds:
+        c = replace(cfg, generator=replace(cfg.generator, seed=seed),
+                    discriminator=replace(cfg.discriminator, seed=seed))
+        seed_everything(seed)
+        scores = Recipe("ivm", f"{cfg.name}/ablation/seed{seed}")
+        item_weights, d_dir = None, None
+        if "mixed_dwsl" in arms:
+            d_dir = train_discriminator(stages, c, bases, data)
+            item_weights = dwsl_item_weights(scores, c, bases, data, d_dir)
+            per_seed["discriminator"].append(scores.metrics)
+        for arm in arms:
+            evaluate_arm(scores, c, bases, samples, arm, train_arm(stages, c, bases, data, arm, item_weights, d_dir))
+            figures = {k.removeprefix(f"{arm}/"): v for k, v in scores.metrics.items() if k.startswith(f"{arm}/")}
+            per_seed[arm].append(figures)
+            out.metrics |= {f"{arm}/seed_{seed}/{k}": figures[k] for k in ABLATION_FIGURES if k in figures}
+        scores.finish(c.to_dict(), lambda m: print_table(m, arms, downstream=False))
+    for arm in arms:
+        out.metrics |= seed_summary(arm, per_seed[arm], ABLATION_FIGURES)
+    if per_seed["discriminator"]:
+        out.metrics |= seed_summary("discriminator", per_seed["discriminator"], DISCRIMINATOR_FIGURES)
+    out.metrics["seeds"] = len(seeds)
+    return out.finish(cfg.to_dict() | {"ablation_seeds": list(seeds), "ablation_arms": list(arms)},
+                      lambda m: print_ablation(m, arms))
+
+
+def print_ablation(m: dict, arms=ARMS) -> None:
+    def f(arm, k, scale=100.0, fmt="{:.1f}"):
+        mean, std = m.get(f"{arm}/mean/{k}"), m.get(f"{arm}/std/{k}")
+        return "-" if mean is None else f"{fmt.format(scale * mean)} ± {fmt.format(scale * std)}"
+
+    seeds = m["seeds"]
+    print(f"\nThe DWSL comparison (mean ± std over {seeds} seeds; the same data, steps and held-out scenes)\n"
+          "| training data / weighting | heatmap mIoU | pixel AP | REC acc | mIoU, 3 objects | condition cosine | "
+          "mIoU per seed |\n|---|---|---|---|---|---|---|")
+    for arm in arms:
+        per = " / ".join(f"{100 * v:.1f}" for k, v in sorted(m.items())
+                         if k.startswith(f"{arm}/seed_") and k.endswith("/mIoU"))
+        print(f"| {ARM_LABELS[arm]} | {f(arm, 'mIoU')} | {f(arm, 'pixel_AP')} | {f(arm, 'rec_acc')} | "
+              f"{f(arm, 'mIoU_3_objects')} | {f(arm, 'condition_cosine', 1.0, '{:.3f}')} | {per} |")
+    d = "discriminator"
+    if f"{d}/mean/dwsl/mean_weight_human" in m:
+        print(f"DWSL weights: human {f(d, 'dwsl/mean_weight_human', 1.0, '{:.3f}')}, machine clean "
+              f"{f(d, 'dwsl/mean_weight_machine_clean', 1.0, '{:.3f}')}, machine corrupted "
+              f"{f(d, 'dwsl/mean_weight_machine_corrupted', 1.0, '{:.3f}')}; discriminator AUROC clean vs "
+              f"corrupted, held out {f(d, 'discriminator/heldout_auroc_clean_vs_corrupted', 1.0, '{:.3f}')}")
+    for other in ("mixed_uniform", "human_only"):
+        a, b = "mixed_dwsl", other
+        if f"{a}/mean/mIoU" in m and f"{b}/mean/mIoU" in m:
+            gap = m[f"{a}/mean/mIoU"] - m[f"{b}/mean/mIoU"]
+            spread = max(m[f"{a}/std/mIoU"], m[f"{b}/std/mIoU"])
+            verdict = "shown" if gap > spread else "not shown"
+            print(f"DWSL - {ARM_LABELS[b]}: {100 * gap:+.1f} mIoU points; the larger seed std {100 * spread:.1f}: "
+                  f"DWSL > {other} {verdict}")
 
 
 def eval_samples(cfg: RunConfig) -> list:
@@ -393,8 +486,18 @@ def evaluate_baselines(recipe: Recipe, cfg: RunConfig, bases: Bases, samples) ->
     recipe.metrics["baseline/untrained/condition_cosine"] = condition_cosine(untrained, bases.processor, samples)
 
 
+def arm_items(data: Data, arm: str) -> list:
+    """The items an arm trains on: the human split alone, human + machine, or (``mixed_clean``) human +
+    the machine items whose labels the world export left uncorrupted."""
+    if arm == "human_only":
+        return data.human
+    if arm == "mixed_clean":
+        return data.human + [it for it in data.machine if corruption_tag(it) == "none"]
+    return data.mixed
+
+
 ARM_WEIGHTING = {"human_only": "uniform", "mixed_uniform": "uniform", "mixed_label": "label", "mixed_dwsl": "dwsl",
-                 "mixed_oracle": "dwsl"}
+                 "mixed_oracle": "dwsl", "mixed_clean": "uniform"}
 
 
 def train_arm(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data, arm: str,
@@ -403,7 +506,7 @@ def train_arm(recipe: Recipe, cfg: RunConfig, bases: Bases, data: Data, arm: str
     layout (``ivm.pth``)."""
     def fit(out: Path) -> None:
         model = bases.fresh(cfg)
-        items = data.human if arm == "human_only" else data.mixed
+        items = arm_items(data, arm)
         weights = item_weights if arm == "mixed_dwsl" else None
         if arm == "mixed_oracle":
             weights = oracle_weights(data.mixed)
@@ -430,10 +533,10 @@ def evaluate_arm(recipe: Recipe, cfg: RunConfig, bases: Bases, samples, arm: str
 
 def downstream_vqa(recipe: Recipe, cfg: RunConfig, bases: Bases, arm_models: dict[str, IVMModel]) -> None:
     """5. VQA on cluttered scenes without IVM, with the best arm's masks, and with the true masks. The
-    oracle arm is a diagnostic, never the IVM of this comparison: a run of it alone skips the step."""
-    trained = [a for a in arm_models if a != "mixed_oracle"]
+    diagnostic arms (oracle, clean) never are the IVM of this comparison: a run of them alone skips the step."""
+    trained = [a for a in arm_models if a not in DIAGNOSTIC_ARMS]
     if not trained:
-        logger.info("downstream VQA skipped: it uses the best trained arm, and this run has only the oracle arm")
+        logger.info("downstream VQA skipped: it uses the best trained arm, and this run has only diagnostic arms")
         return
     best = max(trained, key=lambda a: recipe.metrics[f"{a}/mIoU"])
     recipe.metrics["vqa/ivm_arm"] = best
@@ -452,7 +555,8 @@ def downstream_vqa(recipe: Recipe, cfg: RunConfig, bases: Bases, arm_models: dic
                                                cfg.vqa_mode, out_path=recipe.root / "predictions_vqa.jsonl")
 
 
-def print_table(m: dict, arms=ARMS) -> None:
+def print_table(m: dict, arms=ARMS, downstream: bool = True) -> None:
+    """The run's table; ``downstream=False`` (an ablation seed's) leaves out the VQA table."""
     def f(key):
         v = m.get(key)
         return "  -  " if v is None else f"{100 * v:5.1f}"
@@ -466,14 +570,13 @@ def print_table(m: dict, arms=ARMS) -> None:
 
     print("\n| training data / weighting | heatmap mIoU | pixel AP | REC acc | mIoU, 1 / 2 / 3 objects | condition cosine |"
           "\n|---|---|---|---|---|---|")
-    labels = {"human_only": "human only", "mixed_uniform": "human + machine, no DWSL",
-              "mixed_label": "human + machine, label weights 0.2 + 0.8 h", "mixed_dwsl": "human + machine, DWSL",
-              "mixed_oracle": "human + machine, DWSL with a perfect discriminator (diagnostic)"}
     for a in arms:
-        print(f"| {labels[a]} | {f(a + '/mIoU')} | {f(a + '/pixel_AP')} | {f(a + '/rec_acc')} | {by_count(a)} | "
+        print(f"| {ARM_LABELS[a]} | {f(a + '/mIoU')} | {f(a + '/pixel_AP')} | {f(a + '/rec_acc')} | {by_count(a)} | "
               f"{cos(a)} |")
     for b, label in (("baseline/untrained", "untrained IVM (baseline)"), ("baseline/whole_image", "whole image (baseline)"),
                      ("baseline/all_objects", "every object, the instruction ignored (baseline)")):
+        if f"{b}/mIoU" not in m:
+            continue
         print(f"| {label} | {f(b + '/mIoU')} | {f(b + '/pixel_AP')} | {f(b + '/rec_acc')} | {by_count(b)} | {cos(b)} |")
     if "dwsl/mean_weight_human" in m:
         print(f"\nDWSL weights: human {m['dwsl/mean_weight_human']:.3f}, machine clean "
@@ -487,8 +590,10 @@ def print_table(m: dict, arms=ARMS) -> None:
                                               "discriminator/heldout_auroc_clean_vs_corrupted")) if key in m]
         if aurocs:
             print("discriminator AUROC: " + "; ".join(f"{k} {v:.3f}" for k, v in aurocs))
+    if not downstream:
+        return
     if "vqa/n" not in m:
-        print("\ndownstream VQA: not run (it uses the best trained arm; this run has only the oracle arm)")
+        print("\ndownstream VQA: not run (it uses the best trained arm; this run has only diagnostic arms)")
         return
     print(f"\n| downstream VQA (tiny LLaVA, cluttered scenes, n={m.get('vqa/n')}) | accuracy |\n|---|---|")
     print(f"| without IVM | {f('vqa/without_ivm/accuracy')} |")
