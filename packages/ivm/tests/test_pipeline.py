@@ -144,6 +144,10 @@ def test_pipeline_end_to_end_on_a_micro_config(tmp_path, monkeypatch):
         (m["dwsl/mean_weight_human"] + json.loads((run_dir / "ablation" / "seed1" / "metrics.json").read_text())[
             "dwsl/mean_weight_human"]) / 2)
     assert len(list(run_dir.glob("discriminator-*"))) == 2  # one per seed
+    assert table["dwsl_vs_human_only/mIoU_gap"] == pytest.approx(
+        table["mixed_dwsl/mean/mIoU"] - table["human_only/mean/mIoU"])
+    assert table["dwsl_vs_human_only/larger_std"] == max(table["mixed_dwsl/std/mIoU"], table["human_only/std/mIoU"])
+    assert "dwsl_vs_mixed_uniform/mIoU_gap" not in table  # that arm was not in this ablation
 
     # the CLI masks an image with a trained arm
     from groundlab.ivm.cli import main as cli
