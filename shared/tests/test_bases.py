@@ -332,6 +332,48 @@ def test_sam_touching_weight_weighs_the_mask_loss_of_objects_that_touch_another(
         spec, model={**spec.model, "touching_weight": 1.0}).key()
 
 
+def test_sam_mask_loss_focal_dice_is_sams_twenty_to_one():
+    """``mask_loss="focal_dice"`` is 20 x the focal loss (gamma 2, alpha 0.25; the mean over pixels) +
+    Dice per mask, in both decoding paths; the default is the BCE + Dice every cached SAM trained on,
+    and leaves the cache key as it was."""
+    torch.manual_seed(0)
+    world = World(WorldConfig(min_objects=2), seed=0)
+    data = sam_mod.WorldSamDataset(world, "train", 4)
+    batch = sam_mod.collate_sam([data[i] for i in range(2)])
+    sam = sam_mod.build_tiny_sam().eval()
+    logits = torch.randn(3, 16, 16)
+    target = (torch.rand(3, 16, 16) > 0.7).float()
+    p = logits.sigmoid()
+    pt = p * target + (1 - p) * (1 - target)
+    focal = (-(0.25 * target + 0.75 * (1 - target)) * (1 - pt) ** 2 * pt.log()).flatten(1).mean(1)
+    torch.testing.assert_close(sam_mod.mask_loss(logits, target, "focal_dice"),
+                               20 * focal + sam_mod.dice_loss(logits, target, reduce=False))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    torch.testing.assert_close(sam_mod.mask_loss(logits, target), bce + sam_mod.dice_loss(logits, target, reduce=False))
+    with pytest.raises(ValueError, match="unknown mask loss 'l2'"):
+        sam_mod.mask_loss(logits, target, "l2")
+    with pytest.raises(ValueError, match="mask_loss must be one of"):
+        sam_mod.SamForTraining(sam, mask_loss="l2")
+    ps = batch["prompts"]
+    index = torch.cat([torch.full((len(q["use_box"]),), b) for b, q in enumerate(ps)])
+    points, boxes, use_box, masks = (torch.cat([q[k] for q in ps]) for k in ("points", "boxes", "use_box", "masks"))
+    with torch.no_grad():
+        emb = sam.image_encoder(sam.preprocess(batch["images"]))
+        out, iou = sam_mod.predict_masks_batched(sam, emb, index, points, boxes, use_box, 64)
+        expected = (sam_mod.mask_loss(out, masks, "focal_dice").mean()
+                    + torch.nn.functional.mse_loss(iou, sam_mod.achieved_iou(out, masks)))
+        torch.testing.assert_close(sam_mod.SamForTraining(sam, mask_loss="focal_dice")(**batch)["loss"], expected)
+        multi = sam_mod.SamForTraining(sam, multimask_clicks=True, mask_loss="focal_dice")(**batch)["loss"]
+        assert not torch.isclose(multi, sam_mod.SamForTraining(sam, multimask_clicks=True)(**batch)["loss"])
+    cfg = sam_mod.TinySamConfig(mask_loss="focal_dice")
+    assert sam_mod.SamForTraining.for_config(sam, cfg, world).mask_loss == "focal_dice"
+    spec = default_spec("sam")
+    assert replace(spec, model={**spec.model, "mask_loss": "bce_dice"}).key() == replace(
+        spec, model={k: v for k, v in spec.model.items() if k != "mask_loss"}).key()
+    assert replace(spec, model={**spec.model, "mask_loss": "focal_dice"}).key() != replace(
+        spec, model={**spec.model, "mask_loss": "bce_dice"}).key()
+
+
 def test_batched_decoding_equals_sams_own_decoder_per_prompt():
     """The training pass decodes every prompt of a batch at once; each mask and IoU is what SAM's own
     ``MaskDecoder`` gives that prompt alone on its image, for clicks and boxes mixed in one batch."""

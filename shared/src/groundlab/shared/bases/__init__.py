@@ -44,7 +44,7 @@ from ..world import World, WorldConfig
 logger = logging.getLogger("groundlab")
 
 BASE_NAMES = ("llava", "paligemma", "sam")
-_LATE_OPTIONS = {"multimask_clicks": False, "touching_weight": 1.0}
+_LATE_OPTIONS = {"multimask_clicks": False, "touching_weight": 1.0, "mask_loss": "bce_dice"}
 """Model options added after bases were cached, and the default that means "as before" (not keyed)."""
 VERSION = 3  # bump when a change to this code changes what a base learns or reports
 CHECKPOINT_DIRS = ("checkpoints", "vision_checkpoints")
@@ -116,11 +116,11 @@ def default_spec(name: str) -> BaseSpec:
         # referring expressions -> boxes for every object of a scene, two distinct ones each, in its first
         # conversation; an object sharing its kind with another is asked for by an attribute expression 3
         # times in 4 (rec_contrast: REC's misses were mostly the same kind in another colour). REC 0.711
-        # -> 0.771 -> 0.841 with rec_contrast, then rec_per_object (one build each, see the README); the
+        # -> 0.771 -> 0.841 with rec_contrast, then rec_per_object (one build each, docs/bases.md); the
         # code without rec_shortest builds 0.692, missing on "the <kind>". rec_shortest=0.5 lifts it to
         # 0.871 / 0.861 (two seeds). It once dropped OMG-LLaVA's RES on the base (0.574 -> 0.389): that
         # segmenter could not tell kinds apart; with one that can, RES on this base is 0.632 against 0.617
-        # without it (one run each, within rerun spread; the README, "The shortest expression").
+        # without it (one run each, within rerun spread; docs/bases.md, "The shortest expression").
         # Packed: these conversations are 32% padding in a padded batch; packed rows make a step 0.87x
         # (``benchmarks/run.py --only vlm_step``), the same function (not part of the key); so are the
         # compiled layers (``--only compiled_step``)
@@ -132,9 +132,9 @@ def default_spec(name: str) -> BaseSpec:
                              "rec_shortest": 0.5})
     if name == "paligemma":
         # 4 KV heads, not Gemma-2B's one (multi-query): at this width one shared key/value head left the
-        # model slow to learn to find objects (see the README)
+        # model slow to learn to find objects (docs/bases.md)
         # The eager attention (bf16 under autocast) in the mix: with fp32 SDPA `detect` fell 0.917-0.939 ->
-        # 0.691 (two builds a side, the README), the loss curve the same. In fp32 (an AVX2-only CPU)
+        # 0.691 (two builds a side, docs/bases.md), the loss curve the same. In fp32 (an AVX2-only CPU)
         # the same mix built 0.691 too, missing where two objects share a kind; detect_contrast=0.5
         # (half the detect samples of such scenes ask for one of them by colour and kind) built 0.890
         # there (one build; not yet built with bf16)
@@ -146,9 +146,12 @@ def default_spec(name: str) -> BaseSpec:
         # fp32: bf16 autocast slows the small convolutional decoder down on this CPU. Patch 4: a 16x16
         # embedding, so the decoder's 4x upscaled masks are at full resolution; 128-d prompts / embedding
         # (64 before): point / box mIoU 0.92 -> 0.93 / 0.95, IVM's oracle-attribute check 0.90 -> 0.93
-        # (see the README); at this width lr 3e-3 left the decoder untrained (0.51 from clicks and boxes).
+        # (docs/bases.md); at this width lr 3e-3 left the decoder untrained (0.51 from clicks and boxes).
         # 6000 steps, not 3000: the loss still fell at 3000; point / box 0.938 / 0.951 -> 0.951 / 0.958,
-        # objects that touch another 0.815 / 0.849 -> 0.844 / 0.865 (one rebuild each, see the README)
+        # objects that touch another 0.815 / 0.849 -> 0.844 / 0.865 (one rebuild each, docs/bases.md).
+        # SAM's own mask loss (mask_loss="focal_dice") built point / box 0.956 / 0.964 in one build
+        # (BCE + Dice: 0.947-0.953 from one click); not the default until the packages on this base are
+        # re-run over seeds on it: IVM's seed 0 moved (DWSL 58.7 -> 54.1 heatmap mIoU; docs/bases.md)
         return BaseSpec("sam", TinySamConfig(patch_size=4, prompt_dim=128, decoder_mlp=512).to_dict(),
                         TrainConfig(max_steps=6000, batch_size=8, lr=1e-3, warmup_steps=50, bf16=False,
                                     save_steps=500, logging_steps=100), eval_scenes=200)

@@ -17,7 +17,7 @@ for them on the CPU, trained the same way in two stages, and load through the sa
    - LLaVA: multi-turn conversations (turn order shuffled): a caption, questions, box -> region
      description and referring expression -> box for every object of the scene in one (the base's
      mix; ``MixConfig.separate_box_tasks`` moves each REC to a conversation of its own, which
-     grounded far worse at the same step count: see the README); a grounded caption (each object's
+     grounded far worse at the same step count: docs/bases.md); a grounded caption (each object's
      phrase followed by its box) with a question in another, for a third of the scenes;
    - PaliGemma: one task a sample, with its prefixes: ``caption en``, ``answer en <question>``,
      ``detect <colour> <kind>`` / ``detect <kind>`` (every matching object, ``" ; "``-separated),
@@ -26,7 +26,7 @@ for them on the CPU, trained the same way in two stages, and load through the sa
 Boxes are location tokens (:mod:`groundlab.shared.boxes`, 32 bins on the 64 px images): PaliGemma's
 own format, and for the tiny LLaVA the same tokens in LLaVA's x0, y0, x1, y1 order instead of
 LLaVA-1.5's two-decimal text ``[0.12, 0.34, 0.56, 0.78]`` (about 20 byte-level tokens a box here): one
-token a coordinate is what grounds at this size (measured in the README). Real-size loaders keep
+token a coordinate is what grounds at this size (measured in docs/bases.md). Real-size loaders keep
 LLaVA-1.5's text format (``groundlab.shared.boxes.box_to_text``).
 """
 
@@ -153,7 +153,7 @@ class MixConfig:
     for one of those objects by its colour and kind (the phrase whose colour decides) instead of the
     uniform draw (a random object, named by colour and kind 3 times in 5, else by its kind). 0: no extra
     random draw, older mixes unchanged. Built without it, in fp32, ``detect`` missed mostly there: 0.37
-    of the objects sharing their kind against 0.9 of the others (the README)."""
+    of the objects sharing their kind against 0.9 of the others (docs/bases.md)."""
     region_list: int = 0
     """LLaVA: questions in the first conversation that list every box of the scene, numbered from 1 in a
     random order, and ask what region k is (the answer: its description, as for a box): looking an item
@@ -173,7 +173,7 @@ class MixConfig:
     expressions name the colour, which a model learns to find first; the builds that missed REC missed
     on ``the <kind>`` (0.57 / 0.42 on 2 / 3-object scenes against 0.91 / 0.67 with the colour named).
     Later expressions of the object draw as before. 0: no extra random draw, older mixes unchanged. The
-    default LLaVA base uses 0.5, which met REC in two seeds (the README, "The shortest expression")."""
+    default LLaVA base uses 0.5, which met REC in two seeds (docs/bases.md, "The shortest expression")."""
 
     def to_dict(self) -> dict:
         return asdict(self)
