@@ -150,8 +150,8 @@ def default_spec(name: str) -> BaseSpec:
         # 6000 steps, not 3000: the loss still fell at 3000; point / box 0.938 / 0.951 -> 0.951 / 0.958,
         # objects that touch another 0.815 / 0.849 -> 0.844 / 0.865 (one rebuild each, docs/bases.md).
         # SAM's own mask loss (mask_loss="focal_dice") built point / box 0.956 / 0.964 in one build
-        # (BCE + Dice: 0.947-0.953 from one click); not the default until the packages on this base are
-        # re-run over seeds on it: IVM's seed 0 moved (DWSL 58.7 -> 54.1 heatmap mIoU; docs/bases.md)
+        # (BCE + Dice: 0.947-0.953 from one click); not the default: IVM, which freezes this encoder, does
+        # worse on it (DWSL 56.5 +- 2.1 heatmap mIoU against 58.5 +- 0.2 over three seeds; docs/bases.md)
         return BaseSpec("sam", TinySamConfig(patch_size=4, prompt_dim=128, decoder_mlp=512).to_dict(),
                         TrainConfig(max_steps=6000, batch_size=8, lr=1e-3, warmup_steps=50, bf16=False,
                                     save_steps=500, logging_steps=100), eval_scenes=200)

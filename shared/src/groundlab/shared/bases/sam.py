@@ -82,7 +82,8 @@ class TinySamConfig:
     ``"focal_dice"``, SAM's own, focal and Dice at 20:1 (the SAM paper; the focal loss's gamma 2 and
     alpha 0.25, which the paper does not state, are the usual ones), which weighs the few pixels a mask
     still gets wrong, mostly where two objects meet, above the many it already gets right (one build:
-    point / box 0.948 / 0.960 -> 0.956 / 0.964; not yet the default base's, see ``bases.default_spec``)."""
+    point / box 0.948 / 0.960 -> 0.956 / 0.964; not the default base's: IVM does worse on its encoder,
+    see ``bases.default_spec``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
