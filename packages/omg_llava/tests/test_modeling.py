@@ -19,14 +19,14 @@ SEG = dict(image_size=64, dims=(16, 32, 64, 32), depths=(1, 1, 1, 1), dim=16, ma
            decoder_heads=2, decoder_ffn=32, num_classes=12, classifier="linear")
 
 
-def tiny(**kw):
+def tiny(seg=None, **kw):
     tok = load_tokenizer(extra_special_tokens=list(SPECIAL_TOKENS))
     ids = {t: tok.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, *SPECIAL_TOKENS)}
     text = dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    cfg = OMGLlavaConfig(seg_config=SEG, text_config=text, token_ids=ids, seg_points=256, **kw)
+    cfg = OMGLlavaConfig(seg_config=SEG | (seg or {}), text_config=text, token_ids=ids, seg_points=256, **kw)
     # the 64 px image: stride-32 features 2x2 -> shuffled to a 1x1 grid
     return OMGLlavaForCausalLM(cfg), tok
 
@@ -223,8 +223,9 @@ def test_visual_prompts_fill_their_placeholders_and_counts_must_match():
         model.embed(ids, p, [{"<region>": region.repeat(2, 1, 1), "<mark>": point}])
 
 
-def test_prompts_of_several_images_batched_equal_one_image_at_a_time():
-    model, _ = tiny()
+@pytest.mark.parametrize("prompt_features", [False, True])
+def test_prompts_of_several_images_batched_equal_one_image_at_a_time(prompt_features):
+    model, _ = tiny(seg={"prompt_features": prompt_features})
     model.eval()
     torch.manual_seed(1)
     p = model.perceive(torch.randn(3, 3, 64, 64))

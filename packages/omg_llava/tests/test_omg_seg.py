@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
+from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel, sample_at
 from groundlab.omg_llava.segmenter import farthest_interior_point, farthest_interior_points
 
 TINY = dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), dim=32, mask_dim=32, encoder_layers=2,
@@ -40,10 +40,51 @@ def test_queries_and_every_prompt_kind_run_through_the_decoder():
     assert model.run_prompts(enc, "point", pts)[-1].mask_logits.shape == (1, 2, 16, 16)
     boxes = torch.tensor([[[0.0, 0.0, 31.0, 31.0]]])
     out = model.run_prompts(enc, "box", boxes)
-    assert (out[-1].mask_logits[0, 0, 8:, :] == -100).all() and (out[-1].mask_logits[0, 0, :8, :8] != -100).all()
+    assert out[-1].mask_logits.shape == (1, 1, 16, 16)
+    # the box is its centre point with the attention kept to the box: not the point query alone
+    centre = model.run_prompts(enc, "point", torch.tensor([[[15.5, 15.5]]]))
+    assert not torch.allclose(out[-1].mask_logits, centre[-1].mask_logits, atol=1e-4)
     mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
     mask[0, 0, 40:60, 5:25] = True
     assert model.run_prompts(enc, "mask", mask)[-1].mask_logits.shape == (1, 1, 16, 16)
+
+
+def test_sample_at_reads_the_features_under_a_point_bilinearly():
+    # a 4x4 feature grid over a 16-px input: cell j spans pixels [4j, 4j + 4), its centre at 4j + 2
+    ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    feats = torch.stack([xs, ys])[None]  # channel 0 = the cell's column, 1 = its row
+    pts = torch.tensor([[[6.0, 10.0], [8.0, 2.0], [0.0, 16.0]]])
+    got = sample_at(feats, pts, 16)
+    # (6, 10): the centre of cell (1, 2); (8, 2): half way between columns 1 and 2 on row 0's centre;
+    # (0, 16): past the centres at the border, the border cell's value
+    assert torch.allclose(got, torch.tensor([[[1.0, 2.0], [1.5, 0.0], [0.0, 3.0]]]))
+
+
+def test_prompt_features_add_the_mask_features_under_each_prompt_point():
+    torch.manual_seed(0)
+    plain = OMGSegModel(OMGSegConfig(**TINY)).eval()
+    model = OMGSegModel(OMGSegConfig(**TINY, prompt_features=True)).eval()
+    model.load_state_dict(plain.state_dict())  # no new parameters: a release checkpoint loads either way
+    enc = model.encode(torch.randn(1, 3, 64, 64))
+    pts = torch.tensor([[[10.0, 12.0], [40.0, 50.0]]])
+    feat0, pos0 = plain.prompt_queries("point", pts, mask_features=enc["mask_features"])
+    assert torch.equal(feat0[0, 0], feat0[0, 1])  # the release's: the content query is one for every click
+    feat, pos = model.prompt_queries("point", pts, mask_features=enc["mask_features"])
+    assert torch.equal(pos, pos0)
+    mf = enc["mask_features"][0]  # (32, 16, 16) over the 64-px input: pixel (10, 12) is in cell (2, 3)
+    expected = sample_at(enc["mask_features"], pts, 64)
+    assert torch.allclose(feat - feat0, expected, atol=1e-6)
+    assert torch.allclose(sample_at(enc["mask_features"], torch.tensor([[[10.0, 14.0]]]), 64)[0, 0], mf[:, 3, 2])
+    # run_prompts passes the features itself; a box is its centre point, a mask its farthest pixel
+    direct = model.run_prompts(enc, "point", pts)[-1].mask_logits
+    given = model.run_prompts(enc, "point", pts, queries=(feat, pos))[-1].mask_logits
+    assert torch.equal(direct, given) and not torch.allclose(direct, plain.run_prompts(enc, "point", pts)[-1].mask_logits)
+    with pytest.raises(ValueError, match="needs the images' mask_features"):
+        model.prompt_queries("point", pts)
+    with pytest.raises(ValueError, match="2 images of prompts but mask features of 1"):
+        model.prompt_queries("point", pts.repeat(2, 1, 1), mask_features=enc["mask_features"])
+    with pytest.raises(ValueError, match="mask_dim must equal dim"):
+        OMGSegConfig(**(TINY | dict(mask_dim=16)), prompt_features=True)
 
 
 def test_farthest_interior_point_is_the_centre_of_a_square():

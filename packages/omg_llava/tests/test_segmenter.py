@@ -6,6 +6,7 @@ from groundlab.omg_llava.segmenter import (
     MaskDecoder,
     MSDeformAttn,
     PixelDecoder,
+    box_cells,
     ms_deform_sample,
     unmask_full_rows,
 )
@@ -78,10 +79,35 @@ def test_full_rows_are_unmasked_and_fixed_masks_confine_attention():
     changed.view(1, 16, 16)[..., 5:] += 10.0  # what it may not see changes
     b = dec.run_queries(q, qp, mask_features, [changed], pos, fixed_masks=[region])[-1].query
     assert torch.allclose(a, b, atol=1e-5)
-    box = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
-    box[..., :2, :2] = True
-    preds = dec.run_queries(q, qp, mask_features, memory, pos, box=box)
-    assert all((p.mask_logits[..., 2:, :] == -100).all() for p in preds)
+    # a box keeps the attention to the cells it touches, as the release does; the masks are not cropped.
+    # Every predicted mask made to cover the whole image, so the box alone decides what is seen:
+    with torch.no_grad():
+        dec.mask_embed.layers[-1].weight.zero_()
+        dec.mask_embed.layers[-1].bias.fill_(1.0)
+    ones = torch.ones(1, 16, 4, 4)
+    box = torch.tensor([[[0.0, 0.0, 0.45, 0.45]]])  # touches rows and columns 0..1 of the 4x4 grid
+    a = dec.run_queries(q, qp, ones, memory, pos, box=box)
+    changed = memory[0].clone()
+    changed[..., 2:, :] += 10.0
+    changed[..., :, 2:] += 10.0
+    b = dec.run_queries(q, qp, ones, [changed], pos, box=box)
+    assert torch.allclose(a[-1].query, b[-1].query, atol=1e-5)
+    assert not torch.allclose(dec.run_queries(q, qp, ones, [changed], pos)[-1].query, a[-1].query, atol=1e-3)
+    assert all((p.mask_logits == 16.0).all() for p in a)  # not cropped to the box
+
+
+def test_box_cells_round_as_the_release_does():
+    # 4 x 4 grid: x0 0.1 -> column 0, x1 0.5 -> 2.0 -> column 2 (a box ending on a cell edge keeps the
+    # cell after it); y 0.25 -> row 1, 0.6 -> 2.4 -> row 2
+    cells = box_cells(torch.tensor([[[0.1, 0.25, 0.5, 0.6]]]), (4, 4))[0, 0]
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[1:3, 0:3] = True
+    assert torch.equal(cells, expected)
+    # attention: masked where the predicted mask is off or the cell is outside the box
+    logits = torch.full((1, 1, 8, 8), 5.0)
+    logits[..., :4, :4] = -5.0  # the mask is off on the top-left quarter: cell (0, 0) of the 2x2 grid
+    amask = MaskDecoder.attention_mask(logits, (2, 2), torch.tensor([[[0.0, 0.0, 0.4, 0.9]]]))
+    assert amask.view(2, 2).tolist() == [[True, True], [False, True]]
 
 
 def test_gradients_reach_the_queries_through_a_frozen_decoder():

@@ -196,8 +196,9 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         width = max(counts)
         padded = torch.stack([torch.cat([x, x[:1].expand(width - len(x), *x.shape[1:])]) for x in prompts])
         seg = self.segmenter
-        feat, pos = seg.prompt_queries(kind, padded)
-        last = seg.run_prompts(stack_perception(perception), kind, padded, queries=(feat, pos),
+        enc = stack_perception(perception)
+        feat, pos = seg.prompt_queries(kind, padded, mask_features=enc["mask_features"])
+        last = seg.run_prompts(enc, kind, padded, queries=(feat, pos),
                                self_mask=padding_self_mask(counts, padded.device))[-1]
         out = torch.cat([last.query, pos], -1)
         return [out[i, :n] for i, n in enumerate(counts)]

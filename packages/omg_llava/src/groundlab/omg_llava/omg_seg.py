@@ -35,10 +35,16 @@ class OMGSegConfig(PretrainedConfig):
                  decoder_heads: int = 8, decoder_ffn: int = 2048, num_classes: int = 133,
                  pixel_mean=(0.48145466, 0.4578275, 0.40821073), pixel_std=(0.26862954, 0.26130258, 0.27577711),
                  prompt_radius: int = 3, classifier: str = "clip", class_embed_dim: int = 768,
-                 class_prototypes: int = 1, **kwargs):
+                 class_prototypes: int = 1, prompt_features: bool = False, **kwargs):
         """The release (ConvNeXt-L CLIP, 6-layer deformable encoder, 9-layer decoder, 300 queries, 256-d,
         COCO panoptic's 133 classes classified against CLIP text embeddings, CLIP normalisation) by
-        default. ``classifier="linear"``: a Linear class head instead (the tiny default)."""
+        default. ``classifier="linear"``: a Linear class head instead (the tiny default).
+
+        ``prompt_features``: each prompt's content query also gets the ``mask_features`` at its point
+        (bilinear; no parameters, so a release checkpoint loads either way; needs ``mask_dim == dim``).
+        Not the release's, whose point query carries the click's position only (``False``, the
+        default): trained that way at the tiny scale, the decoder never learned to use the position,
+        two clicks on two objects giving the same mask (their union) at every layer (README)."""
         self.image_size = image_size
         self.dims, self.depths = tuple(dims), tuple(depths)
         self.dim, self.mask_dim = dim, mask_dim
@@ -49,10 +55,24 @@ class OMGSegConfig(PretrainedConfig):
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.prompt_radius = prompt_radius
         self.classifier, self.class_embed_dim, self.class_prototypes = classifier, class_embed_dim, class_prototypes
+        if prompt_features and mask_dim != dim:
+            raise ValueError(f"prompt_features adds the {mask_dim}-d mask features to {dim}-d queries: "
+                             "mask_dim must equal dim")
+        self.prompt_features = bool(prompt_features)
         super().__init__(**pretrained_config_kwargs(type(self), kwargs))
 
 
 AutoConfig.register(OMGSegConfig.model_type, OMGSegConfig, exist_ok=True)
+
+
+def sample_at(features: torch.Tensor, points: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, h, w) features covering a ``size`` x ``size`` input and (B, N, 2) input-pixel (x, y)
+    points (continuous coordinates: pixel i spans [i, i + 1)) -> (B, N, C), bilinear, the border
+    value outside."""
+    grid = points.float() / size * 2 - 1  # align_corners=False: -1 and 1 are the input's outer edges
+    out = F.grid_sample(features, grid[:, :, None].to(features.dtype), mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out[..., 0].transpose(1, 2)
 
 
 class OMGSegModel(PreTrainedModel):
@@ -118,10 +138,13 @@ class OMGSegModel(PreTrainedModel):
     # ------------------------------------------------------------------------------------------
     # prompts
 
-    def prompt_queries(self, kind: str, prompts: torch.Tensor, size: int | None = None):
+    def prompt_queries(self, kind: str, prompts: torch.Tensor, size: int | None = None,
+                       mask_features: torch.Tensor | None = None):
         """Queries for a batch of prompts of one kind, each (B, N, ...): points (x, y) or boxes (x0, y0,
         x1, y1) in input pixels, or masks (H, W) bool at input resolution. Returns (feat, pos). Each
-        prompt becomes a point query (a box its centre, a mask its farthest interior pixel)."""
+        prompt becomes a point query (a box its centre, a mask its farthest interior pixel). With
+        ``config.prompt_features`` the images' ``mask_features`` (B, C, h, w) are needed: the content
+        query gains the features at the point."""
         s = size or self.config.image_size
         if kind == "point":
             points = prompts.float()
@@ -131,26 +154,27 @@ class OMGSegModel(PreTrainedModel):
             points = farthest_interior_points(prompts.flatten(0, 1)).view(*prompts.shape[:2], 2)
         else:
             raise ValueError(f"prompt kind must be point, box or mask, got {kind!r}")
-        return self.prompt_encoder.from_points(points, (s, s))
+        feat, pos = self.prompt_encoder.from_points(points, (s, s))
+        if not self.config.prompt_features:
+            return feat, pos
+        if mask_features is None:
+            raise ValueError("config.prompt_features: prompt_queries needs the images' mask_features")
+        if mask_features.shape[0] != points.shape[0]:
+            raise ValueError(f"{points.shape[0]} images of prompts but mask features of {mask_features.shape[0]}")
+        return feat + sample_at(mask_features, points.to(mask_features.device), s).to(feat.dtype), pos
 
     def run_prompts(self, enc: dict, kind: str, prompts: torch.Tensor, queries: tuple | None = None,
                     self_mask: torch.Tensor | None = None) -> list[Prediction]:
-        """Masks for prompts (see :meth:`prompt_queries`) through the frozen decoder: a box restricts
-        the predicted masks (logits outside it -100); a mask confines cross-attention at every layer to
-        the region, resized (nearest) to each memory level. ``queries``: the prompts' ``(feat, pos)``
+        """Masks for prompts (see :meth:`prompt_queries`) through the frozen decoder: a box keeps the
+        cross-attention of every layer to the cells it touches (the predicted masks are not cropped, as
+        in the release); a mask confines cross-attention at every layer to the region, resized
+        (nearest) to each memory level. ``queries``: the prompts' ``(feat, pos)``
         when already computed; ``self_mask`` (B, N, N), True = a query another must not attend to."""
-        feat, pos = queries if queries is not None else self.prompt_queries(kind, prompts)
         mf = enc["mask_features"]
+        feat, pos = queries if queries is not None else self.prompt_queries(kind, prompts, mask_features=mf)
         box = fixed = None
         if kind == "box":
-            h, w = mf.shape[-2:]
-            dev = mf.device
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=dev) / self.config.image_size
-            b = prompts.float().to(dev) * scale
-            ys = torch.arange(h, dtype=torch.float32, device=dev)[:, None] + 0.5
-            xs = torch.arange(w, dtype=torch.float32, device=dev)[None, :] + 0.5
-            box = ((xs >= b[..., 0, None, None]) & (xs <= b[..., 2, None, None])
-                   & (ys >= b[..., 1, None, None]) & (ys <= b[..., 3, None, None]))
+            box = prompts.float().to(mf.device) / self.config.image_size  # normalised xyxy
         elif kind == "mask":
             fixed = []
             for m in enc["memory"]:

@@ -72,6 +72,7 @@ from .omg_seg import OMGSegConfig, OMGSegModel
 from .processing import IMAGE_TOKEN, SPECIAL_TOKENS, TEMPLATES, OMGCollator
 from .seg_pretrain import PanopticCollator, SegmenterForTraining, SemanticPretraining, WorldPanopticDataset
 from .seg_pretrain import evaluate as evaluate_segmenter
+from .segmenter import BOX_PROMPTS
 
 logger = logging.getLogger("groundlab")
 
@@ -506,7 +507,8 @@ def pretrain_segmenter(recipe: Recipe, cfg: RunConfig) -> Path:
     # a segmenter without the semantic stage keeps the key it had before the option
     semantic = () if s_cfg.semantic is None else (train_key(s_cfg.semantic),)
     seg_dir = recipe.stage("segmenter", s_cfg.config, s_cfg.scenes, s_cfg.num_points, train_key(s_cfg.train),
-                           cfg.data.world_seed, MASK_TARGETS, *semantic, build=fit, keep=("checkpoints", "semantic"))
+                           cfg.data.world_seed, MASK_TARGETS, *semantic, BOX_PROMPTS, build=fit,
+                           keep=("checkpoints", "semantic"))
     recipe.metrics |= {f"segmenter/{k}": v for k, v in json.loads((seg_dir / "metrics.json").read_text()).items()
                        if k not in ("config", "git_commit")}
     return seg_dir / "model"
