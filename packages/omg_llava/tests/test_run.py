@@ -94,6 +94,23 @@ def test_run_end_to_end_then_reuse(tmp_path, monkeypatch, llm_dir):
         pipe(scene.image, "region1 <region>", regions=[np.ones((3, 3), bool)])
 
 
+def test_stages_built_on_the_llava_base_are_keyed_by_its_name_not_the_runs_root(tmp_path, monkeypatch, llm_dir):
+    from dataclasses import replace
+
+    from groundlab.omg_llava import train as omg_train
+    from groundlab.omg_llava.omg_seg import OMGSegConfig, OMGSegModel
+
+    seg = tmp_path / "segmenter"
+    OMGSegModel(OMGSegConfig(**SEG)).save_pretrained(seg)
+    cfg = config(llm_dir)
+    ids = []
+    for root in ("a", "b"):  # the same base under two GROUNDLAB_RUNS roots
+        monkeypatch.setattr(omg_train, "ensure_base", lambda name, r=root: tmp_path / r / "bases" / "llava-0123abcd")
+        ids.append(omg_train.ModelBuilder(replace(cfg, model=replace(cfg.model, llm=None)), seg).llm_id)
+    assert ids == ["llava-0123abcd", "llava-0123abcd"]
+    assert omg_train.ModelBuilder(cfg, seg).llm_id == str(llm_dir)  # a given LLM: its path
+
+
 def test_unknown_tasks_are_refused(llm_dir):
     with pytest.raises(ValueError, match=r"stage2_tasks': 'vqa' not among"):
         config(llm_dir, {"data.stage2_tasks": ["res", "vqa"]})

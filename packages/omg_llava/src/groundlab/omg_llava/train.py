@@ -352,7 +352,7 @@ def train_and_load(recipe: Recipe, cfg: RunConfig, data: Data, builder: ModelBui
     recipe.metrics["time/perception_s"] = time.time() - t0
     # what the stages are built from, not where it lies: the run's own stage directories are named by
     # their content (``<stage>-<hash>``), so another run name with the same inputs reuses stages 1-2
-    stamp = content_hash(asdict(cfg.model), str(builder.llm_path), builder.seg_path.name, weights_hash(builder.seg_path),
+    stamp = content_hash(asdict(cfg.model), builder.llm_id, builder.seg_path.name, weights_hash(builder.seg_path),
                          str(data.root) if cfg.data.root else data.root.name, cfg.data.max_length)
     s1_dir = train_stage1(recipe, cfg, model, tok, cache, data, stamp)
     s2_dir = train_stage2(recipe, cfg, model, tok, cache, data, stamp, s1_dir)
@@ -522,6 +522,9 @@ class ModelBuilder:
         self.cfg, self.seg_path = cfg, seg_path
         self.segmenter = load_pretrained(OMGSegModel, seg_path, "the OMG-Seg segmenter")
         self.llm_path = Path(cfg.model.llm) if cfg.model.llm else ensure_base("llava")
+        # what stages 1-2 are keyed by: a given LLM by its path, the LLaVA base by its directory's name
+        # (``llava-<key of its spec>``), wherever the runs root (GROUNDLAB_RUNS) puts it
+        self.llm_id = str(self.llm_path) if cfg.model.llm else self.llm_path.name
 
     def fresh(self, seed: int) -> tuple[OMGLlavaForCausalLM, object]:
         tok = AutoTokenizer.from_pretrained(self.llm_path)
