@@ -23,9 +23,11 @@ TARGETS = "full-resolution"
 when the targets were first shrunk to the logits' grid is rebuilt)."""
 
 
-def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) at (N, P, 2) normalised (x, y) in [0, 1] -> (N, C, P), bilinear."""
-    return F.grid_sample(x, 2 * coords[:, :, None] - 1, mode="bilinear", align_corners=False)[..., 0]
+def point_sample(x: torch.Tensor, coords: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """(N, C, H, W) at (N, P, 2) normalised (x, y) in [0, 1] -> (N, C, P), bilinear (``grid_sample``'s
+    ``padding_mode`` past the outer pixel centres)."""
+    return F.grid_sample(x, 2 * coords[:, :, None] - 1, mode="bilinear", padding_mode=padding_mode,
+                         align_corners=False)[..., 0]
 
 
 def uncertain_points(logits: torch.Tensor, num: int, oversample: float = 3.0, importance: float = 0.75,

@@ -16,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from groundlab.shared.config import pretrained_config_kwargs
 
+from .losses import point_sample
 from .segmenter import (
     ConvNeXtBackbone,
     MaskDecoder,
@@ -69,10 +70,8 @@ def sample_at(features: torch.Tensor, points: torch.Tensor, size: int) -> torch.
     """(B, C, h, w) features covering a ``size`` x ``size`` input and (B, N, 2) input-pixel (x, y)
     points (continuous coordinates: pixel i spans [i, i + 1)) -> (B, N, C), bilinear, the border
     value outside."""
-    grid = points.float() / size * 2 - 1  # align_corners=False: -1 and 1 are the input's outer edges
-    out = F.grid_sample(features, grid[:, :, None].to(features.dtype), mode="bilinear", padding_mode="border",
-                        align_corners=False)
-    return out[..., 0].transpose(1, 2)
+    coords = (points.float() / size).to(features.dtype)
+    return point_sample(features, coords, padding_mode="border").transpose(1, 2)
 
 
 class OMGSegModel(PreTrainedModel):
