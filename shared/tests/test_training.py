@@ -82,3 +82,39 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path):
     c = load_file(tmp_path / "again" / "final.safetensors")
     for k in a:
         torch.testing.assert_close(c[k], a[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_compile_layers_finds_the_decoder_inside_a_wrapper_and_a_peft_model():
+    """A stage's module often wraps the model (a loss wrapper holding a LoRA ``PeftModel``):
+    ``compile_decoder_layers`` finds the first language model inside (not a segmenter's mask decoder
+    before it) and compiles its layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from groundlab.shared.lora import apply_lora, linear_names
+    from groundlab.shared.training import compile_decoder_layers, uncompile_layers
+
+    class Segmenter(nn.Module):  # a get_decoder() with layers but no output embeddings: not a language model
+        def __init__(self):
+            super().__init__()
+            self.decoder = nn.Module()
+            self.decoder.layers = nn.ModuleList([nn.Linear(2, 2)])
+
+        def get_decoder(self):
+            return self.decoder
+
+        def get_output_embeddings(self):
+            return None
+
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2))
+    wrapper = nn.Module()
+    wrapper.segmenter = Segmenter()  # registered first, passed over
+    wrapper.llm = apply_lora(llm, linear_names(llm, exclude=r"lm_head$"), r=2, alpha=4, dropout=0.0)
+    layers = compile_decoder_layers(wrapper)
+    try:
+        assert layers == list(llm.model.layers) and all(layer._compiled_call_impl is not None for layer in layers)
+    finally:
+        uncompile_layers(layers)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    with pytest.raises(ValueError, match="get_decoder"):
+        compile_decoder_layers(nn.Sequential(Segmenter()))

@@ -34,7 +34,7 @@ def files(tmp_path, monkeypatch):
     (["score-jsonl", "--input", "{d}/img.jsonl", "--image-root", "{d}", "--out", "{d}/o.jsonl"], "image not found"),
     (["score-jsonl", "--input", "{d}/ok.jsonl", "--image-root", "{d}/nowhere", "--out", "{d}/o.jsonl"], "is not a directory"),
     (["ablate", "--config", "{d}/none.yaml"], "--config {d}/none.yaml: no such file"),
-    (["ablate", "--config", "{d}/none.yaml", "--seeds", "0", "1", "--unknown"], "unexpected arguments ['--unknown']"),
+    (["ablate", "--config", "{d}/none.yaml", "--seeds", "0", "1", "--unknown"], "override --unknown has no value"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, capsys, args, message):
     good = '{"image": "a.png", "prompt": "caption en", "response": "a red circle."}\n'

@@ -98,7 +98,8 @@ def run_command(recipe, args, extra: list[str]):
 
 
 def add_ablate_command(subparsers, help_text: str, arms: tuple[str, ...]) -> None:
-    """``ablate --config FILE [--seeds ...] [--arms ...] [--force]``: a paper's ablation table over seeds."""
+    """``ablate --config FILE [--seeds ...] [--arms ...] [--force]``, then ``--section.key value``
+    overrides (an ablation's own schedule): a paper's ablation table over seeds."""
     a = subparsers.add_parser("ablate", help=help_text)
     a.add_argument("--config", required=True, type=Path)
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -107,11 +108,13 @@ def add_ablate_command(subparsers, help_text: str, arms: tuple[str, ...]) -> Non
     a.add_argument("--force", action="store_true")
 
 
-def ablate_command(recipe, args: argparse.Namespace):
-    """The recipe module's ``ablation(cfg, seeds, arms=..., force=...)`` on ``--config``."""
+def ablate_command(recipe, args: argparse.Namespace, extra: list[str] = ()):
+    """The recipe module's ``ablation(cfg, seeds, arms=..., force=...)`` on ``--config`` and the
+    overrides in ``extra``."""
+    overrides = parse_overrides(list(extra))
     if not args.config.is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")
-    return recipe.ablation(recipe.RunConfig.from_yaml(args.config), tuple(args.seeds),
+    return recipe.ablation(recipe.RunConfig.from_yaml(args.config, overrides), tuple(args.seeds),
                            arms=tuple(args.arms) if args.arms else None, force=args.force)
 
 
@@ -122,7 +125,7 @@ def package_cli(prog: str, recipe_module: str, argv: list[str] | None,
     """A package's command line: ``train`` / ``eval`` (``recipe_module``'s ``RunConfig`` and ``run``,
     imported only when called), ``ablate`` when ``ablation`` = (its help, the arms) is given (the
     module's ``ablation``), and the package's own ``commands``, whose parsers ``add_commands`` adds;
-    every command but ``train`` / ``eval`` refuses unknown arguments."""
+    every command but ``train`` / ``eval`` / ``ablate`` (which read them as overrides) refuses unknown arguments."""
     parser = ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_run_commands(sub)
@@ -132,8 +135,8 @@ def package_cli(prog: str, recipe_module: str, argv: list[str] | None,
     args, extra = parser.parse_known_args(argv)
     if args.cmd in ("train", "eval"):
         return run_command(importlib.import_module(recipe_module), args, extra)
+    if args.cmd == "ablate":
+        return ablate_command(importlib.import_module(recipe_module), args, extra)
     if extra:
         raise ValueError(f"unexpected arguments {extra}")
-    if args.cmd == "ablate":
-        return ablate_command(importlib.import_module(recipe_module), args)
     return commands[args.cmd](args)

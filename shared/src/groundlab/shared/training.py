@@ -221,14 +221,27 @@ def compile_decoder_layers(model) -> list:
     """``torch.compile`` each layer of a transformers model's language model in place
     (``nn.Module.compile``: the parameters and state-dict keys stay as they are); returns the layers.
     Undo with :func:`uncompile_layers`, as :func:`train` does when its stage ends."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise ValueError(f"compile_layers needs a transformers model whose get_decoder() has .layers; "
-                         f"{type(model).__name__} has none")
+    for module in model.modules():  # the model itself, or the first language model inside (a wrapper, a PeftModel)
+        layers = _language_model_layers(module)
+        if layers is not None:
+            break
+    else:
+        raise ValueError(f"compile_layers needs a language model (output embeddings, and a get_decoder() with "
+                         f".layers), or a module holding one; {type(model).__name__} has none")
     for layer in layers:
         layer.compile(dynamic=True)
     return list(layers)
+
+
+def _language_model_layers(module) -> torch.nn.ModuleList | None:
+    """The decoder layers of a language model (one with output embeddings: not, say, a segmenter whose
+    ``get_decoder()`` is its mask decoder), or None."""
+    if not callable(getattr(module, "get_decoder", None)) or not callable(getattr(module, "get_output_embeddings", None)):
+        return None
+    if module.get_output_embeddings() is None:
+        return None
+    layers = getattr(module.get_decoder(), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
 def uncompile_layers(layers) -> None:
