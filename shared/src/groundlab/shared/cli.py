@@ -73,7 +73,9 @@ def add_run_commands(subparsers) -> None:
     """The ``train`` and ``eval`` sub-commands every package CLI has: ``--config`` and ``--force``,
     then ``--section.key value`` overrides."""
     for name in ("train", "eval"):
-        p = subparsers.add_parser(name, help=f"{name} the run a config describes (finished stages are reused)")
+        p = subparsers.add_parser(name, help=f"{name} the run a config describes (finished stages are reused)",
+                                  epilog="then --<section>.<key> value overrides of the config's fields (values read "
+                                         "as YAML), e.g. --name my_run")
         p.add_argument("--config", required=True, type=Path)
         p.add_argument("--force", action="store_true", help="recompute every stage")
         if name == "eval":
@@ -100,7 +102,9 @@ def run_command(recipe, args, extra: list[str]):
 def add_ablate_command(subparsers, help_text: str, arms: tuple[str, ...]) -> None:
     """``ablate --config FILE [--seeds ...] [--arms ...] [--force]``, then ``--section.key value``
     overrides (an ablation's own schedule): a paper's ablation table over seeds."""
-    a = subparsers.add_parser("ablate", help=help_text)
+    a = subparsers.add_parser("ablate", help=help_text,
+                              epilog="then --<section>.<key> value overrides of the config's fields, as for train: "
+                                     "the ablation's own schedule")
     a.add_argument("--config", required=True, type=Path)
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--arms", nargs="+", default=None, metavar="ARM",

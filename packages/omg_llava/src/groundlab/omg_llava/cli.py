@@ -2,6 +2,7 @@
 
     groundlab-omg-llava train --config packages/omg_llava/configs/tiny.yaml [--force] [--key.sub value ...]
     groundlab-omg-llava ablate --config packages/omg_llava/configs/tiny.yaml [--seeds 0 1 2] [--arms ARM ...]
+        [--key.sub value ...]
     groundlab-omg-llava chat --image X.png --prompt "Could you please give me a detailed description ..."
     groundlab-omg-llava segment --image X.png --prompt "the small red circle" [--out answer.png]
     groundlab-omg-llava convert-seg --checkpoint omg_seg_convl.pth \
