@@ -375,8 +375,9 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
     """Table 5 over seeds: each arm of :data:`ABLATION_ARMS` (default: all) trains stages 1 and 2 with
     every seed in ``seeds`` (the new parts' initialisation and the data order) on the run's data and
     frozen segmenter, and is scored on the run's held-out samples; per seed, mean and standard
-    deviation (ddof 1). The stages are the run ``cfg.name``'s (``make train-omg``'s seed-0 model is
-    the full arm's seed 0, reused); each arm and seed's predictions and figures land in
+    deviation (ddof 1). The stages are the run ``cfg.name``'s, keyed by their content (a run of the same
+    config, e.g. ``make train-omg`` when ``cfg`` has no schedule overrides, is the full arm's seed 0,
+    reused; ``make ablate-omg`` overrides stage 2's schedule, so it trains its own); each arm and seed's predictions and figures land in
     ``runs/omg_llava/<name>/ablation/<arm>_seed<k>/``, the table in ``.../ablation/metrics.json``."""
     setup_logging()
     if len(seeds) < 2:
