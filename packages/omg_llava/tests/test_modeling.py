@@ -157,7 +157,12 @@ def test_object_tokens_and_prior_ablations_change_the_visual_tokens():
     no_obj, _ = tiny(use_object_tokens=False)
     assert no_obj.visual_embeds(no_obj.perceive(torch.randn(1, 3, 64, 64)))[0].shape[0] == 2
     no_prior, _ = tiny(use_prior=False)
-    assert no_prior.perceive(torch.randn(1, 3, 64, 64))[0].prior.abs().sum() == 0
+    no_prior.load_state_dict(model.state_dict())
+    q = no_prior.perceive(torch.randn(1, 3, 64, 64))[0]
+    assert q.prior.abs().sum() > 0  # the perception is the same for every arm: one cache serves them all
+    zeroed = model.projector(q.pixels, torch.zeros_like(q.prior), q.objects)
+    assert torch.equal(no_prior.visual_embeds([q])[0], zeroed)
+    assert not torch.allclose(model.visual_embeds([q])[0], zeroed)
 
 
 def test_token_checks_and_count_errors():

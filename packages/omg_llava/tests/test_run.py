@@ -158,7 +158,10 @@ def test_ablation_reseeds_stages_and_reports_each_arm(tmp_path, monkeypatch, llm
     # seed 0 of the full arm is the run's model: nothing retrained, the same score
     full0 = json.loads((run_dir / "ablation" / "full_seed0" / "metrics.json").read_text())
     assert "time/stage2_s" not in full0 and ab["full/seed_0/res/cIoU"] == m["res/cIoU"]
-    assert "time/stage2_s" in json.loads((run_dir / "ablation" / "no_prior_seed1" / "metrics.json").read_text())
+    no_prior1 = json.loads((run_dir / "ablation" / "no_prior_seed1" / "metrics.json").read_text())
+    assert "time/stage2_s" in no_prior1
+    # the segmenter's perception of the images is computed once for every arm and seed
+    assert "time/perception_s" in ab and "time/perception_s" not in no_prior1
     # 1 + 3 stage-2 models (full seed 1, no_prior seeds 0 and 1), one segmenter shared by all
     assert len(list(run_dir.glob("stage2-*"))) == 4 and sorted(run_dir.glob("segmenter-*")) == segmenters
     arm_model = json.loads((run_dir / "ablation" / "no_prior_seed0" / "metrics.json").read_text())["config"]["model"]

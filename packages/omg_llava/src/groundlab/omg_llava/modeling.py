@@ -167,16 +167,18 @@ class OMGLlavaForCausalLM(PreTrainedModel):
         for b in range(pixel_values.shape[0]):
             prior, valid = perception_prior(last.class_logits[b], last.mask_logits[b], last.query[b],
                                             seg.decoder.query_embed.weight, (g, g))
-            if not self.config.use_prior:
-                prior = torch.zeros_like(prior)
             qe = torch.cat([last.query[b], seg.decoder.query_embed.weight], -1)[valid]
             out.append(Perception(pixels[b], prior, qe, enc["mask_features"][b : b + 1],
                                   [m[b : b + 1] for m in enc["memory"]], [p[b : b + 1] for p in enc["pos"]]))
         return out
 
     def visual_embeds(self, perception: list[Perception]) -> list[torch.Tensor]:
-        use_obj = self.config.use_object_tokens
-        return [self.projector(p.pixels, p.prior, p.objects if use_obj else None) for p in perception]
+        """Each image's visual tokens: pixel tokens (with the prior, or zeros in its place when
+        ``use_prior`` is off), the separator, then the object tokens (when ``use_object_tokens``). The
+        ablations act here, not in :meth:`perceive`, so one perception serves every arm."""
+        use_obj, use_prior = self.config.use_object_tokens, self.config.use_prior
+        return [self.projector(p.pixels, p.prior if use_prior else torch.zeros_like(p.prior),
+                               p.objects if use_obj else None) for p in perception]
 
     # ------------------------------------------------------------------------------------------
 

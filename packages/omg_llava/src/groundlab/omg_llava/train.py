@@ -341,15 +341,23 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.data.eval_tasks))
 
 
-def train_and_load(recipe: Recipe, cfg: RunConfig, data: Data, builder: ModelBuilder
-                   ) -> tuple[OMGLlavaForCausalLM, object, PerceptionCache, Path]:
-    """Stages 1 and 2 of ``cfg`` (stages of ``recipe``, reused when complete), then the trained model
-    loaded back from its directory, its tokenizer, the perception cache of every image and the
-    stage-2 directory."""
-    model, tok = builder.fresh(cfg.stage1.seed)
+def perceive_all(model: OMGLlavaForCausalLM, data: Data, recipe: Recipe) -> PerceptionCache:
+    """The frozen segmenter's perception of every image of the run (timed into ``recipe``'s metrics)."""
     t0 = time.time()
     cache = PerceptionCache(model, image_paths(data.stage1 + data.stage2 + [s for v in data.eval.values() for s in v]))
     recipe.metrics["time/perception_s"] = time.time() - t0
+    return cache
+
+
+def train_and_load(recipe: Recipe, cfg: RunConfig, data: Data, builder: ModelBuilder,
+                   cache: PerceptionCache | None = None) -> tuple[OMGLlavaForCausalLM, object, PerceptionCache, Path]:
+    """Stages 1 and 2 of ``cfg`` (stages of ``recipe``, reused when complete), then the trained model
+    loaded back from its directory, its tokenizer, the perception cache of every image (``cache``
+    when given: the perception depends on the frozen segmenter alone) and the stage-2 directory."""
+    model, tok = builder.fresh(cfg.stage1.seed)
+    if cache is None:
+        cache = perceive_all(model, data, recipe)
+    cache.model = model
     # what the stages are built from, not where it lies: the run's own stage directories are named by
     # their content (``<stage>-<hash>``), so another run name with the same inputs reuses stages 1-2
     stamp = content_hash(asdict(cfg.model), builder.llm_id, builder.seg_path.name, weights_hash(builder.seg_path),
@@ -389,6 +397,8 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
     data = prepare_data(stages, cfg)
     seg_path = pretrain_segmenter(stages, cfg)
     out = Recipe("omg_llava", f"{cfg.name}/ablation")
+    # the segmenter is shared and frozen, and the arms act after it (``visual_embeds``): one perception for all
+    cache = perceive_all(ModelBuilder(cfg, seg_path).fresh(0)[0], data, out)
     for arm in arms:
         per_seed = []
         for seed in seeds:
@@ -397,7 +407,7 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
             seed_everything(seed)
             one = Recipe("omg_llava", f"{cfg.name}/ablation/{arm}_seed{seed}")
             stages.metrics = one.metrics  # the stages' build times land with the arm that built them
-            model, tok, cache, _ = train_and_load(stages, c, data, ModelBuilder(c, seg_path))
+            model, tok, cache, _ = train_and_load(stages, c, data, ModelBuilder(c, seg_path), cache)
             evaluate_run(one, c, data, model, tok, None, cache, extras=False)
             one.finish(c.to_dict())
             per_seed.append(one.metrics)
