@@ -166,6 +166,9 @@ def test_ablation_reseeds_stages_and_reports_each_arm(tmp_path, monkeypatch, llm
     assert len(list(run_dir.glob("stage2-*"))) == 4 and sorted(run_dir.glob("segmenter-*")) == segmenters
     arm_model = json.loads((run_dir / "ablation" / "no_prior_seed0" / "metrics.json").read_text())["config"]["model"]
     assert arm_model["config"]["use_prior"] is False
+    # the arms are scored on Table 5's tasks alone (the run evaluates region captioning too)
+    assert "region/METEOR" in m and not any(k.startswith("region/") for k in full0 | no_prior1)
+    assert not any("region" in k for k in ab) and "gcg/METEOR" in no_prior1
     for arm in ("full", "no_prior"):
         for k in ABLATION_FIGURES:
             values = [ab[f"{arm}/seed_{s}/{k}"] for s in (0, 1)]

@@ -10,7 +10,8 @@
 
 ``eval`` runs the same pipeline as ``train``; finished stages are reused, so it only re-scores.
 ``ablate`` is the paper's Table 5 over seeds (``train.ablation``: the full model, no perception prior,
-no object-centric tokens; stages 1-2 reseeded on the run's data and frozen segmenter).
+no object-centric tokens; stages 1-2 reseeded on the run's data and frozen segmenter; scored on RES and
+GCG, the tasks of the paper's table).
 ``chat`` and ``segment`` (which asks the RES question for an expression) print the answer and, when it
 has ``[SEG]`` masks, write an overlay PNG next to the image (or at ``--out``) and each mask as
 ``<out>.mask<i>.png``. The model is the run's own stage-2 model (the one its ``MODEL`` file names;

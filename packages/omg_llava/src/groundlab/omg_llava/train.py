@@ -374,16 +374,17 @@ def train_and_load(recipe: Recipe, cfg: RunConfig, data: Data, builder: ModelBui
 ABLATION_ARMS = {"full": {}, "no_prior": {"use_prior": False}, "no_object_tokens": {"use_object_tokens": False}}
 """Table 5 at toy scale: the whole model, and each of its two parts taken out alone (the perception
 prior zeroed; no object-centric tokens). The paper adds them cumulatively to a baseline without both."""
-ABLATION_FIGURES = ("res/cIoU", "res/gIoU", "gcg/METEOR", "gcg/CIDEr", "gcg/AP50", "gcg/mIoU", "gcg/recall",
-                    "region/METEOR", "region/CIDEr")
+ABLATION_TASKS = ("res", "gcg")
+"""What Table 5 scores (RES cIoU / gIoU, GCG METEOR / mIoU): the arms are evaluated on these tasks only."""
+ABLATION_FIGURES = ("res/cIoU", "res/gIoU", "gcg/METEOR", "gcg/CIDEr", "gcg/AP50", "gcg/mIoU", "gcg/recall")
 
 
 def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str, ...] | None = None,
              force: bool = False) -> Path:
     """Table 5 over seeds: each arm of :data:`ABLATION_ARMS` (default: all) trains stages 1 and 2 with
     every seed in ``seeds`` (the new parts' initialisation and the data order) on the run's data and
-    frozen segmenter, and is scored on the run's held-out samples; per seed, mean and standard
-    deviation (ddof 1). The stages are the run ``cfg.name``'s, keyed by their content (a run of the same
+    frozen segmenter, and is scored on the run's held-out samples of :data:`ABLATION_TASKS` (those of
+    them the run evaluates); per seed, mean and standard deviation (ddof 1). The stages are the run ``cfg.name``'s, keyed by their content (a run of the same
     config, e.g. ``make train-omg`` when ``cfg`` has no schedule overrides, is the full arm's seed 0,
     reused; ``make ablate-omg`` overrides stage 2's schedule, so it trains its own); each arm and seed's predictions and figures land in
     ``runs/omg_llava/<name>/ablation/<arm>_seed<k>/``, the table in ``.../ablation/metrics.json``."""
@@ -399,6 +400,7 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
     out = Recipe("omg_llava", f"{cfg.name}/ablation")
     # the segmenter is shared and frozen, and the arms act after it (``visual_embeds``): one perception for all
     cache = perceive_all(ModelBuilder(cfg, seg_path).fresh(0)[0], data, out)
+    scored = replace(data, eval={task: s for task, s in data.eval.items() if task in ABLATION_TASKS})
     for arm in arms:
         per_seed = []
         for seed in seeds:
@@ -408,7 +410,7 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
             one = Recipe("omg_llava", f"{cfg.name}/ablation/{arm}_seed{seed}")
             stages.metrics = one.metrics  # the stages' build times land with the arm that built them
             model, tok, cache, _ = train_and_load(stages, c, data, ModelBuilder(c, seg_path), cache)
-            evaluate_run(one, c, data, model, tok, None, cache, extras=False)
+            evaluate_run(one, c, scored, model, tok, None, cache, extras=False)
             one.finish(c.to_dict())
             per_seed.append(one.metrics)
             out.metrics |= {f"{arm}/seed_{seed}/{k}": one.metrics[k] for k in ABLATION_FIGURES if k in one.metrics}
