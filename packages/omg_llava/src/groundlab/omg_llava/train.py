@@ -384,9 +384,10 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
     """Table 5 over seeds: each arm of :data:`ABLATION_ARMS` (default: all) trains stages 1 and 2 with
     every seed in ``seeds`` (the new parts' initialisation and the data order) on the run's data and
     frozen segmenter, and is scored on the run's held-out samples of :data:`ABLATION_TASKS` (those of
-    them the run evaluates); per seed, mean and standard deviation (ddof 1). The stages are the run ``cfg.name``'s, keyed by their content (a run of the same
-    config, e.g. ``make train-omg`` when ``cfg`` has no schedule overrides, is the full arm's seed 0,
-    reused; ``make ablate-omg`` overrides stage 2's schedule, so it trains its own); each arm and seed's predictions and figures land in
+    them the run evaluates); per seed, mean and standard deviation (ddof 1). The stages are the run
+    ``cfg.name``'s, keyed by their content (a run of the same config, e.g. ``make train-omg`` when
+    ``cfg`` has no schedule overrides, is the full arm's seed 0, reused; ``make ablate-omg`` overrides
+    stage 2's schedule, so it trains its own); each arm and seed's predictions and figures land in
     ``runs/omg_llava/<name>/ablation/<arm>_seed<k>/``, the table in ``.../ablation/metrics.json``."""
     setup_logging()
     if len(seeds) < 2:
@@ -399,8 +400,8 @@ def ablation(cfg: RunConfig, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str
     seg_path = pretrain_segmenter(stages, cfg)
     out = Recipe("omg_llava", f"{cfg.name}/ablation")
     # the segmenter is shared and frozen, and the arms act after it (``visual_embeds``): one perception for all
-    cache = perceive_all(ModelBuilder(cfg, seg_path).fresh(0)[0], data, out)
     scored = replace(data, eval={task: s for task, s in data.eval.items() if task in ABLATION_TASKS})
+    cache = perceive_all(ModelBuilder(cfg, seg_path).fresh(0)[0], scored, out)
     for arm in arms:
         per_seed = []
         for seed in seeds:
