@@ -46,6 +46,8 @@ from .processing import DISCRIMINATOR_PROMPT, POLICY_PROMPT, encode_prompt, mask
 HUMAN_SPLITS = ("HumanLabelData",)
 MACHINE_SPLITS = ("RobotMachineData", "VQAMachineData")
 CORRUPTIONS = ("wrong_object", "shifted", "too_large", "partial")
+INSTRUCTION_TYPES = ("attribute", "superlative", "relation", "question")
+"""The world's instruction types (:func:`typed_instructions`)."""
 
 
 
@@ -162,16 +164,27 @@ def write_split(out_dir: str | Path, rows: list[tuple[str, np.ndarray, np.ndarra
     return out_dir
 
 
-def target_instructions(scene: Scene) -> dict[int, list[str]]:
-    """Instructions per target object: its referring expressions ("find the ..."), and the questions
-    about it alone (colour / size / shape)."""
-    out: dict[int, list[str]] = {}
+def typed_instructions(scene: Scene) -> dict[int, list[tuple[str, str]]]:
+    """``(type, instruction)`` per target object: its referring expressions ("find the ...", typed
+    ``attribute`` / ``superlative`` / ``relation`` as the world made them), then the questions about it
+    alone (colour / size / shape; typed ``question``)."""
+    out: dict[int, list[tuple[str, str]]] = {}
     for r in scene.refs:
-        out.setdefault(r.target, []).append(f"find {r.text}.")
+        out.setdefault(r.target, []).append((r.type, f"find {r.text}."))
     for q in scene.qa:
         if q.type in ("colour", "size", "shape") and len(q.objects) == 1:
-            out.setdefault(q.objects[0], []).append(q.question)
+            out.setdefault(q.objects[0], []).append(("question", q.question))
     return out
+
+
+def target_instructions(scene: Scene, types: tuple[str, ...] = INSTRUCTION_TYPES) -> dict[int, list[str]]:
+    """The instructions of :func:`typed_instructions` of the given types, per target object (a target
+    with none of them is absent)."""
+    unknown = set(types) - set(INSTRUCTION_TYPES)
+    if unknown:
+        raise ValueError(f"unknown instruction types {sorted(unknown)}; known: {list(INSTRUCTION_TYPES)}")
+    out = {t: [x for kind, x in typed if kind in types] for t, typed in typed_instructions(scene).items()}
+    return {t: xs for t, xs in out.items() if xs}
 
 
 def corrupt(scene: Scene, target: int, kind: str, rng: np.random.Generator) -> np.ndarray | None:
@@ -213,14 +226,18 @@ def corrupt(scene: Scene, target: int, kind: str, rng: np.random.Generator) -> n
 
 
 def export_world(world: World, out_root: str | Path, human_scenes: int, machine_scenes: int,
-                 corrupt_prob: float = 0.5, seed: int = 0) -> dict[str, int]:
+                 corrupt_prob: float = 0.5, seed: int = 0,
+                 human_types: tuple[str, ...] = INSTRUCTION_TYPES) -> dict[str, int]:
     """Write ``HumanLabelData`` (clean labels, train scenes [0, human_scenes)) and ``VQAMachineData``
     (train scenes after them, each label corrupted with ``corrupt_prob``, kind chosen uniformly among
-    those the scene allows). One item per (scene, target object). Returns counts per split/corruption."""
+    those the scene allows). One item per (scene, target object). ``human_types``: the instruction
+    types the human items carry (the machine items carry every type); a target with none of them
+    gives no human item, counted as ``HumanLabelData/no_instruction_of_types``. Returns counts per
+    split / corruption."""
     out_root = Path(out_root)
     rng = np.random.default_rng(seed)
     counts: Counter = Counter()
-    human = _rows(world, "train", 0, human_scenes, None, rng, counts)
+    human = _rows(world, "train", 0, human_scenes, None, rng, counts, types=human_types)
     machine = _rows(world, "train", human_scenes, machine_scenes, corrupt_prob, rng, counts, "VQAMachineData")
     write_split(out_root / "HumanLabelData", human)
     write_split(out_root / "VQAMachineData", machine)
@@ -241,13 +258,15 @@ def export_heldout_machine(world: World, out_root: str | Path, scenes: int, corr
 
 
 def _rows(world: World, split: str, start: int, n: int, corrupt_prob: float | None, rng: np.random.Generator,
-          counts: Counter, name: str = "HumanLabelData") -> list:
-    """One row per (scene, target object) of ``world``'s ``split`` scenes [start, start + n); labels
-    corrupted with ``corrupt_prob`` (None: clean, no ``corruption`` tag)."""
+          counts: Counter, name: str = "HumanLabelData", types: tuple[str, ...] = INSTRUCTION_TYPES) -> list:
+    """One row per (scene, target object) of ``world``'s ``split`` scenes [start, start + n) with an
+    instruction of ``types``; labels corrupted with ``corrupt_prob`` (None: clean, no ``corruption`` tag)."""
     rows = []
     for i in range(start, start + n):
         scene = world.scene(split, i)
-        for target, instructions in sorted(target_instructions(scene).items()):
+        mine = target_instructions(scene, types)
+        counts[f"{name}/no_instruction_of_types"] += len(scene.objects) - len(mine)
+        for target, instructions in sorted(mine.items()):
             heat, extra = scene.objects[target].mask, {}
             if corrupt_prob is not None:
                 kind = "none"

@@ -29,7 +29,7 @@ from groundlab.shared.distributed import barrier, gather_shards, is_main_process
 from groundlab.shared.metrics import average_precision, mask_iou, rec_accuracy
 from groundlab.shared.world import Scene
 
-from .data import target_instructions
+from .data import typed_instructions
 from .masking import MODES, apply_mask, box_of, heatmaps, soft_mask
 from .processing import policy_inputs, tower_pixels
 
@@ -42,6 +42,8 @@ class GroundingSample:
     mask: np.ndarray  # (H, W) bool
     n_objects: int = 0
     all_objects: np.ndarray | None = None  # (H, W) bool: every object of the scene (a trivial baseline)
+    kind: str = ""
+    """The instruction's type (``data.INSTRUCTION_TYPES``; empty when unknown)."""
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -57,11 +59,11 @@ def grounding_samples(scenes: Sequence[Scene]) -> list[GroundingSample]:
     expressions and questions so that every kind is evaluated."""
     out = []
     for scene in scenes:
-        for target, instructions in sorted(target_instructions(scene).items()):
-            k = (scene.index + target) % len(instructions)
-            out.append(GroundingSample(f"{scene.split}-{scene.index}-{target}", scene.image, instructions[k],
+        for target, instructions in sorted(typed_instructions(scene).items()):
+            kind, text = instructions[(scene.index + target) % len(instructions)]
+            out.append(GroundingSample(f"{scene.split}-{scene.index}-{target}", scene.image, text,
                                        scene.objects[target].mask, len(scene.objects),
-                                       np.any([o.mask for o in scene.objects], axis=0)))
+                                       np.any([o.mask for o in scene.objects], axis=0), kind))
     return out
 
 
@@ -79,6 +81,9 @@ def _scores(heats: Sequence[np.ndarray], samples: Sequence[GroundingSample], thr
            np.concatenate(scores)), f"{name}/rec_acc": rec["acc@0.5"], f"{name}/n": len(samples)}
     for n in sorted({s.n_objects for s in samples if s.n_objects}):  # does the heatmap pick the target?
         out[f"{name}/mIoU_{n}_objects"] = float(np.mean([i for i, s in zip(ious, samples) if s.n_objects == n]))
+    for kind in sorted({s.kind for s in samples if s.kind}):  # does it follow every kind of instruction?
+        out[f"{name}/mIoU_{kind}"] = float(np.mean([i for i, s in zip(ious, samples) if s.kind == kind]))
+        out[f"{name}/n_{kind}"] = sum(s.kind == kind for s in samples)
     return out
 
 

@@ -49,7 +49,15 @@ from groundlab.shared.world import World, WorldConfig
 
 from .checkpoint import load_official, load_part, to_official, trained_keys
 from .configuration import IVMConfig
-from .data import HUMAN_SPLITS, MACHINE_SPLITS, IVMDataset, export_heldout_machine, export_world, read_split
+from .data import (
+    HUMAN_SPLITS,
+    INSTRUCTION_TYPES,
+    MACHINE_SPLITS,
+    IVMDataset,
+    export_heldout_machine,
+    export_world,
+    read_split,
+)
 from .evaluation import (
     all_objects_baseline,
     chat_completions_answerer,
@@ -85,6 +93,10 @@ class DataConfig:
     clutter_objects: tuple[int, int] = (4, 6)
     """Objects per cluttered scene for the downstream VQA (the bases saw 1-3)."""
     world_seed: int = 0
+    human_instructions: tuple[str, ...] = INSTRUCTION_TYPES
+    """The instruction types the human items carry (the machine items and the held-out evaluation carry
+    every type): a subset makes the human labels scarce in kind, as the release's human split (grounding
+    datasets' phrases) is beside its machine splits (VQA and robot instructions)."""
     root: str | None = None
     """Real IVM-Mix data instead of the world: a folder holding split folders (see ``groundlab.ivm.data``)."""
 
@@ -92,6 +104,10 @@ class DataConfig:
         positive(self, "human_scenes", "eval_scenes", "clutter_scenes")
         non_negative(self, "machine_scenes")
         within(self, "corrupt_prob", 0.0, 1.0)
+        self.human_instructions = tuple(self.human_instructions)
+        if not self.human_instructions or set(self.human_instructions) - set(INSTRUCTION_TYPES):
+            raise ValueError(f"'human_instructions' must be a non-empty subset of {list(INSTRUCTION_TYPES)}, "
+                             f"got {list(self.human_instructions)}")
         lo, hi = self.clutter_objects
         if not 1 <= lo <= hi:
             raise ValueError(f"'clutter_objects' must be (lo, hi) with 1 <= lo <= hi, got {self.clutter_objects}")
@@ -254,7 +270,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     return recipe.finish(cfg.to_dict(), lambda m: print_table(m, cfg.arms))
 
 
-ABLATION_FIGURES = ("mIoU", "pixel_AP", "rec_acc", "mIoU_3_objects", "condition_cosine")
+ABLATION_FIGURES = ("mIoU", "pixel_AP", "rec_acc", "mIoU_3_objects", "condition_cosine",
+                    *(f"mIoU_{t}" for t in INSTRUCTION_TYPES))
 DISCRIMINATOR_FIGURES = ("dwsl/mean_weight_human", "dwsl/mean_weight_machine_clean", "dwsl/mean_weight_machine_corrupted",
                          "discriminator/heldout_auroc_clean_vs_corrupted")
 
@@ -329,6 +346,10 @@ def print_ablation(m: dict, arms=ARMS) -> None:
                          if k.startswith(f"{arm}/seed_") and k.endswith("/mIoU"))
         print(f"| {ARM_LABELS[arm]} | {f(arm, 'mIoU')} | {f(arm, 'pixel_AP')} | {f(arm, 'rec_acc')} | "
               f"{f(arm, 'mIoU_3_objects')} | {f(arm, 'condition_cosine', 1.0, '{:.3f}')} | {per} |")
+    print("\nheatmap mIoU by instruction type (mean ± std)\n| training data / weighting | "
+          + " | ".join(INSTRUCTION_TYPES) + " |\n|---|" + "---|" * len(INSTRUCTION_TYPES))
+    for arm in arms:
+        print(f"| {ARM_LABELS[arm]} | " + " | ".join(f(arm, f"mIoU_{t}") for t in INSTRUCTION_TYPES) + " |")
     d = "discriminator"
     if f"{d}/mean/dwsl/mean_weight_human" in m:
         print(f"DWSL weights: human {f(d, 'dwsl/mean_weight_human', 1.0, '{:.3f}')}, machine clean "
@@ -399,7 +420,8 @@ def prepare_data(recipe: Recipe, cfg: RunConfig) -> Data:
     """1. The world exported as IVM-Mix (clean human split, corrupted machine split), or real folders."""
     def export(out: Path) -> None:
         counts = export_world(World(WorldConfig(), seed=cfg.data.world_seed), out, cfg.data.human_scenes,
-                              cfg.data.machine_scenes, cfg.data.corrupt_prob, seed=cfg.data.world_seed)
+                              cfg.data.machine_scenes, cfg.data.corrupt_prob, seed=cfg.data.world_seed,
+                              human_types=cfg.data.human_instructions)
         write_metrics(out / "counts.json", counts, config=asdict(cfg.data))
 
     root = Path(cfg.data.root) if cfg.data.root else recipe.stage("data", asdict(cfg.data), build=export)
@@ -578,16 +600,20 @@ def print_table(m: dict, arms=ARMS, downstream: bool = True) -> None:
         v = m.get(f"{prefix}/condition_cosine")
         return "-" if v is None else f"{v:.4f}"
 
-    print("\n| training data / weighting | heatmap mIoU | pixel AP | REC acc | mIoU, 1 / 2 / 3 objects | condition cosine |"
-          "\n|---|---|---|---|---|---|")
+    def by_type(prefix):
+        return " / ".join(f(f"{prefix}/mIoU_{t}").strip() for t in INSTRUCTION_TYPES)
+
+    print("\n| training data / weighting | heatmap mIoU | pixel AP | REC acc | mIoU, 1 / 2 / 3 objects | mIoU, "
+          + " / ".join(INSTRUCTION_TYPES) + " | condition cosine |\n|---|---|---|---|---|---|---|")
     for a in arms:
         print(f"| {ARM_LABELS[a]} | {f(a + '/mIoU')} | {f(a + '/pixel_AP')} | {f(a + '/rec_acc')} | {by_count(a)} | "
-              f"{cos(a)} |")
+              f"{by_type(a)} | {cos(a)} |")
     for b, label in (("baseline/untrained", "untrained IVM (baseline)"), ("baseline/whole_image", "whole image (baseline)"),
                      ("baseline/all_objects", "every object, the instruction ignored (baseline)")):
         if f"{b}/mIoU" not in m:
             continue
-        print(f"| {label} | {f(b + '/mIoU')} | {f(b + '/pixel_AP')} | {f(b + '/rec_acc')} | {by_count(b)} | {cos(b)} |")
+        print(f"| {label} | {f(b + '/mIoU')} | {f(b + '/pixel_AP')} | {f(b + '/rec_acc')} | {by_count(b)} | "
+              f"{by_type(b)} | {cos(b)} |")
     if "dwsl/mean_weight_human" in m:
         print(f"\nDWSL weights: human {m['dwsl/mean_weight_human']:.3f}, machine clean "
               f"{m.get('dwsl/mean_weight_machine_clean', float('nan')):.3f}, machine corrupted "
