@@ -6,11 +6,14 @@ import torch
 
 from groundlab.ivm.data import (
     CORRUPTIONS,
+    INSTRUCTION_TYPES,
     IVMDataset,
     corrupt,
     export_world,
     read_mask,
     read_split,
+    target_instructions,
+    typed_instructions,
     write_split,
 )
 from groundlab.ivm.masking import apply_mask, box_of, cv2_sigma, soft_mask
@@ -100,6 +103,33 @@ def test_world_export_reads_back_with_clean_human_and_corrupted_machine_labels(t
         scene_idx, target = int(it.uuid[5:11]), int(it.uuid.split("_")[1])
         truth = world.scene("train", scene_idx).objects[target].mask
         assert mask_iou(read_mask(it.mask) > 0.5, truth) < 0.75, it.extra  # every corruption is really wrong
+
+
+def test_human_items_carry_only_the_chosen_instruction_types(tmp_path):
+    world = World(WorldConfig(), seed=0)
+    scenes = [world.scene("train", i) for i in range(12)]
+    attribute = {r.text for s in scenes for r in s.refs if r.type == "attribute"}
+    other = {r.text for s in scenes for r in s.refs if r.type != "attribute"}
+    assert attribute and other
+    counts = export_world(world, tmp_path, human_scenes=12, machine_scenes=12, corrupt_prob=0.5, seed=0,
+                          human_types=("attribute",))
+    human = read_split(tmp_path / "HumanLabelData")
+    said = [x for it in human for x in it.instructions]
+    assert said and all(x.startswith("find ") and x[5:-1] in attribute for x in said)
+    # every target without an attribute phrase is counted, none is dropped silently
+    with_one = sum(len(target_instructions(s, ("attribute",))) for s in scenes)
+    assert len(human) == with_one
+    assert counts["HumanLabelData/no_instruction_of_types"] == sum(len(s.objects) for s in scenes) - with_one
+    # the machine split keeps every type
+    machine = read_split(tmp_path / "VQAMachineData")
+    texts = {x for it in machine for x in it.instructions}
+    assert any(x.endswith("?") for x in texts) and any(x[5:-1] not in attribute for x in texts if x.startswith("find "))
+    # typing is the world's: the order is kept, and every type is known
+    typed = typed_instructions(scenes[0])
+    assert {k for xs in typed.values() for k, _ in xs} <= set(INSTRUCTION_TYPES)
+    assert target_instructions(scenes[0]) == {t: [x for _, x in xs] for t, xs in typed.items()}
+    with pytest.raises(ValueError, match="unknown instruction types \\['adjective'\\]"):
+        target_instructions(scenes[0], ("adjective",))
 
 
 def test_corruptions_are_what_they_say():
@@ -288,3 +318,22 @@ def test_the_lmm_sees_a_non_square_image_squashed_whole_not_centre_cropped():
     square = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)  # square: unchanged
     torch.testing.assert_close(tower_pixels(processor.image_processor, [square]),
                                processor.image_processor([square], return_tensors="pt")["pixel_values"])
+
+
+def test_heldout_figures_by_instruction_type():
+    from groundlab.ivm.evaluation import GroundingSample, _scores, grounding_samples
+
+    scenes = World(WorldConfig(), seed=0).scenes("val", 10)
+    samples = grounding_samples(scenes)
+    for s in samples:  # the sample's type is its instruction's
+        scene_idx, target = (int(v) for v in s.id.split("-")[1:])
+        assert (s.kind, s.instruction) in typed_instructions(scenes[scene_idx])[target]
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    pair = [GroundingSample("a", np.zeros((16, 16, 3), np.uint8), "find it.", mask, kind="attribute"),
+            GroundingSample("b", np.zeros((16, 16, 3), np.uint8), "find the one left of it.", mask, kind="relation")]
+    half = mask.astype(np.float32)
+    half[4:8, 6:8] = 0.0  # IoU 0.5
+    out = _scores([mask.astype(np.float32), half], pair, 0.5, "x")
+    assert out["x/mIoU_attribute"] == 1.0 and out["x/mIoU_relation"] == 0.5 and out["x/mIoU"] == 0.75
+    assert out["x/n_attribute"] == out["x/n_relation"] == 1 and "x/mIoU_question" not in out

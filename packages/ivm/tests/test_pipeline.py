@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from groundlab.ivm.configuration import IVMConfig
-from groundlab.ivm.data import HUMAN_SPLITS, Item
-from groundlab.ivm.train import ARMS, Data, RunConfig, arm_items, oracle_weights
+from groundlab.ivm.data import HUMAN_SPLITS, INSTRUCTION_TYPES, Item
+from groundlab.ivm.train import ARMS, Data, DataConfig, RunConfig, arm_items, oracle_weights
 from groundlab.shared.bases import ensure_base, smoke_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -49,6 +49,11 @@ def test_config_parses_and_rejects_unknown_keys_and_arms(tmp_path):
     bad.write_text("generator:\n  max_stepz: 3\n")
     with pytest.raises(ValueError, match="max_stepz"):
         RunConfig.from_yaml(bad)
+    assert cfg.data.human_instructions == ("attribute",)  # the toy's human labels: scarce in kind
+    wide = RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"data.human_instructions": list(INSTRUCTION_TYPES)})
+    assert wide.data.human_instructions == INSTRUCTION_TYPES == DataConfig().human_instructions
+    with pytest.raises(ValueError, match="'human_instructions' must be a non-empty subset"):
+        RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"data.human_instructions": ["adjectives"]})
     with pytest.raises(ValueError, match="'arms': 'magic' not among"):
         RunConfig.from_yaml(CONFIGS / "tiny.yaml", {"arms": ["human_only", "magic"]})
 
